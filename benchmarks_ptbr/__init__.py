@@ -1,0 +1,1 @@
+"""Brazilian-Portuguese task suites as data and lm-eval task YAML."""

@@ -1,0 +1,1 @@
+"""Scoring a live model on PT-BR suites; knows nothing of search."""

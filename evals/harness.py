@@ -1,0 +1,328 @@
+"""The resident evaluator: built once per process, then ``evaluate(model)`` per candidate.
+
+Everything that does not depend on the weights is done at construction: items, shots,
+prompts, and the tokenized requests. A candidate then costs one batched forward pass per
+question and a few tensor ops. It computes what the lm-eval ``multiple_choice`` task
+``ptbr_<domain>_<split>`` computes: one request ``(context, " " + letter)`` per option,
+tokenized as lm-eval does (context alone, then context + continuation, the continuation
+being the difference), log-likelihood of the continuation, ``acc`` = argmax == gold. Since
+every option is one letter, the options share the context and differ only in the last
+token, so one forward pass over the shared part scores them all from its last position.
+
+Two more savings, both exact up to float rounding: batches are left-padded with explicit
+positions and only the last position's logits are computed (``logits_to_keep=1``); and
+the tokens every item of a task starts with (description and few-shot examples, most of
+each prompt) are run once per task and candidate, then reused through the KV cache.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks_ptbr.fewshot import DEFAULT_NUM_FEWSHOT
+from benchmarks_ptbr.prompts import TARGET_DELIMITER
+from benchmarks_ptbr.suite import Suite, load_suite
+from evals.results import EvalResult, ItemResult, summarize
+
+PURPOSES = ("search", "report")
+DEFAULT_BATCH_TOKENS = 16384  # tokens per forward (rows x padded length): fits small GPUs/CPUs
+DEFAULT_MAX_BATCH = 32
+DEFAULT_MAX_LENGTH = 2048     # lm-eval's fallback when neither config nor tokenizer says
+
+
+def resolve_max_length(model: torch.nn.Module, tokenizer: Any) -> int:
+    """The context length lm-eval's HFLM would use (config first, then the tokenizer)."""
+    config = getattr(model, "config", None)
+    config = getattr(config, "text_config", None) or config
+    for attr in ("n_positions", "max_position_embeddings", "n_ctx"):
+        value = getattr(config, attr, None)
+        if value is not None:
+            return int(value)
+    limit = getattr(tokenizer, "model_max_length", None)
+    # Tokenizers without a limit report a huge sentinel (int(1e30)).
+    if limit is not None and limit < 1e12:
+        return int(limit)
+    return DEFAULT_MAX_LENGTH
+
+
+@dataclass(frozen=True)
+class _Request:
+    """One question, tokenized: the shared prefix and the token of each option letter."""
+
+    task: str
+    item_id: str
+    prefix: tuple[int, ...]        # context tokens (+ any continuation tokens all letters share)
+    letter_tokens: tuple[int, ...]  # aligned with ``labels``
+    labels: tuple[str, ...]
+    gold: int                       # index into ``labels``
+
+
+@dataclass
+class _Batch:
+    rows: torch.Tensor          # [B] request indices
+    input_ids: torch.Tensor     # [B, S] left-padded (the part after the shared prefix, if any)
+    attention_mask: torch.Tensor  # [B, P + S]: P shared-prefix ones, then the rows' own mask
+    position_ids: torch.Tensor  # [B, S]
+    letters: torch.Tensor       # [B, K] letter token ids (0 where the item has fewer options)
+    valid: torch.Tensor         # [B, K] bool
+    gold: torch.Tensor          # [B]
+
+
+@dataclass
+class _Group:
+    """The batches of one task; ``prefix`` holds the tokens every item of the task starts with
+    (description and shots), computed once per candidate and reused through the KV cache."""
+
+    prefix: torch.Tensor | None  # [1, P], or None to run full sequences
+    batches: list[_Batch]
+
+
+def _tokenize_requests(tokenizer: Any, suite: Suite) -> list[_Request]:
+    contexts: list[str] = []
+    meta = []
+    for task in suite.tasks:
+        for item in task.items:
+            context = task.context(item)
+            # lm-eval moves trailing whitespace of the context into the continuation.
+            stripped = context.rstrip()
+            moved = context[len(stripped):]
+            contexts.append(stripped)
+            meta.append((task.name, item, [moved + TARGET_DELIMITER + lab for lab in item.labels]))
+    if not contexts:
+        return []
+    # Default special tokens, as lm-eval's HFLM encodes with add_bos_token unset.
+    context_ids = tokenizer(contexts)["input_ids"]
+    wholes = [c + cont for c, (_, _, conts) in zip(contexts, meta) for cont in conts]
+    whole_ids = iter(tokenizer(wholes)["input_ids"])
+    requests = []
+    for ctx, (task_name, item, conts) in zip(context_ids, meta):
+        continuations = [next(whole_ids)[len(ctx):] for _ in conts]
+        shared = continuations[0][:-1]
+        if (any(len(c) == 0 or c[:-1] != shared for c in continuations)
+                or len({c[-1] for c in continuations}) != len(continuations)):
+            raise ValueError(
+                f"{task_name} item {item.id!r}: with this tokenizer the answer letters "
+                f"{list(item.labels)} do not end in one distinct token each after a shared "
+                f"prefix ({[list(c) for c in continuations]}); the single-pass evaluator cannot "
+                "score them; use lm-eval with the task folder for this tokenizer")
+        requests.append(_Request(
+            task=task_name, item_id=item.id, prefix=tuple(ctx) + tuple(shared),
+            letter_tokens=tuple(c[-1] for c in continuations), labels=item.labels,
+            gold=item.labels.index(item.answer)))
+    return requests
+
+
+def _forward_params(model: torch.nn.Module) -> set[str]:
+    try:
+        return set(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
+class Evaluator:
+    """Scores a live model on one suite; build once, call :meth:`evaluate` per candidate.
+
+    ``purpose="search"`` (the default) refuses a test-split suite unless ``allow_test=True``:
+    held-out test scores are for reports, not for choosing candidates.
+    """
+
+    def __init__(self, tokenizer: Any, suite: Suite, *, purpose: str = "search",
+                 allow_test: bool = False, max_length: int | None = None,
+                 batch_tokens: int = DEFAULT_BATCH_TOKENS, max_batch: int = DEFAULT_MAX_BATCH,
+                 share_prefix: bool = True):
+        if purpose not in PURPOSES:
+            raise ValueError(f"purpose={purpose!r}; choose 'search' or 'report'")
+        if purpose == "search" and suite.split == "test" and not allow_test:
+            raise ValueError(
+                "refusing to score the test split for search: test items are held out for "
+                "reports; search on split='dev', or pass allow_test=True if you really mean it")
+        if batch_tokens < 1 or max_batch < 1:
+            raise ValueError(f"batch_tokens={batch_tokens} and max_batch={max_batch} must be >= 1")
+        self.suite = suite
+        self.tokenizer = tokenizer
+        self.purpose = purpose
+        self.max_length = max_length
+        self.batch_tokens = batch_tokens
+        self.max_batch = max_batch
+        self.requests = _tokenize_requests(tokenizer, suite)
+        self.pad_id = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0)
+                            if t is not None))
+        self.share_prefix = share_prefix
+        self._groups: dict[tuple[str, int], list[_Group]] = {}
+        self._forward_params: dict[type, set[str]] = {}
+
+    @classmethod
+    def for_suite(cls, tokenizer: Any, *, split: str = "dev", source: str = "sample",
+                  data_dir: str | Path | None = None, domains: Sequence[str] | None = None,
+                  limit: int | None = None, num_fewshot: int = DEFAULT_NUM_FEWSHOT,
+                  purpose: str = "search", allow_test: bool = False,
+                  **options: Any) -> Evaluator:
+        """Load the suite and build the evaluator in one call (see :func:`load_suite`)."""
+        if purpose == "search" and split == "test" and not allow_test:
+            # Refuse before loading anything, with the same message as the constructor.
+            raise ValueError(
+                "refusing to score the test split for search: test items are held out for "
+                "reports; search on split='dev', or pass allow_test=True if you really mean it")
+        suite = load_suite(split=split, source=source, domains=domains, data_dir=data_dir,
+                           limit=limit, num_fewshot=num_fewshot)
+        return cls(tokenizer, suite, purpose=purpose, allow_test=allow_test, **options)
+
+    # -- batches ----------------------------------------------------------------------------
+
+    def _build_groups(self, device: torch.device, max_length: int) -> list[_Group]:
+        by_task: dict[str, list[int]] = {}
+        for index, request in enumerate(self.requests):
+            by_task.setdefault(request.task, []).append(index)
+        return [self._build_group(indices, device, max_length) for indices in by_task.values()]
+
+    def _build_group(self, indices: list[int], device: torch.device, max_length: int) -> _Group:
+        prefixes = {i: self.requests[i].prefix for i in indices}
+        shared = 0
+        if self.share_prefix and all(len(p) <= max_length for p in prefixes.values()):
+            # Longest common token prefix, leaving each item at least its last token to score.
+            first = prefixes[indices[0]]
+            shared = min(len(p) for p in prefixes.values()) - 1
+            for p in prefixes.values():
+                shared = next((k for k in range(shared) if p[k] != first[k]), shared)
+        else:
+            # lm-eval keeps the last ``max_length`` tokens of context + continuation minus the
+            # scored token, i.e. the last ``max_length`` tokens of the prefix.
+            prefixes = {i: p[-max_length:] for i, p in prefixes.items()}
+        tails = {i: p[shared:] for i, p in prefixes.items()}
+        order = sorted(indices, key=lambda i: -len(tails[i]))
+        width = max(len(self.requests[i].labels) for i in indices)
+        batches: list[_Batch] = []
+        start = 0
+        while start < len(order):
+            longest = len(tails[order[start]])
+            rows = max(1, min(self.max_batch, self.batch_tokens // max(longest, 1)))
+            chunk = order[start:start + rows]
+            start += len(chunk)
+            ids = torch.full((len(chunk), longest), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(chunk), longest), dtype=torch.long)
+            letters = torch.zeros((len(chunk), width), dtype=torch.long)
+            valid = torch.zeros((len(chunk), width), dtype=torch.bool)
+            for row, index in enumerate(chunk):
+                tokens, request = tails[index], self.requests[index]
+                ids[row, longest - len(tokens):] = torch.tensor(tokens)
+                mask[row, longest - len(tokens):] = 1
+                letters[row, :len(request.letter_tokens)] = torch.tensor(request.letter_tokens)
+                valid[row, :len(request.letter_tokens)] = True
+            # Left padding keeps every row's last real token at the last position; explicit
+            # positions make padded rows see the positions an unpadded sequence would.
+            positions = shared + (mask.cumsum(-1) - 1).clamp(min=0)
+            full_mask = torch.cat([torch.ones((len(chunk), shared), dtype=torch.long), mask], 1)
+            gold = torch.tensor([self.requests[i].gold for i in chunk])
+            batches.append(_Batch(
+                rows=torch.tensor(chunk).to(device), input_ids=ids.to(device),
+                attention_mask=full_mask.to(device), position_ids=positions.to(device),
+                letters=letters.to(device), valid=valid.to(device), gold=gold.to(device)))
+        prefix = (torch.tensor([prefixes[indices[0]][:shared]], device=device)
+                  if shared > 0 else None)
+        return _Group(prefix=prefix, batches=batches)
+
+    def _groups_for(self, model: torch.nn.Module, device: torch.device) -> list[_Group]:
+        max_length = self.max_length or resolve_max_length(model, self.tokenizer)
+        key = (str(device), max_length)
+        if key not in self._groups:
+            self._groups[key] = self._build_groups(device, max_length)
+        return self._groups[key]
+
+    # -- scoring ----------------------------------------------------------------------------
+
+    def _params(self, model: torch.nn.Module) -> set[str]:
+        kind = type(model)
+        if kind not in self._forward_params:
+            self._forward_params[kind] = _forward_params(model)
+        return self._forward_params[kind]
+
+    def _extra(self, model: torch.nn.Module) -> dict[str, Any]:
+        return {"logits_to_keep": 1} if "logits_to_keep" in self._params(model) else {}
+
+    def _cache_arg(self, model: torch.nn.Module) -> str:
+        # transformers 5 names the KV-cache argument ``cache``; 4.x ``past_key_values``.
+        return "cache" if "cache" in self._params(model) else "past_key_values"
+
+    def _prefix_cache(self, model: torch.nn.Module, prefix: torch.Tensor):
+        """KV of the shared prefix as per-layer (keys, values) [1, H, P, D], or None when the
+        model's cache is not a plain per-layer cache (sliding windows and the like)."""
+        from transformers.cache_utils import DynamicCache, DynamicLayer
+
+        out = model(input_ids=prefix, use_cache=True, **self._extra(model))
+        cache = out.get("cache") if "cache" in out else out.get("past_key_values")
+        if not isinstance(cache, DynamicCache) or any(type(layer) is not DynamicLayer
+                                                      for layer in cache.layers):
+            return None
+        return [(layer.keys, layer.values) for layer in cache.layers]
+
+    def _forward_last(self, model: torch.nn.Module, batch: _Batch, kv: Any) -> torch.Tensor:
+        extra = self._extra(model)
+        if kv is not None:
+            from transformers.cache_utils import DynamicCache
+
+            rows = batch.input_ids.shape[0]
+            # A fresh cache per batch: the forward appends this batch's keys to it.
+            extra[self._cache_arg(model)] = DynamicCache(ddp_cache_data=[
+                (k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in kv])
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                    position_ids=batch.position_ids, use_cache=kv is not None, **extra)
+        return out.logits[:, -1, :]  # [B, V]
+
+    def evaluate(self, model: torch.nn.Module, *, progress: bool = False) -> EvalResult:
+        """Score ``model`` (a live module; its weights may have changed since the last call)."""
+        if not self.requests:
+            return EvalResult(tasks={}, items=[], skipped=self.suite.skipped)
+        device = next(model.parameters()).device
+        groups = self._groups_for(model, device)
+        n = len(self.requests)
+        pred = torch.empty(n, dtype=torch.long, device=device)
+        gold_prob = torch.empty(n, dtype=torch.float32, device=device)
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=sum(len(g.batches) for g in groups), desc="scoring", unit="batch")
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.inference_mode():
+                for group in groups:
+                    kv = None if group.prefix is None else self._prefix_cache(model, group.prefix)
+                    if group.prefix is not None and kv is None:
+                        raise RuntimeError(
+                            f"{type(model).__name__} does not return a plain per-layer KV cache; "
+                            "build the Evaluator with share_prefix=False for this model")
+                    for batch in group.batches:
+                        logits = self._forward_last(model, batch, kv).float()   # [B, V]
+                        ll = logits.log_softmax(-1).gather(1, batch.letters)    # [B, K]
+                        ll = ll.masked_fill(~batch.valid, float("-inf"))
+                        pred[batch.rows] = ll.argmax(-1)  # first maximum on ties, as np.argmax
+                        probs = ll.softmax(-1)                                  # over letters
+                        gold_prob[batch.rows] = probs.gather(1, batch.gold[:, None]).squeeze(1)
+                        if bar is not None:
+                            bar.update(1)
+        finally:
+            model.train(was_training)
+            if bar is not None:
+                bar.close()
+        return self._result(pred.tolist(), gold_prob.tolist())
+
+    def _result(self, pred: list[int], gold_prob: list[float]) -> EvalResult:
+        per_task: dict[str, list[ItemResult]] = {t.name: [] for t in self.suite.tasks}
+        for request, p, g in zip(self.requests, pred, gold_prob):
+            per_task[request.task].append(ItemResult(
+                task=request.task, id=request.item_id, pred=request.labels[p],
+                gold=request.labels[request.gold], correct=p == request.gold, gold_prob=g))
+        tasks = {t.name: summarize(t.name, t.domain, t.chance, per_task[t.name], smooth=True)
+                 for t in self.suite.tasks}
+        items = [i for t in self.suite.tasks for i in per_task[t.name]]
+        return EvalResult(tasks=tasks, items=items, skipped=self.suite.skipped,
+                          meta={"source": self.suite.source, "split": self.suite.split,
+                                "limit": self.suite.limit, "num_fewshot": self.suite.num_fewshot,
+                                "mode": "loglikelihood"})

@@ -1,0 +1,177 @@
+"""Executing a plan: one output tensor at a time, streamed to disk or into a live model."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from merge_core import methods
+from merge_core.checks import check_compatible, read_tensor_infos
+from merge_core.devices import resolve_device
+from merge_core.io import NAME_TO_TORCH, OutputTensor, ShardedWriter, TensorReader, parse_size
+from merge_core.methods.base import MergeParams
+from merge_core.plan import MergePlan, TensorPlan, build_plan
+from merge_core.provenance import build_provenance, write_model_card
+from merge_core.recipe import Recipe
+from merge_core.sources import ModelSource, resolve_model
+
+DEFAULT_SHARD_SIZE = "5GB"   # Hugging Face's own default for save_pretrained shards
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
+
+Fetch = Callable[[str, str], torch.Tensor]
+
+
+def merge_tensor(method: methods.MergeMethod, tp: TensorPlan, inputs: list[torch.Tensor]) -> torch.Tensor:
+    """Run the method on the already-fetched inputs of one planned tensor."""
+    base = inputs[tp.base_index] if tp.base_index is not None else None
+    others = [x for i, x in enumerate(inputs) if i != tp.base_index]
+    out = method.merge(base, others, MergeParams(shared=tp.shared, models=tp.models), seed=tp.seed)
+    return out.to(NAME_TO_TORCH[tp.out_dtype])
+
+
+def iter_merged(plan: MergePlan, fetch: Fetch, *, prefetch: bool = True) -> Iterator[tuple[TensorPlan, torch.Tensor]]:
+    """Yield (planned tensor, merged tensor) in plan order.
+
+    With ``prefetch``, the inputs of the next tensor are read on a background thread
+    while this one is merged (reading is memcpy from the page cache and releases the GIL).
+    """
+    method = methods.get(plan.method)
+    cast = NAME_TO_TORCH[plan.compute_dtype] if plan.compute_dtype else None
+
+    def load(tp: TensorPlan) -> list[torch.Tensor]:
+        xs = [fetch(ref, name) for ref, name in tp.inputs]
+        return [x.to(cast) if cast is not None and x.is_floating_point() else x for x in xs]
+
+    if not prefetch:
+        for tp in plan.tensors:
+            yield tp, merge_tensor(method, tp, load(tp))
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="brmerge-read") as pool:
+        pending: Future | None = pool.submit(load, plan.tensors[0]) if plan.tensors else None
+        for i, tp in enumerate(plan.tensors):
+            inputs = pending.result()
+            pending = pool.submit(load, plan.tensors[i + 1]) if i + 1 < len(plan.tensors) else None
+            yield tp, merge_tensor(method, tp, inputs)
+
+
+@dataclass(frozen=True)
+class MergeSummary:
+    out_dir: Path
+    tensors: int
+    bytes: int
+    seconds: float
+    device: str
+
+    def line(self) -> str:
+        return (f"merged {self.tensors} tensors, {self.bytes / 1e9:.2f} GB in {self.seconds:.1f} s "
+                f"on {self.device} -> {self.out_dir}")
+
+
+def resolve_sources(recipe: Recipe, *, allow_pickle: bool = False,
+                    trust_remote_code: bool = False) -> dict[str, ModelSource]:
+    return {ref: resolve_model(ref, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+            for ref in recipe.referenced_models()}
+
+
+def prepare(recipe: Recipe, sources: Mapping[str, ModelSource]) -> MergePlan:
+    """Compatibility checks, then the plan: everything that can fail before any tensor is read."""
+    infos = {ref: read_tensor_infos(src) for ref, src in sources.items()}
+    ordered = [sources[ref] for ref in recipe.referenced_models()]
+    check_compatible(ordered, infos=infos, same_layers=not recipe.slices,
+                     tokenizer_source=recipe.tokenizer_source)
+    return build_plan(recipe, infos=infos, configs={ref: src.config for ref, src in sources.items()})
+
+
+def output_config(plan: MergePlan, sources: Mapping[str, ModelSource]) -> dict[str, Any]:
+    config = dict(sources[plan.config_source].config)
+    config["num_hidden_layers"] = plan.num_layers
+    dtypes = {t.out_dtype for t in plan.tensors}
+    if len(dtypes) == 1:
+        config["dtype"] = dtypes.pop()
+        config.pop("torch_dtype", None)
+    return config
+
+
+def merge_to_disk(recipe: Recipe, out_dir: str | Path, *, device: str = "auto",
+                  shard_size: str | int = DEFAULT_SHARD_SIZE, allow_pickle: bool = False,
+                  trust_remote_code: bool = False, overwrite: bool = False, progress: bool = True,
+                  recipe_text: str | None = None, extra_provenance: Mapping[str, Any] | None = None,
+                  card_sections: tuple[tuple[str, str], ...] = ()) -> MergeSummary:
+    """Merge ``recipe`` into a model folder that ``from_pretrained`` loads."""
+    start = time.perf_counter()
+    dev = resolve_device(device)
+    max_shard = parse_size(shard_size)
+    sources = resolve_sources(recipe, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    plan = prepare(recipe, sources)
+    method = methods.get(plan.method)
+
+    # Hash the sources for the provenance while the merge runs (hashlib releases the GIL).
+    refs = recipe.referenced_models()
+    base_src = sources[recipe.base_model] if recipe.base_model else None
+    model_srcs = [sources[r] for r in refs if r != recipe.base_model]
+    recipe_yaml = recipe_text or recipe.to_yaml()
+    prov_result: dict[str, Any] = {}
+
+    def provenance_job() -> None:
+        prov_result["value"] = build_provenance(
+            recipe=recipe.to_dict(), recipe_yaml=recipe_yaml, method=method.name, method_title=method.title,
+            method_reference=method.reference, base_model=base_src, models=model_srcs,
+            extra=dict(extra_provenance or {}, device=str(dev), plan_tensors=len(plan.tensors)),
+            hash_workers=1)
+
+    hasher = threading.Thread(target=provenance_job, name="brmerge-hash", daemon=True)
+    hasher.start()
+
+    readers = {ref: TensorReader(src.weight_files, pickle_ok=allow_pickle) for ref, src in sources.items()}
+    outputs = [OutputTensor(t.name, t.shape, NAME_TO_TORCH[t.out_dtype]) for t in plan.tensors]
+    try:
+        with ShardedWriter(out_dir, outputs, max_shard_bytes=max_shard, overwrite=overwrite) as writer:
+
+            def fetch(ref: str, name: str) -> torch.Tensor:
+                return readers[ref].get(name, device=dev)
+
+            bar = _progress(len(plan.tensors), progress, desc=f"merging ({plan.method})")
+            for tp, tensor in iter_merged(plan, fetch):  # the writer's order is the plan's
+                writer.write(tp.name, tensor)
+                bar.update(1)
+            bar.close()
+            hasher.join()
+            if "value" not in prov_result:
+                raise RuntimeError("hashing the source files failed; see the log above")
+            extra = _copy_side_files(plan, sources)
+            extra["config.json"] = json.dumps(output_config(plan, sources), indent=2)
+            extra["mergekit_config.yml"] = recipe_yaml
+            write_model_card(writer.tmp_dir, prov_result["value"], extra_sections=card_sections)
+            out = writer.commit(extra)
+    finally:
+        for r in readers.values():
+            r.close()
+    return MergeSummary(out_dir=out, tensors=len(plan.tensors), bytes=writer.bytes_written,
+                        seconds=time.perf_counter() - start, device=str(dev))
+
+
+def _copy_side_files(plan: MergePlan, sources: Mapping[str, ModelSource]) -> dict[str, Path]:
+    files: dict[str, Path] = {}
+    tok_dir = sources[plan.tokenizer_source].path
+    for name in TOKENIZER_FILES:
+        if (tok_dir / name).is_file():
+            files[name] = tok_dir / name
+    gen = sources[plan.config_source].path / "generation_config.json"
+    if gen.is_file():
+        files["generation_config.json"] = gen
+    return files
+
+
+def _progress(total: int, enabled: bool, *, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="tensor", disable=not enabled, leave=False)

@@ -1,0 +1,153 @@
+"""Generalized task arithmetic: task vectors against a base, optionally pruned,
+optionally sign-elected, weighted and summed.
+
+TIES, DARE, breadcrumbs and DELLA are configurations of this one function, as in
+mergekit: deltas against the base; pruning of each delta; weights applied before sign
+election; the majority sign is the sign of the weighted sum; ``normalize`` divides by
+the sum of the weights that agree with it; ``lambda`` scales the result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from merge_core import rng
+from merge_core.methods import sparsify
+from merge_core.methods.base import BasePolicy, MergeParams, Param, Scope, compute_dtype
+
+
+@dataclass(frozen=True)
+class TaskArithmetic:
+    name: str
+    title: str
+    reference: str | None
+    prune: str | None            # None | magnitude | random | magnitude_outliers | della_magprune
+    sign_election: bool
+    default_normalize: bool
+    default_rescale: bool
+    base: BasePolicy = BasePolicy.REQUIRED
+    min_models: int = 1
+    max_models: int | None = None
+
+    @property
+    def randomized(self) -> bool:
+        return self.prune in ("random", "della_magprune")
+
+    @property
+    def params(self) -> tuple[Param, ...]:
+        out = [
+            Param("weight", float, Scope.MODEL, doc="scale of this model's task vector"),
+            Param("density", float, Scope.MODEL, 1.0, "fraction of the task vector kept"),
+            Param("normalize", bool, Scope.SHARED, self.default_normalize,
+                  "divide by the sum of (agreeing) weights"),
+            Param("rescale", bool, Scope.SHARED, self.default_rescale,
+                  "rescale pruned deltas to their original L1 norm"),
+            Param("lambda", float, Scope.SHARED, 1.0, "scale of the merged task vector"),
+            Param("int8_mask", bool, Scope.SHARED, False, "accepted for mergekit compatibility; no effect"),
+        ]
+        if self.prune == "magnitude_outliers":
+            out.append(Param("gamma", float, Scope.MODEL, 0.01, "fraction of largest entries dropped"))
+        if self.prune == "della_magprune":
+            out.append(Param("epsilon", float, Scope.MODEL, 0.15, "spread of keep probabilities"))
+        return tuple(out)
+
+    def keep_rule(self, delta: sparsify.Delta, p: dict, *, rescale: bool, seed: int,
+                  shape: torch.Size) -> sparsify.Keep:
+        """Decide, on the whole delta, what pruning keeps of it."""
+        density = float(p["density"])
+        if self.prune is None:
+            return sparsify.Keep()
+        if self.prune == "magnitude":
+            keep = sparsify.magnitude(delta, density)
+        elif self.prune == "magnitude_outliers":
+            keep = sparsify.magnitude_outliers(delta, density, float(p["gamma"]))
+        elif self.prune == "random":
+            keep = sparsify.random_drop(delta, density, seed=seed)
+        else:
+            keep = sparsify.della_magprune(delta, density, float(p["epsilon"]), seed=seed, shape=shape)
+        return sparsify.with_rescale(delta, keep) if rescale else keep
+
+    def merge(self, base: torch.Tensor | None, tensors: Sequence[torch.Tensor],
+              params: MergeParams, *, seed: int = 0) -> torch.Tensor:
+        assert base is not None  # guaranteed by the plan (BasePolicy.REQUIRED)
+        work = compute_dtype(base)
+        shared = params.shared
+        weights = [float(p["weight"]) for p in params.models]
+        deltas = [sparsify.Delta(x, base, work) for x in tensors]
+        keeps = [self.keep_rule(d, p, rescale=bool(shared["rescale"]), seed=rng.derive_seed(seed, i),
+                                shape=base.shape)
+                 for i, (d, p) in enumerate(zip(deltas, params.models))]
+        normalize = bool(shared["normalize"])
+        lam = float(shared["lambda"])
+        kernels = sparsify.kernels_for(base, *tensors)
+        if kernels is not None and work == torch.float32:
+            # the chunk loop below, fused into one pass on all cores (same arithmetic)
+            out = kernels.combine(base, tensors, keeps, weights, sign_election=self.sign_election,
+                                  normalize=normalize, lam=lam)
+            return out.reshape(base.shape)
+        total_w = sum(weights)
+        flat_base = base.reshape(-1)
+        out = torch.empty_like(flat_base)
+        # Chunk by chunk: every float32 temporary stays small, whatever the tensor size.
+        for start, end in sparsify.spans(flat_base.numel()):
+            weighted = []
+            for delta, keep, w in zip(deltas, keeps, weights):
+                d = keep.apply(delta.chunk(start, end), start)
+                weighted.append(d.mul_(keep.scale).mul_(w))
+            mixed = self._combine(weighted, weights, normalize=normalize, total_w=total_w)
+            if lam != 1:
+                mixed.mul_(lam)
+            out[start:end] = mixed.add_(flat_base[start:end].to(work))
+        return out.reshape(base.shape)
+
+    def _combine(self, weighted: list[torch.Tensor], weights: list[float], *, normalize: bool,
+                 total_w: float) -> torch.Tensor:
+        """Sum the weighted task vectors of one chunk, with sign election if configured."""
+        if not self.sign_election:
+            mixed = weighted[0].clone()
+            for d in weighted[1:]:
+                mixed.add_(d)
+            if normalize:
+                mixed.div_(total_w if abs(total_w) >= 1e-8 else 1.0)
+            return mixed
+        total = weighted[0].clone()
+        for d in weighted[1:]:
+            total.add_(d)
+        positive = total >= 0                          # the majority sign; ties go positive, as in mergekit
+        mixed = torch.zeros_like(total)
+        divisor = torch.zeros_like(total)
+        for d, w in zip(weighted, weights):
+            agree = torch.where(positive, d > 0, d < 0)  # sign(d) == majority sign
+            mixed.add_(d * agree)
+            if normalize:
+                divisor.add_(agree, alpha=w)
+        if normalize:
+            divisor[divisor == 0] = 1
+            mixed.div_(divisor)
+        return mixed
+
+
+METHODS = (
+    TaskArithmetic("task_arithmetic", "Task Arithmetic", "https://arxiv.org/abs/2212.04089",
+                   prune=None, sign_election=False, default_normalize=False, default_rescale=False),
+    TaskArithmetic("ties", "TIES", "https://arxiv.org/abs/2306.01708",
+                   prune="magnitude", sign_election=True, default_normalize=True, default_rescale=False),
+    TaskArithmetic("dare_ties", "DARE TIES", "https://arxiv.org/abs/2311.03099",
+                   prune="random", sign_election=True, default_normalize=False, default_rescale=True),
+    TaskArithmetic("dare_linear", "Linear DARE", "https://arxiv.org/abs/2311.03099",
+                   prune="random", sign_election=False, default_normalize=False, default_rescale=True),
+    TaskArithmetic("breadcrumbs", "Model Breadcrumbs", "https://arxiv.org/abs/2312.06795",
+                   prune="magnitude_outliers", sign_election=False, default_normalize=False,
+                   default_rescale=False),
+    TaskArithmetic("breadcrumbs_ties", "Model Breadcrumbs with TIES", "https://arxiv.org/abs/2312.06795",
+                   prune="magnitude_outliers", sign_election=True, default_normalize=False,
+                   default_rescale=False),
+    TaskArithmetic("della", "DELLA", "https://arxiv.org/abs/2406.11617",
+                   prune="della_magprune", sign_election=True, default_normalize=True, default_rescale=True),
+    TaskArithmetic("della_linear", "Linear DELLA", "https://arxiv.org/abs/2406.11617",
+                   prune="della_magprune", sign_election=False, default_normalize=False,
+                   default_rescale=True),
+)

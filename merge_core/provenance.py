@@ -1,0 +1,244 @@
+"""What a merged model is made of: a provenance manifest and a Hugging Face model card.
+
+Every output says plainly that it is a merge, of which models (with revision, licence and the
+sha256 of every weight file), by which method (with its paper) and with which recipe.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import re
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from merge_core.sources import ModelSource, hub_repo_id
+
+SCHEMA = "brmerge-provenance/1"
+PROVENANCE_FILE = "brmerge_provenance.json"
+CARD_FILE = "README.md"
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_LICENCE_KEYS = ("license", "license_name", "license_link")
+# The card's licence when sources disagree: HF requires license_name with `license: other`.
+_MIXED_LICENCE = "mixed-source-licences"
+
+
+def sha256_file(path: Path, *, chunk: int = 8 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a weight file; free for LFS files of a Hugging Face cache snapshot.
+
+    The cache stores an LFS file as ``blobs/<sha256>`` with the snapshot entry a symlink to it,
+    so the name is the content hash the Hub verified on download: rehashing gigabytes would only
+    repeat that. Anything else (plain folders, git-sha1 blobs of small files) is hashed.
+    """
+    path = Path(path)
+    if path.is_symlink():
+        target = path.resolve()
+        repo_folder = target.parent.parent
+        if (target.parent.name == "blobs" and _SHA256.match(target.name)
+                and repo_folder in path.parent.resolve().parents):
+            return target.name
+    return sha256_file(path)
+
+
+def source_licence(source: ModelSource) -> str | None:
+    """The licence in the source's README.md front matter (``license_name`` for ``other``)."""
+    meta = _licence_meta(source)
+    if meta.get("license") == "other" and meta.get("license_name"):
+        return meta["license_name"]
+    return meta.get("license")
+
+
+def build_provenance(*, recipe: Mapping[str, Any], recipe_yaml: str, method: str,
+                     method_title: str, method_reference: str | None,
+                     base_model: ModelSource | None, models: Sequence[ModelSource],
+                     outputs: Mapping[str, str] | None = None,
+                     extra: Mapping[str, Any] | None = None,
+                     hash_workers: int = 2) -> dict[str, Any]:
+    """The provenance manifest: tool, time, method, recipe and every source file's sha256."""
+    roles: list[tuple[str, ModelSource]] = []
+    seen: set[tuple[Path, str | None]] = set()
+    # A recipe may list its base among the models too (ties, linear): describe each source once.
+    candidates = [("base", base_model)] if base_model is not None else []
+    for role, src in candidates + [("model", m) for m in models]:
+        key = (src.path, src.revision)
+        if key not in seen:
+            seen.add(key)
+            roles.append((role, src))
+
+    files = sorted({f for _, src in roles for f in src.weight_files})
+    with ThreadPoolExecutor(max_workers=max(1, hash_workers)) as pool:
+        # hashlib releases the GIL on large updates, so threads hash files in parallel.
+        digests = dict(zip(files, pool.map(file_sha256, files)))
+
+    sources = []
+    for role, src in roles:
+        meta = _licence_meta(src)
+        sources.append({
+            "role": role,
+            "ref": src.ref,
+            "repo_id": hub_repo_id(src.path),
+            "revision": src.revision,
+            "format": src.format,
+            "licence": source_licence(src),
+            "licence_metadata": meta,
+            "files": [{"name": f.relative_to(src.path).as_posix(), "size": f.stat().st_size,
+                       "sha256": digests[f]} for f in src.weight_files],
+        })
+
+    provenance: dict[str, Any] = {
+        "schema": SCHEMA,
+        "brmerge_version": _version(),
+        "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "method": {"name": method, "title": method_title, "reference": method_reference},
+        # JSON-clean copy: the manifest must round-trip, whatever types the recipe model used.
+        "recipe": json.loads(json.dumps(dict(recipe), default=str)),
+        "recipe_yaml": recipe_yaml,
+        "sources": sources,
+    }
+    if outputs is not None:
+        provenance["outputs"] = dict(outputs)
+    if extra is not None:
+        provenance["extra"] = json.loads(json.dumps(dict(extra), default=str))
+    return provenance
+
+
+def write_model_card(out_dir: Path, provenance: Mapping[str, Any], *, title: str | None = None,
+                     extra_sections: Sequence[tuple[str, str]] = ()) -> None:
+    """Write README.md (a Hugging Face model card) and brmerge_provenance.json into ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_atomic(out_dir / PROVENANCE_FILE,
+                  json.dumps(provenance, indent=2, ensure_ascii=False) + "\n")
+    _write_atomic(out_dir / CARD_FILE,
+                  render_model_card(provenance, title=title, extra_sections=extra_sections))
+
+
+def render_model_card(provenance: Mapping[str, Any], *, title: str | None = None,
+                      extra_sections: Sequence[tuple[str, str]] = ()) -> str:
+    sources: list[Mapping[str, Any]] = provenance["sources"]
+    method: Mapping[str, Any] = provenance["method"]
+    refs = list(dict.fromkeys(s.get("repo_id") or s["ref"] for s in sources))
+
+    front: dict[str, Any] = {"base_model": refs, "tags": ["merge", "brmerge"],
+                             "library_name": "transformers"}
+    metas = [s.get("licence_metadata") or {} for s in sources]
+    shared = all(metas) and all(m == metas[0] for m in metas)
+    if shared:
+        front.update(metas[0])
+    else:
+        front.update({"license": "other", "license_name": _MIXED_LICENCE})
+
+    method_name = method.get("title") or method["name"]
+    paper = f" ([paper]({method['reference']}))" if method.get("reference") else ""
+    heading = title or f"{method_name} merge of {len(sources)} models"
+    lines = [
+        "---", yaml.safe_dump(front, sort_keys=False, allow_unicode=True).rstrip(), "---", "",
+        f"# {heading}", "",
+        "This model is a **merge** of existing pretrained models, made with brmerge "
+        f"{provenance.get('brmerge_version', '')}. It was not trained from "
+        "scratch and was not fine-tuned: its weights are computed from the weights of the "
+        "models listed below, which keep their own licences, limitations and biases.", "",
+        "## Merge method", "",
+        f"**{method_name}** (`{method['name']}`){paper}.", "",
+        "## Sources", "",
+        "| role | model | revision | licence | weight file | sha256 |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for s in sources:
+        for f in s["files"]:
+            cells = [s["role"], s["ref"], s.get("revision") or "local folder",
+                     s.get("licence") or "unknown", f["name"], f"`{f['sha256']}`"]
+            lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+    lines += ["", "## Licences", ""]
+    if shared:
+        lines.append(f"All sources declare the licence `{sources[0].get('licence')}`, "
+                     "so this merge carries it too.")
+    else:
+        lines.append("The sources do not share one declared licence, so the card says "
+                     f"`license: other` (`{_MIXED_LICENCE}`). Each source's terms apply to what "
+                     "this merge takes from it; check them all before use:")
+        lines.append("")
+        for s in sources:
+            licence = s.get("licence") or "unknown (no licence in its model card: check its terms)"
+            lines.append(f"- {s['ref']}: {licence}")
+    recipe_yaml = str(provenance.get("recipe_yaml", "")).rstrip("\n")
+    fence = "`" * max(3, _longest_backtick_run(recipe_yaml) + 1)
+    lines += ["", "## Recipe", "",
+              "The mergekit-compatible recipe, as given to brmerge:", "",
+              f"{fence}yaml", recipe_yaml, fence, ""]
+    if provenance.get("outputs"):
+        lines += ["## Output files", "", "| file | sha256 |", "| --- | --- |"]
+        lines += [f"| {_cell(name)} | `{sha}` |" for name, sha in provenance["outputs"].items()]
+        lines.append("")
+    lines += ["## Provenance", "",
+              f"Created {provenance.get('created', '')} by brmerge "
+              f"{provenance.get('brmerge_version', '')}. The same facts, machine-readable, are in "
+              f"`{PROVENANCE_FILE}` (schema `{provenance.get('schema', SCHEMA)}`).", ""]
+    for section_title, body in extra_sections:
+        lines += [f"## {section_title}", "", body.rstrip("\n"), ""]
+    return "\n".join(lines)
+
+
+def _licence_meta(source: ModelSource) -> dict[str, str]:
+    front = _front_matter(source.path / "README.md")
+    meta = {k: front[k] for k in _LICENCE_KEYS if front.get(k) not in (None, "", [])}
+    if isinstance(meta.get("license"), list):  # a few cards list several; keep them readable
+        meta["license"] = ", ".join(str(x) for x in meta["license"])
+    return {k: str(v) for k, v in meta.items()}
+
+
+def _front_matter(readme: Path) -> dict[str, Any]:
+    try:
+        text = readme.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return {}  # no model card: the licence is unknown, which the card then says
+    match = re.match(r"^---[ \t]*\r?\n(.*?)\r?\n---[ \t]*(\r?\n|$)", text, flags=re.DOTALL)
+    if not match:
+        return {}
+    try:
+        data = yaml.safe_load(match.group(1))
+    except yaml.YAMLError:
+        return {}  # a broken card is the source's problem; we report the licence as unknown
+    return data if isinstance(data, dict) else {}
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("brmerge")
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"  # running from a source tree that was never installed
+
+
+def _cell(value: Any) -> str:
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _longest_backtick_run(text: str) -> int:
+    return max((len(m) for m in re.findall(r"`+", text)), default=0)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    # A crash mid-write must not leave a truncated card beside a finished model.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

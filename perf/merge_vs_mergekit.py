@@ -1,0 +1,171 @@
+"""TIES on three ~0.5B Llama-style bf16 models: mergekit vs brmerge, side by side.
+
+Builds a base and two 'fine-tunes' (base + noise) of hidden 1024 and 32 layers, runs the
+same recipe (TIES, density 0.5, weight 0.5, bfloat16) with `mergekit-yaml` and with
+`brmerge merge` as child processes, and prints wall time and peak RSS of each and their
+ratios, then how far the outputs are apart. Targets: >= 10x faster, <= 1/4 the peak RSS.
+
+    python perf/merge_vs_mergekit.py [--workdir DIR] [--layers 32 --hidden 1024]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from merge_core.io import TensorReader, weight_files  # noqa: E402
+from merge_core.methods import sparsify  # noqa: E402
+from perf._common import bin_dir, run_child, warm_page_cache, write_synthetic_llama  # noqa: E402
+
+DENSITY = 0.5
+RECIPE = """\
+models:
+  - model: {a}
+    parameters: {{weight: 0.5, density: %s}}
+  - model: {b}
+    parameters: {{weight: 0.5, density: %s}}
+merge_method: ties
+base_model: {base}
+dtype: bfloat16
+""" % (DENSITY, DENSITY)
+
+
+@dataclass
+class Differences:
+    """How far brmerge's output is from mergekit's, and why."""
+
+    total: int = 0
+    within_ulp: int = 0           # differ by 1 bf16 ulp: rounding order of the float ops
+    larger: int = 0               # differ by more
+    larger_at_cut: int = 0        # ... where some model's |delta| ties exactly at its cut-off
+    largest: float = 0.0
+    tied_at_cut: int = 0          # entries whose |delta| equals the cut-off (all models)
+    tied_beyond_k: int = 0        # ... that brmerge keeps and a top-k of exactly k drops
+
+    def lines(self) -> str:
+        differ = self.within_ulp + self.larger
+        return "\n".join([
+            f"output values that differ: {differ} of {self.total} ({differ / self.total:.2e}); "
+            f"largest difference {self.largest:.3g}",
+            f"  within 1 bf16 ulp (rounding order): {self.within_ulp} ({self.within_ulp / self.total:.2e})",
+            f"  larger: {self.larger}, of which at a tie at the density cut-off: {self.larger_at_cut}; "
+            f"not explained by a tie: {self.larger - self.larger_at_cut}",
+            f"  |delta| tied at the cut-off: {self.tied_at_cut} entries, {self.tied_beyond_k} of them beyond "
+            f"the top k (kept by brmerge, dropped by mergekit's top-k)",
+        ])
+
+
+def _ordered(bits: torch.Tensor) -> torch.Tensor:
+    # bf16 bit patterns (int16) -> integers in value order, so adjacent values differ by 1
+    wide = bits.to(torch.int32)
+    return torch.where(wide < 0, -(wide & 0x7FFF), wide)
+
+
+def compare_outputs(work: Path, *, density: float) -> Differences:
+    """Compare the two outputs tensor by tensor, attributing differences to bf16 rounding
+    order (1 ulp) or to ties of |delta| at the TIES cut-off."""
+    readers = {m: TensorReader(weight_files(work / m)) for m in ("base", "ft_a", "ft_b", "out_mergekit",
+                                                                 "out_brmerge")}
+    r = Differences()
+    try:
+        for name in readers["out_mergekit"].names():
+            ref, got = readers["out_mergekit"].get(name), readers["out_brmerge"].get(name)
+            gap = (_ordered(got.view(torch.int16)) - _ordered(ref.view(torch.int16))).abs().reshape(-1)
+            r.total += gap.numel()
+            r.within_ulp += int((gap == 1).sum())
+            big = gap > 1
+            r.larger += int(big.sum())
+            r.largest = max(r.largest, float((got.float() - ref.float()).abs().max()))
+            base = readers["base"].get(name).reshape(-1)
+            at_cut = torch.zeros_like(big)
+            for m in ("ft_a", "ft_b"):
+                delta = sparsify.Delta(readers[m].get(name), base, torch.float32)
+                k = max(1, int(density * delta.numel))
+                cut = sparsify.kth_largest_abs(delta, [k])[0]
+                a = delta.full().abs_()                     # (n,) as both tools round it: in bf16
+                tied = a == cut
+                n_tied, n_above = int(tied.sum()), int((a > cut).sum())
+                r.tied_at_cut += n_tied
+                r.tied_beyond_k += n_tied - (k - n_above)
+                at_cut |= tied
+            r.larger_at_cut += int((big & at_cut).sum())
+    finally:
+        for reader in readers.values():
+            reader.close()
+    return r
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workdir", type=Path, default=None, help="where models go (default: a temp dir)")
+    ap.add_argument("--hidden", type=int, default=1024)
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--intermediate", type=int, default=2816)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    ap.add_argument("--brmerge-only", action="store_true",
+                    help="run brmerge only, against the mergekit output already in --workdir")
+    args = ap.parse_args()
+
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="brmerge-perf-"))
+    work.mkdir(parents=True, exist_ok=True)
+    dims = dict(hidden=args.hidden, layers=args.layers, intermediate=args.intermediate, vocab=args.vocab)
+    base = work / "base"
+    if not (base / "config.json").exists():
+        print("building models ...", flush=True)
+        write_synthetic_llama(base, seed=0, base=None, **dims)
+        write_synthetic_llama(work / "ft_a", seed=1, base=base, **dims)
+        write_synthetic_llama(work / "ft_b", seed=2, base=base, **dims)
+    with TensorReader(weight_files(base)) as r:
+        n_params = sum(math.prod(r.shape(name)) for name in r.names())
+    recipe = work / "ties.yaml"
+    recipe.write_text(RECIPE.format(a=work / "ft_a", b=work / "ft_b", base=base))
+
+    runs = {}
+    for tool, cmd in (
+        ("mergekit", [str(bin_dir() / "mergekit-yaml"), str(recipe), str(work / "out_mergekit")]),
+        ("brmerge", [str(bin_dir() / "brmerge"), "merge", str(recipe), "--out", str(work / "out_brmerge"),
+                     "--device", "cpu", "--quiet"]),
+    ):
+        if tool == "mergekit" and args.brmerge_only:
+            continue
+        shutil.rmtree(work / f"out_{tool}", ignore_errors=True)
+        for m in ("base", "ft_a", "ft_b"):
+            warm_page_cache(work / m)
+        r = run_child(cmd)
+        if r.returncode != 0:
+            print(r.output[-3000:])
+            print(f"{tool} failed with status {r.returncode}")
+            return 1
+        runs[tool] = r
+
+    report = compare_outputs(work, density=DENSITY)
+    mk, br = runs.get("mergekit"), runs["brmerge"]
+    gib = 1 << 30
+    print(f"\nTIES, 3 models of {n_params / 1e9:.2f}B parameters (bf16), density {DENSITY}, weight 0.5, "
+          f"torch threads {torch.get_num_threads()}")
+    print(f"{'tool':<10}{'wall s':>10}{'peak RSS GiB':>15}")
+    if mk is not None:
+        print(f"{'mergekit':<10}{mk.seconds:>10.1f}{mk.peak_rss_bytes / gib:>15.2f}")
+    print(f"{'brmerge':<10}{br.seconds:>10.1f}{br.peak_rss_bytes / gib:>15.2f}")
+    if mk is not None:
+        print(f"speed-up (mergekit / brmerge wall time): {mk.seconds / br.seconds:.1f}x   (target >= 10x)")
+        print(f"memory ratio (brmerge / mergekit peak RSS): {br.peak_rss_bytes / mk.peak_rss_bytes:.3f}   "
+              f"(target <= 0.25)")
+    print(report.lines())
+    if not args.keep and args.workdir is None:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,216 @@
+"""Worker utilization: brmerge's asynchronous driver versus a generation-barrier loop.
+
+Four Ray actors run synthetic trials (``perf._synthetic.SleepWorker``: each trial sleeps a
+seeded lognormal duration, no model). The same number of trials is run, in one process and
+one local Ray, by
+
+- (a) ``search.driver.Driver`` itself (asynchronous ask/tell, SQLite study, its own actors),
+- (b) a generation-barrier loop written here: ask 4 trials, run them on the 4 actors, wait
+  for all 4, tell all 4, repeat (the same study setup, sampler, baselines and storage).
+
+Utilization = busy time of the workers (their own sleep intervals) / (workers x wall time of
+the loop), the wall time running from the moment the last actor is ready (start-up excluded)
+to the end of the loop. Target: asynchronous >= 90%.
+
+Staged evaluation is disabled (``eval.limit: null``): every trial is one run on one actor, so
+both loops do the same work per trial and only the scheduling differs.
+
+    python perf/scheduling.py [--trials 48 --workers 4 --median 1.0 --sigma 0.5 --sampler cmaes]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+# Ray generates an auth token unless told otherwise; a private loopback cluster needs none.
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # run as a script from a checkout
+
+import optuna  # noqa: E402
+
+from perf._synthetic import MEDIAN_ENV, SIGMA_ENV, TRACE_ENV, SleepWorker  # noqa: E402
+from search.campaign import Campaign, parse_campaign  # noqa: E402
+from search.driver import Driver, open_study  # noqa: E402
+from search.genome import GenomeSpace  # noqa: E402
+from search.samplers import make_sampler  # noqa: E402
+from tests.tiny import llama_config, make_llama, make_tokenizer  # noqa: E402
+
+
+@dataclass
+class LoopStats:
+    name: str
+    trials: int
+    runs: int
+    wall: float        # seconds, last actor ready -> loop returned
+    busy: float        # seconds the workers spent inside run(), summed
+    workers: int
+    load: tuple[float, float, float]
+
+    @property
+    def utilization(self) -> float:
+        return self.busy / (self.workers * self.wall)
+
+
+def build_models(root: Path) -> tuple[Path, Path, Path]:
+    """A tiny base and two 'fine-tunes': the driver reads the base's config for its layers."""
+    make_tokenizer(root / "tok")
+    base = make_llama(root / "base", config=llama_config(layers=4), tokenizer_dir=root / "tok")
+    ft1 = make_llama(root / "ft1", like=base, seed=1)
+    ft2 = make_llama(root / "ft2", like=base, seed=2)
+    return base, ft1, ft2
+
+
+def campaign_for(name: str, models: tuple[Path, Path, Path], *, trials: int, workers: int,
+                 sampler: str, seed: int) -> Campaign:
+    base, ft1, ft2 = models
+    return parse_campaign({
+        "name": name, "base_model": str(base), "models": [str(ft1), str(ft2)], "method": "ties",
+        "sampler": sampler, "objectives": {"legal": 1.0, "health": 1.0, "enem": 1.0},
+        "eval": {"suite": "sample", "limit": None},  # no limit: no stage 1, one run per trial
+        "budget": {"trials": trials}, "workers": {"count": workers, "gpus_per_worker": 0},
+        "seed": seed,
+    }, source=name)
+
+
+def read_trace(trace_dir: Path, name: str) -> tuple[float, list[tuple[float, float]]]:
+    """(moment the last actor was ready, run intervals) recorded by the workers of ``name``."""
+    ready: list[float] = []
+    runs: list[tuple[float, float]] = []
+    for path in sorted(trace_dir.glob(f"{name}.worker-*.jsonl")):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            entry = json.loads(line)
+            if entry["event"] == "ready":
+                ready.append(entry["t"])
+            else:
+                runs.append((entry["start"], entry["end"]))
+    if not ready:
+        raise RuntimeError(f"no worker trace for {name} in {trace_dir}: did the actors import "
+                           "perf._synthetic with the trace directory set?")
+    return max(ready), runs
+
+
+def count_done(study: optuna.Study) -> int:
+    from search.driver import finished_trials
+
+    return len(finished_trials(study))
+
+
+def run_async(campaign: Campaign, directory: Path, trace_dir: Path, workers: int) -> LoopStats:
+    driver = Driver(campaign, directory, worker_factory=SleepWorker, n_workers=workers, progress=False)
+    study = driver.run()
+    end = time.time()
+    start, runs = read_trace(trace_dir, campaign.name)
+    return LoopStats("asynchronous (search.driver.Driver)", count_done(study), len(runs), end - start,
+                     sum(e - s for s, e in runs), workers, os.getloadavg())
+
+
+def run_barrier(campaign: Campaign, directory: Path, trace_dir: Path, workers: int) -> LoopStats:
+    """Ask ``workers`` trials, run them all, wait for all, tell all; repeat until the budget."""
+    import ray
+
+    space = GenomeSpace(campaign, num_layers=4)
+    baselines = space.baselines()
+    sampler = make_sampler(campaign.sampler, seed=campaign.seed, x0=baselines[0][1],
+                           n_baselines=len(baselines))
+    directory.mkdir(parents=True, exist_ok=True)
+    study = open_study(campaign, directory, resume=False, sampler=sampler)
+    for name, params in baselines:  # as the driver does, so both studies start alike
+        study.enqueue_trial(params, user_attrs={"baseline": name})
+    # the same actor resources as the driver's plan (fractional CPUs: 4 actors on 2 cores)
+    cpus = ray.cluster_resources().get("CPU", 1)
+    remote = ray.remote(max_restarts=0, max_concurrency=1,
+                        num_cpus=cpus / workers if workers > cpus else 1)(SleepWorker)
+    actors = [remote.remote(campaign, i, threads=1) for i in range(workers)]
+    ray.get([a.info.remote() for a in actors])
+    told = 0
+    try:
+        while told < campaign.trials:
+            batch = [study.ask(space.distributions()) for _ in range(min(workers, campaign.trials - told))]
+            refs = []
+            for actor, trial in zip(actors, batch):
+                recipe = space.to_recipe(trial.params)
+                # the driver's per-trial bookkeeping, so only the scheduling differs
+                trial.set_user_attr("recipe_digest", recipe.digest())
+                trial.set_user_attr("recipe", recipe.to_yaml())
+                refs.append(actor.run.remote(recipe.to_yaml(), stage=1))
+            results = ray.get(refs)  # the barrier: every worker waits for the slowest trial
+            for trial, result in zip(batch, results):
+                trial.set_user_attr("score", result["score"])
+                trial.set_user_attr("eval_seconds", result["eval_seconds"])
+                study.tell(trial, result["score"])
+            told += len(batch)
+        end = time.time()
+    finally:
+        for a in actors:
+            ray.kill(a)
+    start, runs = read_trace(trace_dir, campaign.name)
+    return LoopStats("generation barrier (this script)", count_done(study), len(runs), end - start,
+                     sum(e - s for s, e in runs), workers, os.getloadavg())
+
+
+def report(stats: LoopStats) -> None:
+    ideal = stats.busy / stats.workers
+    print(f"{stats.name}:")
+    print(f"  trials {stats.trials} ({stats.runs} worker runs), wall {stats.wall:.2f} s "
+          f"(ideal {ideal:.2f} s), busy {stats.busy:.2f} s over {stats.workers} workers, "
+          f"{stats.trials / stats.wall:.2f} trials/s")
+    print(f"  worker utilization {100 * stats.utilization:.1f}%  "
+          f"(load average at end {stats.load[0]:.2f} {stats.load[1]:.2f} {stats.load[2]:.2f})")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--trials", type=int, default=48)
+    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--median", type=float, default=1.0, help="median trial seconds (default 1.0)")
+    parser.add_argument("--sigma", type=float, default=0.5, help="lognormal shape (default 0.5)")
+    parser.add_argument("--sampler", default="cmaes", help="cmaes | tpe | random | ... (default cmaes)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+    import ray
+
+    with tempfile.TemporaryDirectory(prefix="brmerge-sched-") as tmp:
+        root = Path(tmp)
+        models = build_models(root / "models")
+        trace_dir = root / "trace"
+        trace_dir.mkdir()
+        # Actors import perf._synthetic by module path: put the checkout on their PYTHONPATH
+        # (the editable install maps brmerge's packages only), and hand them the trace settings.
+        env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+               TRACE_ENV: str(trace_dir), MEDIAN_ENV: str(args.median), SIGMA_ENV: str(args.sigma),
+               "RAY_AUTH_MODE": os.environ["RAY_AUTH_MODE"]}
+        # The driver's own local-cluster settings; it reuses a Ray that is already initialized.
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, _node_ip_address="127.0.0.1",
+                 log_to_driver=False, runtime_env={"env_vars": env})
+        try:
+            load = os.getloadavg()
+            print(f"{args.trials} trials, {args.workers} actors on {os.cpu_count()} CPUs, trial seconds "
+                  f"lognormal(median {args.median}, sigma {args.sigma}), sampler {args.sampler}, "
+                  f"stage 1 disabled; load average at start {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+            common = dict(models=models, trials=args.trials, workers=args.workers, sampler=args.sampler,
+                          seed=args.seed)
+            a = run_async(campaign_for("sched-async", **common), root / "async", trace_dir, args.workers)
+            report(a)
+            b = run_barrier(campaign_for("sched-barrier", **common), root / "barrier", trace_dir,
+                            args.workers)
+            report(b)
+        finally:
+            ray.shutdown()
+    print(f"utilization ratio asynchronous / barrier: {a.utilization / b.utilization:.2f}x; "
+          f"target asynchronous >= 90%: {'met' if a.utilization >= 0.9 else 'MISSED'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Merge-search campaigns and the ``brmerge`` command line."""

@@ -1,0 +1,296 @@
+"""The campaign file: a validated, frozen configuration with every error reported at once.
+
+``brmerge init`` writes ``TEMPLATE``; ``load_campaign`` reads one. Each default lives in
+``DEFAULTS`` with a one-line reason.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+SAMPLERS = ("cmaes", "tpe", "nsga2", "gp", "random")
+SUITES = ("sample", "dev", "test")
+DOMAINS = ("legal", "health", "enem", "healthbench")
+# Ranges a search may set; which of them a method uses is the method's decision.
+SEARCHABLE = ("weight", "density", "epsilon", "gamma", "t", "lambda")
+
+TEMPLATE = """\
+# brmerge campaign: search per-layer merge coefficients of fine-tunes of one base model.
+# Run it with:  brmerge search campaign.yaml   (add --resume to continue after a stop)
+name: legal-health-ptbr
+
+# The model the others were fine-tuned from, and the fine-tunes (local folders or hub ids).
+base_model: path-or-hub-id
+models: [path-or-hub-id, path-or-hub-id]
+
+# Any merge-core method with per-model parameters: ties, dare_ties, task_arithmetic, della, ...
+method: dare_ties
+
+search:
+  granularity: layer          # layer | block:N (N consecutive layers share values) | global
+  params:                     # [low, high] ranges; the method decides which apply
+    weight: [0.0, 1.0]
+    density: [0.1, 1.0]
+  split_attn_mlp: false       # separate values for attention and MLP tensors
+
+sampler: cmaes                # cmaes | tpe | nsga2 | gp | random
+
+# Weighted sum of domain scores; with nsga2 each weighted domain is its own objective (Pareto front).
+objectives: {legal: 1.0, health: 1.0, enem: 1.0}
+
+# Search scores the dev split only. suite: sample (ships with brmerge) or dev (data_dir or
+# $BRMERGE_DATA_DIR). stage1: items per task scored first; clearly worse candidates stop there.
+eval: {suite: dev, limit: 200, stage1: 50, data_dir: null}
+
+budget: {trials: 200, timeout: null}   # timeout in seconds; the trial count includes baselines
+
+workers: {count: auto, gpus_per_worker: 1}   # auto: one per GPU, else one per 2 CPUs
+ray: {address: null}          # null: a local Ray; "auto" or host:port: an existing cluster
+storage: null                 # null: SQLite in the campaign directory; or any Optuna RDB URL
+seed: 0
+"""
+
+DEFAULTS: dict[str, Any] = {
+    "method": "ties",                       # deterministic, strong, and mergekit's usual choice
+    "search": {"granularity": "layer",      # per-layer coefficients: the point of the search
+               "params": {"weight": [0.0, 1.0], "density": [0.1, 1.0]},
+               "split_attn_mlp": False},
+    "sampler": "cmaes",                     # continuous, correlated parameters: CMA-ES' home ground
+    "objectives": {"legal": 1.0, "health": 1.0, "enem": 1.0},
+    "eval": {"suite": "dev", "limit": 200,  # ~200 items per task: stable enough, cheap enough
+             "stage1": None,                # None: a quarter of limit
+             "data_dir": None, "allow_test": False, "num_fewshot": 3},
+    "budget": {"trials": 200, "timeout": None},
+    "workers": {"count": "auto", "gpus_per_worker": 1},
+    "ray": {"address": None},
+    "storage": None,
+    "seed": 0,
+}
+
+
+class CampaignError(ValueError):
+    """The campaign file is invalid; the message lists every problem, each with its fix."""
+
+
+@dataclass(frozen=True)
+class Campaign:
+    name: str
+    base_model: str
+    models: tuple[str, ...]
+    method: str
+    granularity: str                        # "layer" | "global" | "block:N"
+    params: Mapping[str, tuple[float, float]]
+    split_attn_mlp: bool
+    sampler: str
+    objectives: Mapping[str, float]
+    suite: str
+    limit: int | None
+    stage1: int | None
+    data_dir: str | None
+    allow_test: bool
+    num_fewshot: int
+    trials: int
+    timeout: float | None
+    workers: int | str
+    gpus_per_worker: float
+    ray_address: str | None
+    storage: str | None
+    seed: int
+    source_file: str | None = None
+    raw: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
+
+    @property
+    def block_size(self) -> int | None:
+        return int(self.granularity.split(":")[1]) if self.granularity.startswith("block:") else None
+
+    @property
+    def multi_objective(self) -> bool:
+        return self.sampler == "nsga2"
+
+    def storage_url(self, directory: Path) -> str:
+        return self.storage or f"sqlite:///{(directory / 'study.db').resolve()}"
+
+
+def _merge_defaults(data: Mapping[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(DEFAULTS)
+    for key, value in data.items():
+        if isinstance(out.get(key), dict) and isinstance(value, Mapping) and key != "objectives":
+            out[key] = {**out[key], **value}
+        else:
+            out[key] = value
+    return out
+
+
+def _hint(key: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(key, options, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def parse_campaign(data: Any, *, source: str = "campaign") -> Campaign:
+    """Validate a campaign mapping; raise ``CampaignError`` listing every problem."""
+    from merge_core import methods
+    from merge_core.methods.base import Scope
+
+    errors: list[str] = []
+    if not isinstance(data, Mapping):
+        raise CampaignError(f"{source}: a campaign is a YAML mapping; run `brmerge init` for a template")
+    top_keys = ["name", "base_model", "models", *DEFAULTS]
+    for key in data:
+        if key not in top_keys:
+            errors.append(f"unknown key {key!r}{_hint(str(key), top_keys)}")
+    for key, allowed in (("search", DEFAULTS["search"]), ("eval", DEFAULTS["eval"]),
+                         ("budget", DEFAULTS["budget"]), ("workers", DEFAULTS["workers"]),
+                         ("ray", DEFAULTS["ray"])):
+        sub = data.get(key)
+        if sub is not None and not isinstance(sub, Mapping):
+            errors.append(f"{key} must be a mapping like {allowed}")
+        elif isinstance(sub, Mapping):
+            for k in sub:
+                if k not in allowed:
+                    errors.append(f"unknown key {key}.{k}{_hint(str(k), list(allowed))}")
+    d = _merge_defaults({k: v for k, v in data.items() if not (
+        k in ("search", "eval", "budget", "workers", "ray") and not isinstance(v, Mapping))})
+
+    name = d.get("name")
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][\w.\-]*", name or ""):
+        errors.append(f"name {name!r} must be a simple identifier (letters, digits, - _ .): it names "
+                      "the campaign directory")
+    base = d.get("base_model")
+    if not isinstance(base, str) or not base or base == "path-or-hub-id":
+        errors.append("base_model must be the path or hub id of the model the others were fine-tuned from")
+    models = d.get("models")
+    if not isinstance(models, list) or not models or not all(isinstance(m, str) and m for m in models):
+        errors.append("models must be a list of at least one fine-tune (paths or hub ids)")
+        models = []
+    elif any(m == "path-or-hub-id" for m in models):
+        errors.append("models still holds the template's placeholders: name your fine-tunes")
+    elif len(set(models)) != len(models) or base in models:
+        errors.append("models must be distinct and must not repeat base_model")
+
+    method_name = d.get("method")
+    per_model_params: list[str] = []
+    try:
+        method = methods.get(str(method_name))
+        per_model_params = [p.name for p in method.params if p.scope in (Scope.MODEL, Scope.INPUT)]
+        if method.base.value != "required":
+            errors.append(f"method {method_name!r} does not merge task vectors against a base; "
+                          "use ties, dare_ties, dare_linear, task_arithmetic, breadcrumbs(_ties) or della")
+    except ValueError as exc:
+        errors.append(f"method: {exc}")
+
+    search = d["search"]
+    gran = str(search.get("granularity"))
+    if not (gran in ("layer", "global") or re.fullmatch(r"block:[1-9]\d*", gran)):
+        errors.append(f"search.granularity {gran!r} must be layer, global or block:N (N >= 1)")
+    params: dict[str, tuple[float, float]] = {}
+    raw_params = search.get("params")
+    if not isinstance(raw_params, Mapping) or not raw_params:
+        errors.append("search.params must map parameter names to [low, high] ranges, e.g. {weight: [0, 1]}")
+        raw_params = {}
+    for pname, rng in raw_params.items():
+        if per_model_params and pname not in per_model_params:
+            errors.append(f"search.params.{pname}: {method_name} has no per-model parameter {pname!r}"
+                          f"{_hint(str(pname), per_model_params)}; it has {', '.join(per_model_params)}")
+            continue
+        if (not isinstance(rng, (list, tuple)) or len(rng) != 2
+                or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in rng)
+                or not rng[0] < rng[1]):
+            errors.append(f"search.params.{pname} {rng!r} must be [low, high] with low < high")
+            continue
+        if pname in ("density", "epsilon", "gamma") and not (0 <= rng[0] and rng[1] <= 1):
+            errors.append(f"search.params.{pname} {list(rng)} must lie within [0, 1]")
+            continue
+        params[str(pname)] = (float(rng[0]), float(rng[1]))
+    if per_model_params and "weight" in per_model_params and "weight" not in raw_params:
+        errors.append("search.params must include weight: the search needs at least the model weights")
+    split = search.get("split_attn_mlp")
+    if not isinstance(split, bool):
+        errors.append(f"search.split_attn_mlp must be true or false, got {split!r}")
+
+    sampler = d.get("sampler")
+    if sampler not in SAMPLERS:
+        errors.append(f"sampler {sampler!r} is not one of {', '.join(SAMPLERS)}{_hint(str(sampler), list(SAMPLERS))}")
+    objectives = d.get("objectives")
+    if not isinstance(objectives, Mapping) or not objectives:
+        errors.append("objectives must map domains to weights, e.g. {legal: 1.0, health: 1.0}")
+        objectives = {}
+    for dom, w in objectives.items():
+        if dom not in DOMAINS:
+            errors.append(f"objectives.{dom}: unknown domain{_hint(str(dom), list(DOMAINS))}; "
+                          f"choose from {', '.join(DOMAINS)}")
+        elif isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0:
+            errors.append(f"objectives.{dom} {w!r} must be a weight >= 0")
+    if objectives and all(isinstance(w, (int, float)) and w == 0 for w in objectives.values()):
+        errors.append("objectives: at least one domain needs a positive weight")
+
+    ev = d["eval"]
+    if ev.get("suite") not in SUITES:
+        errors.append(f"eval.suite {ev.get('suite')!r} must be sample or dev")
+    elif ev.get("suite") == "test" and not ev.get("allow_test"):
+        errors.append("eval.suite test: searching on held-out test items makes their scores meaningless; "
+                      "use dev, or set eval.allow_test: true if you really mean it")
+    limit = ev.get("limit")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        errors.append(f"eval.limit {limit!r} must be a positive number of items per task, or null for all")
+    stage1 = ev.get("stage1")
+    if stage1 is not None and (isinstance(stage1, bool) or not isinstance(stage1, int) or stage1 < 1):
+        errors.append(f"eval.stage1 {stage1!r} must be a positive number of items, or null")
+    elif stage1 is not None and isinstance(limit, int) and stage1 >= limit:
+        errors.append(f"eval.stage1 ({stage1}) must be smaller than eval.limit ({limit}), or null")
+    if stage1 is None and isinstance(limit, int) and limit >= 8:
+        stage1 = max(4, limit // 4)
+
+    budget = d["budget"]
+    trials = budget.get("trials")
+    if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
+        errors.append(f"budget.trials {trials!r} must be a positive integer")
+    timeout = budget.get("timeout")
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
+        errors.append(f"budget.timeout {timeout!r} must be seconds > 0, or null")
+
+    workers = d["workers"]
+    count = workers.get("count")
+    if count != "auto" and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
+        errors.append(f"workers.count {count!r} must be auto or a positive integer")
+    gpw = workers.get("gpus_per_worker")
+    if isinstance(gpw, bool) or not isinstance(gpw, (int, float)) or gpw < 0:
+        errors.append(f"workers.gpus_per_worker {gpw!r} must be a number >= 0")
+    seed = d.get("seed")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        errors.append(f"seed {seed!r} must be an integer")
+    storage = d.get("storage")
+    if storage is not None and not (isinstance(storage, str) and "://" in storage):
+        errors.append(f"storage {storage!r} must be an Optuna storage URL (sqlite:///..., postgresql://...) or null")
+
+    if errors:
+        raise CampaignError(f"{source}: " + "; ".join(errors))
+    return Campaign(
+        name=name, base_model=base, models=tuple(models), method=str(method_name),
+        granularity=gran, params=params, split_attn_mlp=bool(split), sampler=str(sampler),
+        objectives={k: float(v) for k, v in objectives.items()}, suite=ev["suite"], limit=limit,
+        stage1=stage1, data_dir=ev.get("data_dir"), allow_test=bool(ev.get("allow_test")),
+        num_fewshot=int(ev.get("num_fewshot", 3)), trials=trials,
+        timeout=float(timeout) if timeout else None, workers=count, gpus_per_worker=float(gpw),
+        ray_address=d["ray"].get("address"), storage=storage, seed=seed, source_file=source, raw=dict(data),
+    )
+
+
+def load_campaign(path: str | Path) -> Campaign:
+    p = Path(path)
+    if not p.is_file():
+        raise CampaignError(f"campaign file {str(p)!r} not found: create one with `brmerge init`")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise CampaignError(f"{p}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    return parse_campaign(data, source=str(p))

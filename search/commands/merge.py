@@ -1,0 +1,41 @@
+"""``brmerge merge RECIPE.yaml --out DIR``: one mergekit-compatible recipe to a model folder."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+HELP = "merge models with a mergekit-compatible recipe into a Hugging Face model folder"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", type=Path, help="recipe YAML (mergekit format; see docs/methods.md)")
+    p.add_argument("--out", required=True, type=Path, help="output model folder (created atomically)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="where tensors are merged; auto uses CUDA when present (default: auto)")
+    p.add_argument("--shard-size", default="5GB", help="largest weights shard, e.g. 5GB, 500MB (default: 5GB)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="also read pickle checkpoints (.bin); pickle can run code, so only for trusted models")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="accept models whose config asks for custom code (the merge never runs it)")
+    p.add_argument("--seed", type=int, default=None, help="seed for DARE/DELLA masks (overrides the recipe's)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from merge_core.materialize import merge_to_disk
+    from merge_core.recipe import Recipe
+
+    recipe = Recipe.from_file(args.recipe)
+    text = args.recipe.read_text(encoding="utf-8")
+    if args.seed is not None:
+        recipe = replace(recipe, seed=args.seed)
+        text = recipe.to_yaml()
+    summary = merge_to_disk(recipe, args.out, device=args.device, shard_size=args.shard_size,
+                            allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
+                            overwrite=args.overwrite, progress=not args.quiet, recipe_text=text)
+    print(summary.line())
+    return 0

@@ -1,0 +1,170 @@
+"""Export a trial: stream its merge to disk, prove it is the model that was searched by
+re-scoring it on dev, score the held-out test split, and write the model card.
+
+The dev re-score must equal the trial's score exactly (same weights, same evaluator, same
+device type); otherwise nothing is exported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from search import driver as D
+from search.campaign import Campaign, load_campaign
+from search.status import baselines, best_trials, load_study, scalar
+
+
+class ExportError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    out_dir: Path
+    trial: int
+    dev_score: float
+    test_score: float | None
+    rows: list[dict[str, Any]]      # exported model and baselines: name, dev, test, per-domain
+
+
+def pick_trial(study: optuna.Study, number: int | None) -> optuna.trial.FrozenTrial:
+    if number is None:
+        best = best_trials(study, 1)
+        if not best:
+            raise ExportError("no completed trial to export yet: run `brmerge search` first")
+        return best[0]
+    trials = study.get_trials(deepcopy=False)
+    if not 0 <= number < len(trials):
+        raise ExportError(f"--trial {number} does not exist: trials are 0..{len(trials) - 1}")
+    t = trials[number]
+    if t.state != optuna.trial.TrialState.COMPLETE:
+        raise ExportError(f"trial {number} is {t.state.name}, not COMPLETE: only fully scored trials "
+                          "can be exported (see `brmerge status`)")
+    return t
+
+
+def _evaluators(campaign: Campaign, tokenizer: Any):
+    from evals.harness import Evaluator
+
+    source = "sample" if campaign.suite == "sample" else "data"
+    domains = [d for d, w in campaign.objectives.items() if w > 0] if not campaign.multi_objective \
+        else list(campaign.objectives)
+    common = dict(source=source, data_dir=campaign.data_dir, domains=domains,
+                  num_fewshot=campaign.num_fewshot, limit=campaign.limit)
+    dev = Evaluator.for_suite(tokenizer, split="dev", purpose="search", **common)
+    test = Evaluator.for_suite(tokenizer, split="test", purpose="report", **common)
+    return dev, test
+
+
+def _score(evaluator, model, campaign: Campaign) -> tuple[float, dict[str, float]]:
+    from evals.fitness import weighted_score
+
+    res = evaluator.evaluate(model)
+    weights = {d: w for d, w in campaign.objectives.items() if w > 0}
+    return weighted_score(res, weights=weights), {m.domain: m.acc for m in res.tasks.values()}
+
+
+def export_trial(directory: Path, *, out: Path, trial: int | None = None, device: str = "auto",
+                 shard_size: str = "5GB", overwrite: bool = False, progress: bool = True,
+                 log=print) -> ExportResult:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from merge_core.devices import resolve_device
+    from merge_core.materialize import merge_to_disk
+    from merge_core.recipe import Recipe
+    from merge_core.resident import ResidentModels
+
+    directory = Path(directory)
+    out = Path(out).resolve()
+    if out.exists() and not overwrite:
+        raise ExportError(f"{out} exists: choose another --out or pass --overwrite")
+    study = load_study(directory)
+    campaign = load_campaign(directory / "campaign.yaml")
+    chosen = pick_trial(study, trial)
+    recipe_yaml = chosen.user_attrs.get(D.A_RECIPE)
+    if not recipe_yaml:
+        raise ExportError(f"trial {chosen.number} has no recipe attribute: was it written by brmerge search?")
+    recipe = Recipe.from_yaml(recipe_yaml)
+    dev_device = resolve_device(device)
+
+    staging = out.parent / f".{out.name}.export-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    log(f"exporting trial {chosen.number} (dev score {scalar(chosen):.4f}) to {out}")
+    merge_to_disk(recipe, staging, device=str(dev_device), shard_size=shard_size, progress=progress,
+                  recipe_text=recipe_yaml)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(staging))
+        # the workers score a float32 module; so does the proof
+        model = AutoModelForCausalLM.from_pretrained(str(staging), dtype=torch.float32).to(dev_device).eval()
+        dev_eval, test_eval = _evaluators(campaign, tokenizer)
+        dev, dev_domains = _score(dev_eval, model, campaign)
+        expected = float(chosen.user_attrs.get(D.A_SCORE, chosen.values[0]))
+        if dev != expected:
+            raise ExportError(f"re-scoring the exported model on dev gave {dev!r}, the trial scored {expected!r}: "
+                              "the export does not reproduce the searched model (different device type or "
+                              "library versions?); nothing was exported")
+        log(f"dev re-score {dev:.6f} equals trial {chosen.number}'s score: the export is the searched model")
+        test, test_domains = _score(test_eval, model, campaign)
+        rows = [{"name": f"exported (trial {chosen.number})", "trial": chosen.number, "dev": dev,
+                 "test": test, "dev_domains": dev_domains, "test_domains": test_domains}]
+        del model
+        base_trials = baselines(study)
+        if base_trials:
+            resident = ResidentModels(campaign.base_model, list(campaign.models), device=dev_device)
+            live = resident.load_module()
+            for name, t in base_trials.items():
+                resident.materialize(Recipe.from_yaml(t.user_attrs[D.A_RECIPE]), live)
+                b_test, b_test_domains = _score(test_eval, live, campaign)
+                rows.append({"name": name, "trial": t.number, "dev": scalar(t), "test": b_test,
+                             "dev_domains": {d: v["acc"] for d, v in t.user_attrs.get(D.A_DOMAINS, {}).items()},
+                             "test_domains": b_test_domains})
+        _write_card(staging, campaign, study, chosen, rows)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    record = {"trial": chosen.number, "out": str(out), "rows": rows, "time": time.time()}
+    exports = directory / "exports.json"
+    history = json.loads(exports.read_text()) if exports.is_file() else []
+    exports.write_text(json.dumps(history + [record], indent=2))
+    return ExportResult(out_dir=out, trial=chosen.number, dev_score=dev, test_score=test, rows=rows)
+
+
+def _write_card(folder: Path, campaign: Campaign, study: optuna.Study, chosen: optuna.trial.FrozenTrial,
+                rows: list[dict[str, Any]]) -> None:
+    from merge_core.provenance import PROVENANCE_FILE, write_model_card
+
+    prov = json.loads((folder / PROVENANCE_FILE).read_text())
+    finished = len(D.finished_trials(study))
+    search = {"campaign": campaign.name, "trial": chosen.number, "method": campaign.method,
+              "sampler": campaign.sampler, "granularity": campaign.granularity,
+              "budget_trials": campaign.trials, "trials_finished": finished,
+              "objectives": dict(campaign.objectives), "eval_suite": campaign.suite,
+              "eval_limit": campaign.limit, "scores": rows}
+    prov.setdefault("extra", {})["search"] = search
+    domains = [d for d in campaign.objectives]
+    table = ["| model | dev score | test score | " + " | ".join(f"{d} dev / test" for d in domains) + " |",
+             "| --- | --- | --- | " + " | ".join("---" for _ in domains) + " |"]
+    for r in rows:
+        cells = [r["name"], f"{r['dev']:.4f}", f"{r['test']:.4f}" if r["test"] is not None else "-"]
+        cells += [f"{r['dev_domains'].get(d, float('nan')):.3f} / {r['test_domains'].get(d, float('nan')):.3f}"
+                  for d in domains]
+        table.append("| " + " | ".join(cells) + " |")
+    split_note = ("the shipped sample suite" if campaign.suite == "sample"
+                  else "the PT-BR exam suites")
+    body = (f"Found by a brmerge search campaign `{campaign.name}`: {campaign.sampler} sampler over per-"
+            f"{campaign.granularity} coefficients of `{campaign.method}`, {finished} of {campaign.trials} "
+            f"trials, trial {chosen.number} selected on the dev split of {split_note}. Test scores are "
+            "held-out items never used by the search. Baselines: the uniform merge (equal weights, "
+            "default density) and each fine-tune alone.\n\n" + "\n".join(table))
+    write_model_card(folder, prov, extra_sections=[("Search and scores", body)])

@@ -1,0 +1,161 @@
+"""The resident evaluator: determinism, live reuse, the test-split guard, lm-eval parity."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks_ptbr.lm_eval_tasks import TASKS_DIR
+from benchmarks_ptbr.suite import load_suite
+from evals.harness import Evaluator
+
+
+def _probs(result):
+    return [i.gold_prob for i in result.items]
+
+
+def test_result_shape_and_determinism(tiny_lm):
+    model, tok = tiny_lm
+    first = Evaluator.for_suite(tok, split="dev", source="sample", limit=5)
+    second = Evaluator.for_suite(tok, split="dev", source="sample", limit=5)
+    a, b = first.evaluate(model), second.evaluate(model)
+    assert list(a.tasks) == ["ptbr_sample_legal_dev", "ptbr_sample_health_dev",
+                             "ptbr_sample_enem_dev"]
+    for name, m in a.tasks.items():
+        assert m.n == 5 and 0.0 <= m.acc <= 1.0 and 0.0 < m.gold_prob < 1.0
+        items = [i for i in a.items if i.task == name]
+        assert m.acc == pytest.approx(sum(i.correct for i in items) / 5)
+        assert m.gold_prob == pytest.approx(sum(i.gold_prob for i in items) / 5)
+    assert [(i.task, i.id, i.pred) for i in a.items] == [(i.task, i.id, i.pred) for i in b.items]
+    assert _probs(a) == _probs(b)
+    assert all(i.correct == (i.pred == i.gold) for i in a.items)
+    assert a.skipped["ptbr_sample_legal_dev"]["fewshot"] == 3
+
+
+def test_reuse_after_in_place_weight_change(tiny_lm):
+    model, tok = tiny_lm
+    evaluator = Evaluator.for_suite(tok, split="dev", source="sample", limit=4)
+    before = evaluator.evaluate(model)
+    head = model.get_output_embeddings().weight
+    saved = head.detach().clone()
+    with torch.no_grad():
+        head.add_(torch.randn(head.shape, generator=torch.Generator().manual_seed(0)))
+    try:
+        changed = evaluator.evaluate(model)
+        assert _probs(changed) != _probs(before)
+    finally:
+        with torch.no_grad():
+            head.copy_(saved)
+    assert _probs(evaluator.evaluate(model)) == _probs(before)
+
+
+def test_batching_and_prefix_sharing_do_not_change_scores(long_lm):
+    model, tok = long_lm
+    suite = load_suite(split="dev", source="sample", domains=["enem", "legal"], limit=6)
+    shared = Evaluator(tok, suite)
+    batched = shared.evaluate(model)
+    groups = next(iter(shared._groups.values()))
+    assert all(g.prefix is not None and g.prefix.shape[1] > 100 for g in groups)
+    single = Evaluator(tok, suite, max_batch=1, share_prefix=False).evaluate(model)
+    assert [i.pred for i in batched.items] == [i.pred for i in single.items]
+    assert np.allclose(_probs(batched), _probs(single), atol=1e-5)
+
+
+def test_search_evaluator_refuses_test_split(tiny_lm):
+    _, tok = tiny_lm
+    with pytest.raises(ValueError, match="refusing to score the test split for search"):
+        Evaluator.for_suite(tok, split="test", source="sample")
+    suite = load_suite(split="test", source="sample", domains=["legal"], limit=2)
+    with pytest.raises(ValueError, match="allow_test=True"):
+        Evaluator(tok, suite)
+    assert Evaluator(tok, suite, allow_test=True).suite.split == "test"
+    assert Evaluator(tok, suite, purpose="report").suite.split == "test"
+    with pytest.raises(ValueError, match="purpose='tune'"):
+        Evaluator(tok, suite, purpose="tune")
+
+
+def _lm_eval_run(model, tok, suite, *, metadata):
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    # lm-eval scores the task's full item list; ``samples`` picks the evaluator's subset.
+    full = load_suite(split=suite.split, source=suite.source, data_dir=suite.data_dir,
+                      domains=[t.domain for t in suite.tasks])
+    samples = {}
+    for task in suite.tasks:
+        ids = [i.id for i in full.task(task.name).items]
+        samples[task.name] = [ids.index(i.id) for i in task.items]
+    tm = TaskManager(include_path=str(TASKS_DIR), include_defaults=False, metadata=metadata)
+    lm = HFLM(pretrained=model, tokenizer=tok, batch_size=4)
+    return lm_eval.simple_evaluate(model=lm, tasks=list(samples), task_manager=tm,
+                                   samples=samples, log_samples=True, verbosity="ERROR")
+
+
+def _check_parity(ours, theirs):
+    for name, metrics in ours.tasks.items():
+        assert theirs["results"][name]["acc,none"] == pytest.approx(metrics.acc)
+        by_id = {i.id: i for i in ours.items if i.task == name}
+        assert len(theirs["samples"][name]) == metrics.n
+        for sample in theirs["samples"][name]:
+            lls = np.array([float(r[0]) for r in sample["filtered_resps"]])
+            mine = by_id[sample["doc"]["id"]]
+            assert sample["doc"]["choices"][int(np.argmax(lls))] == mine.pred
+            gold = sample["doc"]["choices"].index(sample["doc"]["answer"])
+            probs = np.exp(lls - lls.max()) / np.exp(lls - lls.max()).sum()
+            assert probs[gold] == pytest.approx(mine.gold_prob, abs=1e-4)
+
+
+def test_accuracy_equals_lm_eval_on_sample(long_lm):
+    model, tok = long_lm  # untruncated prompts: the shared-prefix path
+    suite = load_suite(split="dev", source="sample", domains=["legal", "enem"], limit=4)
+    ours = Evaluator(tok, suite).evaluate(model)
+    _check_parity(ours, _lm_eval_run(model, tok, suite, metadata={}))
+
+
+def test_accuracy_equals_lm_eval_on_shared_data(tiny_lm, data_dir):
+    model, tok = tiny_lm  # 512-token window: prompts are left-truncated as lm-eval does
+    suite = load_suite(split="test", source="data", data_dir=data_dir,
+                       domains=["health", "healthbench"], limit=3)
+    ours = Evaluator(tok, suite, purpose="report").evaluate(model)
+    _check_parity(ours, _lm_eval_run(model, tok, suite, metadata={"data_dir": str(data_dir)}))
+
+
+def test_letters_split_into_space_and_letter_tokens(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.tiny import llama_config, make_llama, make_tokenizer
+
+    # 259 = 256 byte tokens + 3 specials: no merges, so " A" is two tokens (" ", "A").
+    make_tokenizer(tmp_path / "tok", vocab_size=259)
+    config = llama_config(vocab_size=259)
+    config.max_position_embeddings = 4096
+    path = make_llama(tmp_path / "m", config=config, tokenizer_dir=tmp_path / "tok")
+    tok = AutoTokenizer.from_pretrained(str(path))
+    model = AutoModelForCausalLM.from_pretrained(str(path)).eval()
+    assert len(tok(" A", add_special_tokens=False)["input_ids"]) == 2
+    suite = load_suite(split="dev", source="sample", domains=["legal"], limit=3)
+    evaluator = Evaluator(tok, suite)
+    space = tok(" ", add_special_tokens=False)["input_ids"]
+    for request in evaluator.requests:
+        assert list(request.prefix[-1:]) == space  # the shared " " moved into the prefix
+        assert [tok.decode([t]) for t in request.letter_tokens] == ["A", "B", "C", "D"]
+    shared = evaluator.evaluate(model)
+    plain = Evaluator(tok, suite, share_prefix=False, max_batch=1).evaluate(model)
+    assert [i.pred for i in shared.items] == [i.pred for i in plain.items]
+    assert np.allclose(_probs(shared), _probs(plain), atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu(long_lm):
+    model, tok = long_lm
+    suite = load_suite(split="dev", source="sample", limit=4)
+    evaluator = Evaluator(tok, suite)
+    cpu = evaluator.evaluate(model)
+    try:
+        cuda = evaluator.evaluate(model.to("cuda"))
+    finally:
+        model.to("cpu")
+    assert [i.pred for i in cuda.items] == [i.pred for i in cpu.items]
+    assert np.allclose(_probs(cuda), _probs(cpu), atol=1e-3)

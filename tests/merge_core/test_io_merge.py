@@ -1,0 +1,262 @@
+"""Streaming merges to disk: sharding, loading back, atomic output, errors, randomized
+reproducibility, the CLI, and the resident API."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from merge_core.io import OutputTensor, ShardedWriter, TensorReader, load_state, parse_size, weight_files
+from merge_core.materialize import iter_merged, merge_to_disk, prepare, resolve_sources
+from merge_core.recipe import Recipe
+from merge_core.resident import ResidentModels
+
+
+def _recipe(zoo, method="ties", **extra) -> Recipe:
+    data = {
+        "merge_method": method, "base_model": str(zoo["base"]),
+        "models": [{"model": str(zoo["ft_a"]), "parameters": {"weight": 0.6, "density": 0.5}},
+                   {"model": str(zoo["ft_b"]), "parameters": {"weight": [0.2, 0.9], "density": 0.7}}],
+    }
+    data.update(extra)
+    return Recipe.from_dict(data)
+
+
+def test_parse_size():
+    assert parse_size("5GB") == 5 * 10**9
+    assert parse_size("2GiB") == 2 << 30
+    assert parse_size("300kb") == 300_000
+    assert parse_size(1234) == 1234
+    with pytest.raises(ValueError, match="not a size"):
+        parse_size("lots")
+
+
+def test_sharded_output_loads_with_transformers(tiny_zoo, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "merged"
+    summary = merge_to_disk(_recipe(tiny_zoo), out, device="cpu", shard_size="20KB", progress=False)
+    shards = sorted(out.glob("model-*.safetensors"))
+    assert len(shards) > 3
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == {s.name for s in shards}
+    assert summary.tensors == len(index["weight_map"])
+    model = AutoModelForCausalLM.from_pretrained(str(out))
+    tok = AutoTokenizer.from_pretrained(str(out))
+    ids = tok("Resposta correta:", return_tensors="pt").input_ids
+    assert torch.isfinite(model(ids).logits).all()
+    merged = load_state(out)
+    for name, p in model.state_dict().items():
+        if name in merged:
+            assert torch.equal(p, merged[name])
+    assert (out / "mergekit_config.yml").is_file() and (out / "README.md").is_file()
+    assert (out / "brmerge_provenance.json").is_file()
+
+
+def test_sharding_does_not_change_values(tiny_zoo, tmp_path):
+    merge_to_disk(_recipe(tiny_zoo), tmp_path / "one", device="cpu", progress=False)
+    merge_to_disk(_recipe(tiny_zoo), tmp_path / "many", device="cpu", shard_size="10KB", progress=False)
+    a, b = load_state(tmp_path / "one"), load_state(tmp_path / "many")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_writer_leaves_nothing_when_interrupted(tmp_path):
+    outs = [OutputTensor(f"t{i}", (4, 4), torch.float32) for i in range(5)]
+    with pytest.raises(RuntimeError, match="boom"):
+        with ShardedWriter(tmp_path / "out", outs, max_shard_bytes=100) as w:
+            w.write("t0", torch.zeros(4, 4))
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_output_is_refused_then_replaced(tiny_zoo, tmp_path):
+    out = tmp_path / "merged"
+    merge_to_disk(_recipe(tiny_zoo), out, device="cpu", progress=False)
+    with pytest.raises(ValueError, match="--overwrite"):
+        merge_to_disk(_recipe(tiny_zoo), out, device="cpu", progress=False)
+    merge_to_disk(_recipe(tiny_zoo, "task_arithmetic"), out, device="cpu", progress=False, overwrite=True)
+    assert "task_arithmetic" in (out / "mergekit_config.yml").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
+
+
+@pytest.mark.parametrize("method", ["dare_ties", "dare_linear", "della", "della_linear"])
+def test_randomized_merges_are_reproducible_in_any_order(method, tiny_zoo):
+    recipe = _recipe(tiny_zoo, method, seed=5)
+    sources = resolve_sources(recipe)
+    plan = prepare(recipe, sources)
+    readers = {r: TensorReader(s.weight_files) for r, s in sources.items()}
+
+    def fetch(ref, name):
+        return readers[ref].get(name)
+
+    forward = {tp.name: t for tp, t in iter_merged(plan, fetch)}
+    backward_plan = type(plan)(**{**plan.__dict__, "tensors": tuple(reversed(plan.tensors))})
+    backward = {tp.name: t for tp, t in iter_merged(backward_plan, fetch, prefetch=False)}
+    assert all(torch.equal(forward[k], backward[k]) for k in forward)
+    other = prepare(_recipe(tiny_zoo, method, seed=6), sources)
+    reseeded = {tp.name: t for tp, t in iter_merged(other, fetch)}
+    assert any(not torch.equal(forward[k], reseeded[k]) for k in forward)
+
+
+def test_incompatible_models_fail_before_any_work(tiny_zoo, tmp_path):
+    from tests.tiny import llama_config, make_llama
+
+    wide = make_llama(tmp_path / "wide", config=llama_config(hidden=48), tokenizer_dir=tiny_zoo["tokenizer"])
+    recipe = Recipe.from_dict({"merge_method": "linear", "models": [
+        {"model": str(tiny_zoo["base"]), "parameters": {"weight": 0.5}},
+        {"model": str(wide), "parameters": {"weight": 0.5}}]})
+    with pytest.raises(ValueError) as err:
+        merge_to_disk(recipe, tmp_path / "out", device="cpu", progress=False)
+    assert "wide" in str(err.value)
+    assert not (tmp_path / "out").exists()
+
+
+def _cli(*args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "search", *args], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[2], **kw)
+
+
+def test_cli_merge_prints_summary(tiny_zoo, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(_recipe(tiny_zoo).to_yaml())
+    res = _cli("merge", str(recipe), "--out", str(tmp_path / "m"), "--device", "cpu", "--shard-size", "30KB")
+    assert res.returncode == 0, res.stderr
+    line = res.stdout.strip().splitlines()[-1]
+    assert line.startswith("merged ") and " tensors, " in line and " s on cpu" in line
+    assert (tmp_path / "m" / "config.json").is_file()
+
+
+def test_cli_errors_are_one_line(tiny_zoo, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("merge_method: tiez\nmodels: [{model: x}]\n")
+    res = _cli("merge", str(bad), "--out", str(tmp_path / "m"))
+    assert res.returncode == 2
+    assert res.stderr.count("\n") == 1 and "did you mean 'ties'" in res.stderr
+    missing = _cli("merge", str(tmp_path / "nope.yaml"), "--out", str(tmp_path / "m"))
+    assert missing.returncode == 2 and "not found" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_cli_refuses_pickle_without_flag(tiny_zoo, tmp_path):
+    pick = tmp_path / "pickled"
+    pick.mkdir()
+    state = load_state(tiny_zoo["ft_a"])
+    torch.save(state, pick / "pytorch_model.bin")
+    (pick / "config.json").write_text((tiny_zoo["ft_a"] / "config.json").read_text())
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"merge_method": "linear", "models": [
+        {"model": str(tiny_zoo["base"]), "parameters": {"weight": 0.5}},
+        {"model": str(pick), "parameters": {"weight": 0.5}}]}))
+    res = _cli("merge", str(recipe), "--out", str(tmp_path / "m"), "--device", "cpu")
+    assert res.returncode == 2 and "--allow-pickle" in res.stderr
+    ok = _cli("merge", str(recipe), "--out", str(tmp_path / "m"), "--device", "cpu", "--allow-pickle")
+    assert ok.returncode == 0, ok.stderr
+    merged = load_state(tmp_path / "m")
+    base = load_state(tiny_zoo["base"])
+    name = "model.layers.0.mlp.up_proj.weight"
+    torch.testing.assert_close(merged[name], (base[name] + state[name]) / 2)
+
+
+def test_killed_merge_leaves_nothing_that_looks_finished(tmp_path):
+    """SIGKILL in the middle of a merge: no folder under the output name."""
+    from perf._common import write_synthetic_llama
+
+    dims = dict(hidden=256, layers=6, intermediate=704, vocab=2000)
+    base = write_synthetic_llama(tmp_path / "base", seed=0, base=None, **dims)
+    ft = write_synthetic_llama(tmp_path / "ft", seed=1, base=base, **dims)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"merge_method": "ties", "base_model": str(base), "models": [
+        {"model": str(ft), "parameters": {"weight": 1.0, "density": 0.3}}]}))
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "search", "merge", str(recipe), "--out", str(out),
+                             "--device", "cpu", "--shard-size", "200KB"],
+                            cwd=Path(__file__).resolve().parents[2], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while time.time() < deadline and not any(p.name.startswith(".out.partial") and any(p.iterdir())
+                                             for p in tmp_path.iterdir()):
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not out.exists()
+    partial = [p for p in tmp_path.iterdir() if p.name.startswith(".out.partial")]
+    assert partial and not (partial[0] / "config.json").exists()
+
+
+def test_resident_materialize_equals_disk_merge(tiny_zoo, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    resident = ResidentModels(str(tiny_zoo["base"]), [str(tiny_zoo["ft_a"]), str(tiny_zoo["ft_b"])],
+                              device="cpu")
+    module = resident.load_module()
+    for method in ("ties", "dare_ties", "linear", "della"):
+        extra = {"seed": 3}
+        if method == "linear":
+            recipe = Recipe.from_dict({"merge_method": "linear", "models": [
+                {"model": str(tiny_zoo["ft_a"]), "parameters": {"weight": 0.3}},
+                {"model": str(tiny_zoo["ft_b"]), "parameters": {"weight": 0.7}}]})
+        else:
+            recipe = _recipe(tiny_zoo, method, **extra)
+        assert resident.materialize(recipe, module) == 0
+        out = tmp_path / method
+        merge_to_disk(recipe, out, device="cpu", progress=False)
+        loaded = AutoModelForCausalLM.from_pretrained(str(out))
+        live = module.state_dict()
+        for name, p in loaded.state_dict().items():
+            assert torch.equal(live[name], p), (method, name)
+
+
+def test_resident_counts_non_finite_values(tiny_zoo):
+    resident = ResidentModels(str(tiny_zoo["base"]), [str(tiny_zoo["ft_a"])], device="cpu")
+    module = resident.load_module()
+    recipe = Recipe.from_dict({"merge_method": "task_arithmetic", "base_model": str(tiny_zoo["base"]),
+                               "models": [{"model": str(tiny_zoo["ft_a"]), "parameters": {"weight": 1e39}}]})
+    assert resident.materialize(recipe, module) > 0
+
+
+def test_resident_refuses_unknown_models(tiny_zoo):
+    resident = ResidentModels(str(tiny_zoo["base"]), [str(tiny_zoo["ft_a"])], device="cpu")
+    with pytest.raises(ValueError, match="resident models"):
+        resident.plan(_recipe(tiny_zoo))
+
+
+@pytest.mark.gpu
+def test_cuda_merge_matches_cpu(tiny_zoo, tmp_path):
+    for method in ("ties", "dare_ties", "della"):
+        recipe = _recipe(tiny_zoo, method, seed=1)
+        merge_to_disk(recipe, tmp_path / f"cpu-{method}", device="cpu", progress=False)
+        merge_to_disk(recipe, tmp_path / f"gpu-{method}", device="cuda", progress=False)
+        a, b = load_state(tmp_path / f"cpu-{method}"), load_state(tmp_path / f"gpu-{method}")
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+def test_cuda_random_masks_are_bit_identical_to_cpu():
+    from merge_core import rng
+
+    cpu = rng.uniform((257, 1031), seed=rng.derive_seed(3, "w"))
+    gpu = rng.uniform((257, 1031), seed=rng.derive_seed(3, "w"), device="cuda").cpu()
+    assert torch.equal(cpu, gpu)
+
+
+@pytest.mark.gpu
+def test_resident_on_cuda(tiny_zoo):
+    resident = ResidentModels(str(tiny_zoo["base"]), [str(tiny_zoo["ft_a"]), str(tiny_zoo["ft_b"])],
+                              device="cuda")
+    module = resident.load_module()
+    assert resident.materialize(_recipe(tiny_zoo), module) == 0
+    assert next(module.parameters()).device.type == "cuda"
+
+
+def test_weight_files_of_output(tiny_zoo, tmp_path):
+    merge_to_disk(_recipe(tiny_zoo), tmp_path / "m", device="cpu", progress=False)
+    assert [p.name for p in weight_files(tmp_path / "m")] == ["model.safetensors"]

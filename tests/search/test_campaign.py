@@ -1,0 +1,108 @@
+"""Campaign files and the genome <-> recipe mapping (no Ray, no models)."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from merge_core.checks import TensorInfo
+from merge_core.plan import build_plan
+from search.campaign import TEMPLATE, CampaignError, parse_campaign
+from search.genome import GenomeSpace
+
+
+def _campaign(**over):
+    data = {"name": "c", "base_model": "base", "models": ["a", "b"], "method": "ties",
+            "eval": {"suite": "sample", "limit": 8}}
+    data.update(over)
+    return parse_campaign(data)
+
+
+def test_template_names_every_key_and_only_needs_models():
+    data = yaml.safe_load(TEMPLATE)
+    with pytest.raises(CampaignError) as err:
+        parse_campaign(data)
+    assert "base_model" in str(err.value) and "placeholders" in str(err.value)
+    data.update(base_model="base", models=["a", "b"])
+    c = parse_campaign(data)
+    assert c.method == "dare_ties" and c.sampler == "cmaes" and c.stage1 == 50 and c.limit == 200
+
+
+def test_all_errors_reported_at_once():
+    with pytest.raises(CampaignError) as err:
+        parse_campaign({"name": "bad name!", "base_model": "b", "models": ["a"], "method": "tie",
+                        "sampler": "cma", "objectives": {"legl": 1}, "search": {"granularity": "blocks:2",
+                        "params": {"wieght": [0, 1]}}, "budget": {"trials": 0}, "workerz": {}})
+    msg = str(err.value)
+    for fragment in ("name", "did you mean 'ties'", "sampler 'cma'", "did you mean 'legal'",
+                     "granularity", "budget.trials", "unknown key 'workerz'"):
+        assert fragment in msg, fragment
+    assert "\n" not in msg
+
+
+def test_test_split_refused_for_search_unless_allowed():
+    with pytest.raises(CampaignError, match="held-out"):
+        _campaign(eval={"suite": "test"})
+    assert _campaign(eval={"suite": "test", "allow_test": True}).suite == "test"
+
+
+def test_param_ranges_validated_against_the_method():
+    with pytest.raises(CampaignError, match="no per-model parameter 'epsilon'"):
+        _campaign(search={"params": {"weight": [0, 1], "epsilon": [0.1, 0.2]}})
+    with pytest.raises(CampaignError, match="within"):
+        _campaign(search={"params": {"weight": [0, 1], "density": [0.5, 1.5]}})
+    assert _campaign(method="della", search={"params": {"weight": [0, 1], "epsilon": [0.05, 0.1]}})
+
+
+def _infos(layers=6):
+    names = {"model.embed_tokens.weight": (10, 4), "model.norm.weight": (4,), "lm_head.weight": (10, 4)}
+    for i in range(layers):
+        names[f"model.layers.{i}.self_attn.q_proj.weight"] = (4, 4)
+        names[f"model.layers.{i}.mlp.up_proj.weight"] = (8, 4)
+        names[f"model.layers.{i}.input_layernorm.weight"] = (4,)
+    return {n: TensorInfo(shape=s, dtype="F32") for n, s in names.items()}
+
+
+@pytest.mark.parametrize("granularity, groups", [("layer", 6), ("block:4", 2), ("global", 1)])
+def test_genome_maps_to_per_layer_recipe(granularity, groups):
+    c = _campaign(search={"granularity": granularity, "params": {"weight": [0, 2], "density": [0.1, 1]}})
+    space = GenomeSpace(c, 6)
+    names = space.param_names()
+    assert len(names) == 2 * 2 * groups
+    params = {n: (i % 7) / 7 + 0.1 for i, n in enumerate(names)}
+    recipe = space.to_recipe(params)
+    infos = {m: _infos() for m in ("base", "a", "b")}
+    plan = build_plan(recipe, infos=infos, configs={m: {"num_hidden_layers": 6} for m in infos})
+    size = {"layer": 1, "block:4": 4, "global": 6}[granularity]
+    for tp in plan.tensors:
+        if tp.layer is None:
+            continue
+        group = {"layer": f"L{tp.layer:02d}", "block:4": f"B{tp.layer // 4:02d}", "global": "all"}[granularity]
+        assert tp.models[0]["weight"] == pytest.approx(params[f"m0.weight.{group}"])
+        assert tp.models[1]["density"] == pytest.approx(params[f"m1.density.{group}"])
+    assert size
+
+
+def test_split_attention_and_mlp():
+    c = _campaign(search={"granularity": "layer", "split_attn_mlp": True, "params": {"weight": [0, 1]}})
+    space = GenomeSpace(c, 6)
+    params = {n: (0.9 if ".attn." in n else 0.2) for n in space.param_names()}
+    plan = build_plan(space.to_recipe(params), infos={m: _infos() for m in ("base", "a", "b")},
+                      configs={m: {"num_hidden_layers": 6} for m in ("base", "a", "b")})
+    for tp in plan.tensors:
+        if "self_attn" in tp.name:
+            assert tp.models[0]["weight"] == pytest.approx(0.9)
+        elif "mlp" in tp.name:
+            assert tp.models[0]["weight"] == pytest.approx(0.2)
+        elif tp.layer is not None:
+            assert tp.models[0]["weight"] == pytest.approx(0.55)
+
+
+def test_baselines_uniform_first_then_each_model_alone():
+    c = _campaign(search={"params": {"weight": [0, 2], "density": [0.1, 1.0]}})
+    base = GenomeSpace(c, 6).baselines()
+    assert [name for name, _ in base] == ["uniform", "model:a", "model:b"]
+    uniform = base[0][1]
+    assert all(v == 1.0 for k, v in uniform.items())
+    alone = base[1][1]
+    assert alone["m0.weight.L00"] == 1.0 and alone["m1.weight.L03"] == 0.0 and alone["m1.density.L03"] == 1.0

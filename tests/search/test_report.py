@@ -1,0 +1,245 @@
+"""``brmerge report`` and ``brmerge dashboard`` on studies built synthetically, as the driver
+would have written them (same parameter names and trial attributes), without models or Ray."""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+import yaml
+from matplotlib.image import imread
+
+from search import driver as D
+from search.campaign import load_campaign
+from search.commands import dashboard as dashboard_cmd
+from search.commands import report as report_cmd
+from search.genome import GenomeSpace
+from search.report import write_report
+
+REPO = Path(__file__).resolve().parents[2]
+LAYERS = 6
+DOMAINS = ("legal", "health", "enem")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def write_campaign(directory: Path, *, sampler: str = "cmaes", split: bool = False,
+                   granularity: str = "layer", name: str = "demo-ptbr") -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    cfg = {"name": name, "base_model": "org/base-7b", "models": ["org/legal-ft", "org/health-ft"],
+           "method": "ties", "sampler": sampler,
+           "search": {"granularity": granularity, "params": {"weight": [0.0, 1.0], "density": [0.1, 1.0]},
+                      "split_attn_mlp": split},
+           "objectives": {d: 1.0 for d in DOMAINS}, "budget": {"trials": 40}}
+    path = directory / "campaign.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def _domains(rng: np.random.Generator) -> dict[str, dict[str, float]]:
+    return {d: {"acc": float(rng.uniform(0.3, 0.7)), "gold_prob": float(rng.uniform(0.2, 0.6)), "n": 50}
+            for d in DOMAINS}
+
+
+def _attrs(rng: np.random.Generator, number: int, **extra) -> dict:
+    start = 1_700_000_000.0 + 30 * number
+    return {D.A_DIGEST: f"d{number:04d}", D.A_RECIPE: "merge_method: ties\n", D.A_WORKER: number % 2,
+            D.A_MATERIALIZE: 0.5, D.A_EVAL: 12.5, D.A_START: start, D.A_END: start + 13.0, **extra}
+
+
+def build_study(directory: Path, *, sampler: str = "cmaes", split: bool = False, n_search: int = 12,
+                pruned: int = 2, failed: int = 1, granularity: str = "layer") -> optuna.Study:
+    """A finished-looking campaign: baselines, searched, pruned, failed and interrupted trials."""
+    campaign = load_campaign(write_campaign(directory, sampler=sampler, split=split, granularity=granularity))
+    space = GenomeSpace(campaign, LAYERS)
+    multi = campaign.multi_objective
+    study = optuna.create_study(study_name=campaign.name, storage=campaign.storage_url(directory),
+                                directions=D.study_directions(campaign))
+    study.set_user_attr("campaign", json.loads(json.dumps(campaign.raw)))
+    study.set_user_attr("num_layers", LAYERS)
+    study.set_user_attr("objective_names", list(campaign.objectives) if multi else ["score"])
+    dists = space.distributions()
+    rng = np.random.default_rng(0)
+
+    def complete(params: dict, **extra) -> None:
+        domains = _domains(rng)
+        score = float(np.mean([v["acc"] for v in domains.values()]))
+        values = [domains[d]["acc"] for d in DOMAINS] if multi else [score]
+        attrs = _attrs(rng, len(study.trials), **{D.A_DOMAINS: domains, D.A_SCORE: score,
+                                                  D.A_STAGE1: score + 0.01, **extra})
+        study.add_trial(optuna.trial.create_trial(params=params, distributions=dists, values=values,
+                                                  user_attrs=attrs))
+
+    def random_params() -> dict:
+        return {n: float(rng.uniform(*space.bounds(n))) for n in space.param_names()}
+
+    for name, params in space.baselines():
+        complete(params, **{D.A_BASELINE: name})
+    for i in range(n_search):
+        complete(random_params())
+        if i < pruned:
+            study.add_trial(optuna.trial.create_trial(
+                params=random_params(), distributions=dists, state=optuna.trial.TrialState.PRUNED,
+                intermediate_values={0: 0.2}, user_attrs=_attrs(rng, len(study.trials), **{D.A_STAGE1: 0.2})))
+        if i < failed:
+            study.add_trial(optuna.trial.create_trial(
+                params=random_params(), distributions=dists, state=optuna.trial.TrialState.FAIL,
+                user_attrs={D.A_ERROR: "non-finite weights in model.layers.3.mlp.up_proj.weight"}))
+    # one interrupted trial: a FAIL the budget does not count (it was re-run)
+    study.add_trial(optuna.trial.create_trial(params=random_params(), distributions=dists,
+                                              state=optuna.trial.TrialState.FAIL,
+                                              user_attrs={D.A_INTERRUPTED: True}))
+    return study
+
+
+def assert_png(path: Path) -> None:
+    assert path.read_bytes()[:8] == PNG_SIGNATURE
+    image = imread(path)
+    assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 400
+
+
+def embedded_pngs(page: str) -> list[bytes]:
+    return [base64.b64decode(b) for b in re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)]
+
+
+def test_report_single_objective(tmp_path):
+    study = build_study(tmp_path / "camp")
+    report = write_report(tmp_path / "camp")
+    out = tmp_path / "camp" / "report"
+    assert report.html == out / "report.html"
+    names = {p.name for p in report.images}
+    assert names == {"history.png", "heatmap.png", "domains.png"}  # no Pareto front: one objective
+    for png in report.images:
+        assert_png(png)
+    page = report.html.read_text(encoding="utf-8")
+    # self-contained: every figure embedded, byte for byte, and nothing fetched from elsewhere
+    assert sorted(embedded_pngs(page)) == sorted(p.read_bytes() for p in report.images)
+    assert not re.search(r'(src|href)="(?!data:)', page)
+    assert "single-objective study" in page
+    # the table holds the best trial with its score and per-domain accuracy, and every baseline
+    best = max((t for t in study.trials if t.state.name == "COMPLETE"), key=lambda t: t.user_attrs[D.A_SCORE])
+    assert f"#{best.number}" in page and f"{best.user_attrs[D.A_SCORE]:.4f}" in page
+    assert f"{best.user_attrs[D.A_DOMAINS]['legal']['acc']:.3f}" in page
+    for name in ("baseline uniform", "baseline model:org/legal-ft", "baseline model:org/health-ft"):
+        assert name in page
+    # the facts count what the budget counts: the interrupted trial is not a failure
+    assert "<th>trials done</th><td>18 of 40</td>" in page  # 3 baselines, 12 searched, 2 pruned, 1 failed
+    assert "<th>pruned</th><td>2</td>" in page and "<th>failed</th><td>1</td>" in page
+    assert "non-finite weights in model.layers.3.mlp.up_proj.weight" in page
+
+
+def test_report_multi_objective_with_attn_mlp_split(tmp_path):
+    build_study(tmp_path / "camp", sampler="nsga2", split=True)
+    report = write_report(tmp_path / "camp", out=tmp_path / "elsewhere")
+    assert {p.name for p in report.images} == {"history.png", "heatmap.png", "pareto.png", "domains.png"}
+    assert all(p.parent == tmp_path / "elsewhere" for p in report.paths)
+    for png in report.images:
+        assert_png(png)
+    page = report.html.read_text(encoding="utf-8")
+    assert len(embedded_pngs(page)) == 4
+    assert "Pareto" in page and "multi-objective: legal, health, enem" in page
+
+
+def test_report_block_granularity_heatmap_expands_per_layer(tmp_path):
+    build_study(tmp_path / "camp", granularity="block:4", n_search=3)
+    report = write_report(tmp_path / "camp")
+    assert "heatmap.png" in {p.name for p in report.images}
+
+
+def test_report_empty_study_says_so(tmp_path, capsys):
+    campaign = load_campaign(write_campaign(tmp_path / "camp"))
+    optuna.create_study(study_name=campaign.name, storage=campaign.storage_url(tmp_path / "camp"))
+    code = report_cmd.run(argparse.Namespace(dir=tmp_path / "camp", out=None, top=10))
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "no completed trial yet" in printed
+    page = (tmp_path / "camp" / "report" / "report.html").read_text(encoding="utf-8")
+    assert "No completed trial yet" in page and "data:image/png" not in page
+
+
+def test_report_command_prints_paths(tmp_path, capsys):
+    build_study(tmp_path / "camp", n_search=3)
+    assert report_cmd.run(argparse.Namespace(dir=tmp_path / "camp", out=None, top=3)) == 0
+    printed = capsys.readouterr().out.split()
+    assert printed[-1].endswith("report.html") and all(Path(p).is_file() for p in printed)
+
+
+def test_report_errors_name_the_fix(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a campaign directory"):
+        write_report(tmp_path)
+    write_campaign(tmp_path / "camp")
+    with pytest.raises(FileNotFoundError, match="run `brmerge search"):
+        write_report(tmp_path / "camp")
+    assert not (tmp_path / "camp" / "study.db").exists()  # reporting never creates a study
+
+
+# -- dashboard ---------------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str) -> bytes | None:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.read()
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return None
+
+
+def test_dashboard_serves_the_study_on_loopback(tmp_path):
+    build_study(tmp_path / "camp", n_search=2)
+    port = _free_port()
+    code = ("import argparse, pathlib, sys; from search.commands import dashboard as d; "
+            f"sys.exit(d.run(argparse.Namespace(dir=pathlib.Path({str(tmp_path / 'camp')!r}), "
+            f"host='127.0.0.1', port={port})))")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        first = proc.stdout.readline()
+        assert first.strip() == f"optuna-dashboard: http://127.0.0.1:{port}"
+        body, deadline = None, time.monotonic() + 30
+        while body is None and time.monotonic() < deadline and proc.poll() is None:
+            body = _get(f"http://127.0.0.1:{port}/api/studies")
+            time.sleep(0.2) if body is None else None
+        assert body is not None, "optuna-dashboard did not answer within 30 s"
+        studies = json.loads(body)["studies"]
+        assert [s["study_name"] for s in studies] == ["demo-ptbr"]
+        assert b"<html" in (_get(f"http://127.0.0.1:{port}/dashboard") or b"").lower()
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_dashboard_refuses_a_directory_without_study(tmp_path):
+    write_campaign(tmp_path / "camp")
+    with pytest.raises(FileNotFoundError, match="no study yet"):
+        dashboard_cmd.run(argparse.Namespace(dir=tmp_path / "camp", host="127.0.0.1", port=_free_port()))
+
+
+def test_dashboard_defaults_to_loopback():
+    parser = argparse.ArgumentParser()
+    dashboard_cmd.add_arguments(parser)
+    args = parser.parse_args(["somewhere"])
+    assert (args.host, args.port) == ("127.0.0.1", 8080)
