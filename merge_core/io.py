@@ -15,15 +15,15 @@ import os
 import shutil
 import struct
 import tempfile
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import warnings
-
 import torch
 
 from merge_core.errors import MergeError
+from merge_core.sources import read_safetensors_header
 
 # Tensors are viewed read-only out of the mapping and copied at once; torch's warning
 # about non-writable buffers does not apply.
@@ -54,18 +54,10 @@ class TensorEntry:
 
 
 def read_header(path: str | Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
-    """Tensor entries and ``__metadata__`` of a safetensors file, without reading data."""
+    """Tensor entries (absolute offsets) and ``__metadata__`` of a safetensors file."""
+    header = dict(read_safetensors_header(Path(path)))
     with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) != 8:
-            raise MergeError(f"{path}: not a safetensors file (too short)")
-        (n,) = struct.unpack("<Q", raw)
-        if n > 100 << 20:
-            raise MergeError(f"{path}: not a safetensors file (header of {n} bytes)")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise MergeError(f"{path}: corrupt safetensors header") from None
+        (n,) = struct.unpack("<Q", f.read(8))
     base = 8 + n
     meta = header.pop("__metadata__", None) or {}
     entries = {

@@ -71,19 +71,6 @@ class MergePlan:
     tokenizer_source: str
     num_layers: int
 
-    @property
-    def total_bytes(self) -> int:
-        from merge_core.io import NAME_TO_TORCH
-        import torch
-
-        total = 0
-        for t in self.tensors:
-            n = 1
-            for s in t.shape:
-                n *= s
-            total += n * torch.empty((), dtype=NAME_TO_TORCH[t.out_dtype]).element_size()
-        return total
-
 
 _ST_TO_NAME = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 

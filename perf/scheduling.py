@@ -21,6 +21,7 @@ both loops do the same work per trial and only the scheduling differs.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -28,6 +29,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 # Ray generates an auth token unless told otherwise; a private loopback cluster needs none.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -39,7 +41,6 @@ import optuna  # noqa: E402
 
 from perf._synthetic import MEDIAN_ENV, SIGMA_ENV, TRACE_ENV, SleepWorker  # noqa: E402
 from search.campaign import Campaign, parse_campaign  # noqa: E402
-from search.driver import Driver, open_study  # noqa: E402
 from search.genome import GenomeSpace  # noqa: E402
 from search.samplers import make_sampler  # noqa: E402
 from tests.tiny import llama_config, make_llama, make_tokenizer  # noqa: E402
@@ -98,22 +99,20 @@ def read_trace(trace_dir: Path, name: str) -> tuple[float, list[tuple[float, flo
     return max(ready), runs
 
 
-def count_done(study: optuna.Study) -> int:
-    from search.driver import finished_trials
-
-    return len(finished_trials(study))
-
-
-def run_async(campaign: Campaign, directory: Path, trace_dir: Path, workers: int) -> LoopStats:
-    driver = Driver(campaign, directory, worker_factory=SleepWorker, n_workers=workers, progress=False)
+def run_async(campaign: Campaign, directory: Path, trace_dir: Path, workers: int, driver_module: Any
+              ) -> LoopStats:
+    driver = driver_module.Driver(campaign, directory, worker_factory=SleepWorker, n_workers=workers,
+                                  progress=False)
     study = driver.run()
     end = time.time()
     start, runs = read_trace(trace_dir, campaign.name)
-    return LoopStats("asynchronous (search.driver.Driver)", count_done(study), len(runs), end - start,
+    return LoopStats(f"asynchronous ({driver_module.__name__}.Driver)",
+                     len(driver_module.finished_trials(study)), len(runs), end - start,
                      sum(e - s for s, e in runs), workers, os.getloadavg())
 
 
-def run_barrier(campaign: Campaign, directory: Path, trace_dir: Path, workers: int) -> LoopStats:
+def run_barrier(campaign: Campaign, directory: Path, trace_dir: Path, workers: int, driver_module: Any
+                ) -> LoopStats:
     """Ask ``workers`` trials, run them all, wait for all, tell all; repeat until the budget."""
     import ray
 
@@ -122,7 +121,8 @@ def run_barrier(campaign: Campaign, directory: Path, trace_dir: Path, workers: i
     sampler = make_sampler(campaign.sampler, seed=campaign.seed, x0=baselines[0][1],
                            n_baselines=len(baselines))
     directory.mkdir(parents=True, exist_ok=True)
-    study = open_study(campaign, directory, resume=False, sampler=sampler)
+    # the driver module's own study set-up (storage settings included), so both loops pay alike
+    study = driver_module.open_study(campaign, directory, resume=False, sampler=sampler)
     for name, params in baselines:  # as the driver does, so both studies start alike
         study.enqueue_trial(params, user_attrs={"baseline": name})
     # the same actor resources as the driver's plan (fractional CPUs: 4 actors on 2 cores)
@@ -153,7 +153,8 @@ def run_barrier(campaign: Campaign, directory: Path, trace_dir: Path, workers: i
         for a in actors:
             ray.kill(a)
     start, runs = read_trace(trace_dir, campaign.name)
-    return LoopStats("generation barrier (this script)", count_done(study), len(runs), end - start,
+    return LoopStats("generation barrier (this script)", len(driver_module.finished_trials(study)),
+                     len(runs), end - start,
                      sum(e - s for s, e in runs), workers, os.getloadavg())
 
 
@@ -175,8 +176,12 @@ def main() -> int:
     parser.add_argument("--sigma", type=float, default=0.5, help="lognormal shape (default 0.5)")
     parser.add_argument("--sampler", default="cmaes", help="cmaes | tpe | random | ... (default cmaes)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--driver", default="search.driver",
+                        help="module holding Driver and open_study (default search.driver); name a "
+                             "patched copy on PYTHONPATH to measure a change against the same loop")
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    driver_module = importlib.import_module(args.driver)
 
     import ray
 
@@ -200,10 +205,11 @@ def main() -> int:
                   f"stage 1 disabled; load average at start {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
             common = dict(models=models, trials=args.trials, workers=args.workers, sampler=args.sampler,
                           seed=args.seed)
-            a = run_async(campaign_for("sched-async", **common), root / "async", trace_dir, args.workers)
+            a = run_async(campaign_for("sched-async", **common), root / "async", trace_dir, args.workers,
+                          driver_module)
             report(a)
             b = run_barrier(campaign_for("sched-barrier", **common), root / "barrier", trace_dir,
-                            args.workers)
+                            args.workers, driver_module)
             report(b)
         finally:
             ray.shutdown()

@@ -19,6 +19,8 @@ COMMANDS: dict[str, str] = {
     "init": "init",
     "search": "search",
     "status": "status",
+    "dashboard": "dashboard",
+    "report": "report",
     "export": "export",
     "merge": "merge",
     "eval": "eval",

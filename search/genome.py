@@ -56,7 +56,7 @@ class GenomeSpace:
 
         return {n: optuna.distributions.FloatDistribution(*self.bounds(n)) for n in self.param_names()}
 
-    def _per_layer(self, params: Mapping[str, float], model: int, param: str, part: str | None) -> list[float]:
+    def per_layer(self, params: Mapping[str, float], model: int, param: str, part: str | None) -> list[float]:
         c = self.campaign
         if c.granularity == "global":
             return [float(params[self.name(model, param, part, "all")])] * self.num_layers
@@ -78,15 +78,15 @@ class GenomeSpace:
             settings: dict[str, Any] = {}
             for p in c.params:
                 if c.split_attn_mlp:
-                    attn = self._per_layer(params, m, p, "attn")
-                    mlp = self._per_layer(params, m, p, "mlp")
+                    attn = self.per_layer(params, m, p, "attn")
+                    mlp = self.per_layer(params, m, p, "mlp")
                     # other tensors (norms, embeddings) take the mean of the two
                     rest = [(a + b) / 2 for a, b in zip(attn, mlp)]
                     settings[p] = [{"filter": ATTN_FILTER, "value": self._setting(attn)},
                                    {"filter": MLP_FILTER, "value": self._setting(mlp)},
                                    {"value": self._setting(rest)}]
                 else:
-                    settings[p] = self._setting(self._per_layer(params, m, p, None))
+                    settings[p] = self._setting(self.per_layer(params, m, p, None))
             models.append({"model": ref, "parameters": settings})
         return Recipe.from_dict({"merge_method": c.method, "base_model": c.base_model, "models": models,
                                  "seed": c.seed})

@@ -29,56 +29,23 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from search import driver as D
-from search.campaign import Campaign, load_campaign
+from search.campaign import Campaign
 from search.genome import GenomeSpace
-from search.status import baselines, best_trials, scalar
+from search.status import baselines, best_trials, load_campaign_study, scalar
 
 TrialState = optuna.trial.TrialState
+Grid = dict[str, list[tuple[str, list[float]]]]     # {param: [(row label, one value per layer)]}
+Entry = tuple[str, optuna.trial.FrozenTrial, Any]   # a bar of the domain figure: (label, trial, colour)
 
 DPI = 110              # crisp on a laptop screen; a few tens of KB per figure
 TOP = 10               # trials in the table: enough to see how flat the top is
 ANNOTATE_LAYERS = 24   # heatmap cells carry their value up to this many layers; beyond, unreadable
 SCORE_LABEL = "dev score (weighted over domains)"
+FIGURES = ("history.png", "heatmap.png", "pareto.png", "domains.png")
 
 
 # -- loading ----------------------------------------------------------------------------------
 
-def sqlite_file(url: str) -> Path | None:
-    """The database file of a ``sqlite:///`` URL (None for other storages)."""
-    prefix = "sqlite:///"
-    return Path(url[len(prefix):]) if url.startswith(prefix) and url != "sqlite:///:memory:" else None
-
-
-def open_campaign(directory: Path) -> tuple[Campaign, str]:
-    """The campaign of a directory and its study storage URL, checked to exist.
-
-    Checked first because opening a missing SQLite file through Optuna would create an empty one.
-    """
-    directory = Path(directory)
-    cfg = directory / "campaign.yaml"
-    if not cfg.is_file():
-        raise FileNotFoundError(f"{directory} is not a campaign directory (no campaign.yaml): "
-                                "give the --dir used with `brmerge search`")
-    campaign = load_campaign(cfg)
-    url = campaign.storage_url(directory)
-    db = sqlite_file(url)
-    if db is not None and not db.is_file():
-        raise FileNotFoundError(f"{directory} has no study yet ({db} is missing): "
-                                f"run `brmerge search {cfg} --dir {directory}` first")
-    return campaign, url
-
-
-def load_campaign_study(directory: Path) -> tuple[Campaign, optuna.Study]:
-    campaign, url = open_campaign(directory)
-    # a search may be writing to the same SQLite file: wait for its locks rather than fail
-    kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-    storage = optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
-    try:
-        study = optuna.load_study(study_name=campaign.name, storage=storage)
-    except KeyError:
-        raise ValueError(f"no study named {campaign.name!r} in {url}: the campaign's name changed "
-                         "since the search, or it never ran; run `brmerge search` first") from None
-    return campaign, study
 
 
 # -- what the page is made of -----------------------------------------------------------------
@@ -107,12 +74,31 @@ def short_names(refs: Sequence[str]) -> dict[str, str]:
     return {r: (t if tails.count(t) == 1 else r) for r, t in zip(refs, tails)}
 
 
-def baseline_title(name: str) -> str:
-    """``uniform`` -> ``uniform merge``; ``model:org/ft-a`` -> ``ft-a alone``."""
-    if name.startswith("model:"):
-        ref = name[len("model:"):]
-        return f"{short_names([ref])[ref]} alone"
-    return f"{name} merge" if name == "uniform" else name
+@dataclass(frozen=True)
+class Baseline:
+    name: str                      # as recorded: "uniform" or "model:<ref>"
+    title: str                     # as shown: "uniform merge", "<model> alone"
+    trial: optuna.trial.FrozenTrial
+    colour: tuple[float, ...]      # the same in every figure
+
+
+def _colour(i: int) -> tuple[float, ...]:
+    # tab10 from its third colour: blue and orange are the trials and the best trial
+    return colormaps["tab10"]((i + 2) % 10)
+
+
+def completed_baselines(study: optuna.Study) -> list[Baseline]:
+    found = baselines(study)
+    refs = [n[len("model:"):] for n in found if n.startswith("model:")]
+    short = short_names(refs)
+    out = []
+    for i, (name, t) in enumerate(found.items()):
+        if name.startswith("model:"):
+            title = f"{short[name[len('model:'):]]} alone"
+        else:
+            title = "uniform merge" if name == "uniform" else name
+        out.append(Baseline(name, title, t, _colour(i)))
+    return out
 
 
 def counted(trials: Sequence[optuna.trial.FrozenTrial], state: TrialState) -> list[optuna.trial.FrozenTrial]:
@@ -146,11 +132,6 @@ def stage1_value(t: optuna.trial.FrozenTrial) -> float | None:
 
 # -- figures ----------------------------------------------------------------------------------
 
-def _colour(i: int) -> tuple[float, ...]:
-    # tab10 from its third colour: blue and orange are the trials and the best-so-far line
-    return colormaps["tab10"]((i + 2) % 10)
-
-
 def history_figure(study: optuna.Study) -> Figure:
     trials = study.get_trials(deepcopy=False)
     complete = [t for t in trials if scalar(t) is not None]
@@ -169,11 +150,10 @@ def history_figure(study: optuna.Study) -> Figure:
     pruned = [(n, v) for n, v in pruned if v is not None]
     if pruned:
         ax.scatter(*zip(*pruned), marker="x", s=24, color="0.55", zorder=3, label="pruned (stage-1 score)")
-    for i, (name, t) in enumerate(baselines(study).items()):
-        colour = _colour(i)
-        ax.axhline(scalar(t), color=colour, ls="--", lw=1.3,
-                   label=f"baseline: {baseline_title(name)} ({scalar(t):.3f})")
-        ax.scatter([t.number], [scalar(t)], marker="D", s=30, color=colour, zorder=4)
+    for b in completed_baselines(study):
+        score = scalar(b.trial)
+        ax.axhline(score, color=b.colour, ls="--", lw=1.3, label=f"baseline: {b.title} ({score:.3f})")
+        ax.scatter([b.trial.number], [score], marker="D", s=30, color=b.colour, zorder=4)
     failed = [t.number for t in counted(trials, TrialState.FAIL)]
     if failed:
         # failures have no score: a rug along the bottom edge shows when they happened
@@ -198,22 +178,22 @@ def num_layers(study: optuna.Study, campaign: Campaign, params: Mapping[str, flo
     return None
 
 
-def coefficient_grid(space: GenomeSpace, params: Mapping[str, float]) -> dict[str, list[tuple[str, list[float]]]]:
+def coefficient_grid(space: GenomeSpace, params: Mapping[str, float]) -> Grid:
     """``{param: [(row label, per-layer values)]}``, one row per model (× attn/mlp)."""
     names = short_names(space.campaign.models)
-    grid: dict[str, list[tuple[str, list[float]]]] = {}
+    grid: Grid = {}
     for p in space.campaign.params:
         rows = []
         for m, ref in enumerate(space.campaign.models):
             for part in space.parts:
                 label = names[ref] + (f" · {part}" if part else "")
                 # the genome's own expansion, so the heatmap shows exactly what the recipe got
-                rows.append((label, space._per_layer(params, m, p, part)))
+                rows.append((label, space.per_layer(params, m, p, part)))
         grid[p] = rows
     return grid
 
 
-def heatmap_figure(grid: Mapping[str, list[tuple[str, list[float]]]], *,
+def heatmap_figure(grid: Grid, *,
                    ranges: Mapping[str, tuple[float, float]], title: str, parts: int) -> Figure:
     layers = len(next(iter(grid.values()))[0][1])
     heights = [len(rows) for rows in grid.values()]
@@ -258,9 +238,9 @@ def pareto_figure(study: optuna.Study) -> Figure:
     if len(names) == 2 and len(on) > 1:  # with more objectives the projected front is no line
         ax.step([t.values[0] for t in on], [t.values[1] for t in on], where="pre", color="tab:orange",
                 lw=1, alpha=0.7)
-    for i, (name, t) in enumerate(baselines(study).items()):
-        ax.scatter([t.values[0]], [t.values[1]], marker="D", s=44, color=_colour(i), edgecolor="black",
-                   zorder=4, label=f"baseline: {baseline_title(name)}")
+    for b in completed_baselines(study):
+        ax.scatter([b.trial.values[0]], [b.trial.values[1]], marker="D", s=44, color=b.colour,
+                   edgecolor="black", zorder=4, label=f"baseline: {b.title}")
     ax.set_xlabel(names[0])
     ax.set_ylabel(names[1])
     shown = f" (first 2 of {len(names)} objectives; front over all)" if len(names) > 2 else ""
@@ -270,23 +250,24 @@ def pareto_figure(study: optuna.Study) -> Figure:
     return fig
 
 
-def domains_figure(entries: Sequence[tuple[str, optuna.trial.FrozenTrial]], domains: Sequence[str]) -> Figure:
+def domains_figure(entries: Sequence[Entry], domains: Sequence[str]) -> Figure:
+    """Grouped bars: one group per domain, one bar per (label, trial, colour) entry; the first is the best."""
     fig = Figure(figsize=(max(7.0, 1.6 * len(domains) + 4), 4.8), dpi=DPI, layout="constrained")
     ax = fig.add_subplot()
     x = np.arange(len(domains))
     width = 0.8 / len(entries)
     top = 0.0
-    for i, (label, t) in enumerate(entries):
+    for i, (label, t, colour) in enumerate(entries):
         doms = t.user_attrs.get(D.A_DOMAINS) or {}
         accs = [float(doms[d]["acc"]) if d in doms else math.nan for d in domains]
-        colour = "tab:orange" if i == 0 else _colour(i - 1)
         bars = ax.bar(x + (i - (len(entries) - 1) / 2) * width, accs, width, label=label, color=colour,
                       edgecolor="black" if i == 0 else None)
-        if len(entries) * len(domains) <= 24:
-            ax.bar_label(bars, fmt="%.3f", fontsize=7, padding=1)
+        if len(entries) * len(domains) <= 24:  # beyond, the numbers overlap; the table has them
+            ax.bar_label(bars, labels=["" if math.isnan(a) else f"{a:.3f}" for a in accs], fontsize=7,
+                         padding=1)
         top = max([top, *[a for a in accs if not math.isnan(a)]])
     n_items = {}
-    for _, t in entries:
+    for _, t, _ in entries:
         for d, v in (t.user_attrs.get(D.A_DOMAINS) or {}).items():
             n_items.setdefault(d, v.get("n"))
     ax.set_xticks(x, [f"{d}\n(n={n_items[d]})" if n_items.get(d) else d for d in domains])
@@ -375,8 +356,8 @@ def campaign_facts(study: optuna.Study, campaign: Campaign) -> list[tuple[str, s
         facts.append(("interrupted", f"{interrupted} (queued again; not counted)"))
     if running:
         facts.append(("running or queued", str(running)))
-    times = [(t.user_attrs[D.A_START], t.user_attrs[D.A_END]) for t in trials
-             if isinstance(t.user_attrs.get(D.A_START), (int, float)) and isinstance(t.user_attrs.get(D.A_END), (int, float))]
+    times = [(t.user_attrs.get(D.A_START), t.user_attrs.get(D.A_END)) for t in trials]
+    times = [(a, b) for a, b in times if isinstance(a, (int, float)) and isinstance(b, (int, float))]
     if times:
         span = max(b for _, b in times) - min(a for a, _ in times)
         facts.append(("wall time", f"{span / 3600:.2f} h ({len(times) / span * 3600:.0f} trials/hour)"
@@ -410,7 +391,8 @@ def data_uri(png: Path) -> str:
 
 def render_html(campaign: Campaign, facts: Sequence[tuple[str, str]], sections: Sequence[Section]) -> str:
     title = f"brmerge report: {campaign.name}"
-    parts = [f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>",
+    parts = ["<!DOCTYPE html>",
+             f"<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>",
              f"<style>{CSS}</style></head><body>",
              f"<h1>{html.escape(title)}</h1>",
              f"<p class=\"sub\">generated {time.strftime('%Y-%m-%d %H:%M:%S')}</p>",
@@ -450,9 +432,12 @@ def _heatmap_section(study: optuna.Study, campaign: Campaign, best: optuna.trial
 def _domains_section(study: optuna.Study, campaign: Campaign, best: optuna.trial.FrozenTrial,
                      out: Path) -> Section:
     title = "Best versus baselines per domain"
-    entries = [(f"best #{best.number}", best)]
-    entries += [(baseline_title(n), t) for n, t in baselines(study).items() if t.number != best.number]
-    domains = domain_order(campaign, [t for _, t in entries])
+    bases = completed_baselines(study)
+    also = [b.title for b in bases if b.trial.number == best.number]  # a baseline may be the best
+    entries: list[Entry] = [
+        (f"best #{best.number}" + (f" ({also[0]})" if also else ""), best, "tab:orange")]
+    entries += [(b.title, b.trial, b.colour) for b in bases if b.trial.number != best.number]
+    domains = domain_order(campaign, [t for _, t, _ in entries])
     if not domains:
         return Section(title, note="not drawn: no trial recorded per-domain scores")
     note = "" if len(entries) > 1 else "no baseline has completed yet"
@@ -482,16 +467,21 @@ def write_report(directory: Path, *, out: Path | None = None, top: int = TOP) ->
                                 note="nothing to plot: no trial of this campaign has completed; run or "
                                      "resume `brmerge search` and report again"))
     else:
-        sections.append(Section("Optimization history", image=save_png(history_figure(study), out / "history.png"),
+        history = save_png(history_figure(study), out / "history.png")
+        sections.append(Section("Optimization history", image=history,
                                 note="baselines are dashed lines; pruned trials show their stage-1 score; "
                                      "failed trials are marked along the bottom"))
         sections.append(_heatmap_section(study, campaign, best[0], out))
         sections.append(_pareto_section(study, out))
         sections.append(_domains_section(study, campaign, best[0], out))
-        sections.append(Section(f"Top {top} trials and baselines", html_body=trial_table(study, campaign, top=top)))
+        sections.append(Section(f"Top {top} trials and baselines",
+                                html_body=trial_table(study, campaign, top=top)))
     failures = failures_table(study)
     if failures:
         sections.append(Section("Failed trials", html_body=failures))
     page = out / "report.html"
     page.write_text(render_html(campaign, campaign_facts(study, campaign), sections), encoding="utf-8")
-    return Report(html=page, images=[s.image for s in sections if s.image is not None])
+    images = [s.image for s in sections if s.image is not None]
+    for name in set(FIGURES) - {p.name for p in images}:  # a figure of an earlier report, now stale
+        (out / name).unlink(missing_ok=True)
+    return Report(html=page, images=images)

@@ -8,21 +8,52 @@ from typing import Any
 import optuna
 
 from search import driver as D
+from search.campaign import Campaign, load_campaign
 
 STATES = ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")
 
 
-def load_study(directory: Path) -> optuna.Study:
-    """The study of a campaign directory (its campaign.yaml names the storage)."""
-    from search.campaign import load_campaign
+def sqlite_file(url: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URL (None for other storages)."""
+    prefix = "sqlite:///"
+    return Path(url[len(prefix):]) if url.startswith(prefix) and url != "sqlite:///:memory:" else None
 
+
+def open_storage(directory: Path) -> tuple[Campaign, optuna.storages.RDBStorage, int]:
+    """A campaign directory's campaign, its study storage and the study's id, checked to exist.
+
+    The SQLite file is checked first because Optuna would create a missing one, empty.
+    """
     directory = Path(directory)
     cfg = directory / "campaign.yaml"
     if not cfg.is_file():
         raise FileNotFoundError(f"{directory} is not a campaign directory (no campaign.yaml): "
                                 "give the --dir used with `brmerge search`")
     campaign = load_campaign(cfg)
-    return optuna.load_study(study_name=campaign.name, storage=campaign.storage_url(directory))
+    url = campaign.storage_url(directory)
+    db = sqlite_file(url)
+    if db is not None and not db.is_file():
+        raise FileNotFoundError(f"{directory} has no study yet ({db} is missing): "
+                                f"run `brmerge search {cfg} --dir {directory}` first")
+    # a search may be writing to the same SQLite file: wait for its locks rather than fail
+    kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    storage = optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+    try:
+        study_id = storage.get_study_id_from_name(campaign.name)
+    except KeyError:
+        raise ValueError(f"no study named {campaign.name!r} in {url}: the campaign's name changed "
+                         "since the search, or it never ran; run `brmerge search` first") from None
+    return campaign, storage, study_id
+
+
+def load_campaign_study(directory: Path) -> tuple[Campaign, optuna.Study]:
+    campaign, storage, _ = open_storage(directory)
+    return campaign, optuna.load_study(study_name=campaign.name, storage=storage)
+
+
+def load_study(directory: Path) -> optuna.Study:
+    """The study of a campaign directory (its campaign.yaml names the storage)."""
+    return load_campaign_study(directory)[1]
 
 
 def trial_label(t: optuna.trial.FrozenTrial) -> str:
@@ -59,8 +90,9 @@ def domain_row(t: optuna.trial.FrozenTrial, domains: list[str]) -> list[str]:
 
 def summary_lines(study: optuna.Study, *, k: int = 5) -> list[str]:
     trials = study.get_trials(deepcopy=False)
-    counts = {s: sum(t.state.name == s for t in trials) for s in STATES}
     interrupted = sum(bool(t.user_attrs.get(D.A_INTERRUPTED)) for t in trials)
+    counts = {s: sum(t.state.name == s and not t.user_attrs.get(D.A_INTERRUPTED) for t in trials)
+              for s in STATES}
     campaign = study.user_attrs.get("campaign", {})
     budget = (campaign.get("budget") or {}).get("trials", "?")
     domains = list((campaign.get("objectives") or {}).keys()) or ["legal", "health", "enem"]

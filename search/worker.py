@@ -32,9 +32,10 @@ class TrialWorker:
 
         if threads:
             torch.set_num_threads(threads)
+        from transformers import AutoTokenizer
+
         from evals.harness import Evaluator
         from merge_core.resident import ResidentModels
-        from transformers import AutoTokenizer
 
         start = time.perf_counter()
         self.campaign = campaign

@@ -42,7 +42,9 @@ _LOW_BINS = 1 << 16
 NOTHING, DENSE, LO, HI, RANDOM = 1, 2, 4, 8, 16
 
 _JIT = dict(parallel=True, cache=True, nogil=True, error_model="numpy")  # fastmath stays off
-_INLINE = dict(cache=True, error_model="numpy")  # small helpers: LLVM inlines them
+# Helpers are inlined into the kernels in numba IR: LLVM then sees whole loops (and
+# vectorizes them); left as calls they cost ~3x. The price is compile time, paid once.
+_INLINE = dict(cache=True, inline="always", error_model="numpy")
 
 _MASK62 = np.uint64((1 << 62) - 1)
 _MUL1 = np.uint64(0x3F58476D1CE4E5B9 & ((1 << 62) - 1))   # == merge_core.rng._MUL1
@@ -150,15 +152,6 @@ def _encode(f: np.float32, kind: int) -> np.uint32:
 
 
 @njit(**_INLINE)
-def _delta(x: np.ndarray, b: np.ndarray, i: int, kind: int) -> np.float32:
-    # torch.sub on bf16/fp16 tensors subtracts in float32 and rounds to the inputs' dtype
-    diff = _decode(np.uint32(x[i]), kind) - _decode(np.uint32(b[i]), kind)
-    if kind == F32:
-        return diff
-    return _decode(_encode(diff, kind), kind)
-
-
-@njit(**_INLINE)
 def _uniform(seed: np.uint64, i: int) -> np.float32:
     # merge_core.rng.uniform for one element, bit for bit (uint64 wraps as torch's int64 does)
     x = (np.uint64(i) + seed) & _MASK62
@@ -170,30 +163,124 @@ def _uniform(seed: np.uint64, i: int) -> np.float32:
 
 
 @njit(**_INLINE)
-def _prune(d: np.float32, i: int, flags: int, lo: np.float32, hi: np.float32, density: np.float32,
-           seed: np.uint64) -> np.float32:
-    # sparsify.Keep.apply for one element: a pruned entry is multiplied by 0 (so -0.0 and
-    # NaN behave as in torch's d.mul_(mask)), not replaced by 0
-    one, zero = np.float32(1.0), np.float32(0.0)
-    if flags & NOTHING:
-        return zero
-    if flags & (LO | HI):
-        a = abs(d)
-        keep = True
-        if flags & LO:
-            keep = a >= lo
-        if flags & HI:
-            keep = keep and a <= hi
-        d = d * (one if keep else zero)
-    if flags & RANDOM:
-        d = d * (one if _uniform(seed, i) < density else zero)
-    return d
-
-
-@njit(**_INLINE)
 def _block(blk: int, n: int) -> tuple[int, int]:
     s = blk * BLOCK
     return s, min(n, s + BLOCK)
+
+
+# ---- row passes over one block: simple loops that LLVM vectorizes ----
+
+@njit(**_INLINE)
+def _delta_row(x: np.ndarray, b: np.ndarray, s: int, kind: int, row: np.ndarray) -> None:
+    """row[j] = x[s + j] - b[s + j], rounded to the inputs' dtype (as torch.sub on bf16/fp16
+    tensors: a float32 subtraction, then a rounding), as float32."""
+    if kind == F32:
+        for j in range(row.size):
+            row[j] = _f32(np.uint32(x[s + j])) - _f32(np.uint32(b[s + j]))
+    elif kind == BF16:
+        for j in range(row.size):
+            diff = _f32(np.uint32(x[s + j]) << np.uint32(16)) - _f32(np.uint32(b[s + j]) << np.uint32(16))
+            row[j] = _f32(_bf16_round(diff) << np.uint32(16))
+    else:
+        for j in range(row.size):
+            diff = _f16_to_f32(np.uint32(x[s + j])) - _f16_to_f32(np.uint32(b[s + j]))
+            row[j] = _f16_to_f32(_f16_round(diff))
+
+
+@njit(**_INLINE)
+def _prune_row(row: np.ndarray, s: int, flags: int, lo: np.float32, hi: np.float32, density: np.float32,
+               seed: np.uint64) -> None:
+    """sparsify.Keep.apply on one block of a delta. A pruned entry is multiplied by 0 (so
+    -0.0 and NaN come out as from torch's d.mul_(mask)), not replaced by 0."""
+    one, zero = np.float32(1.0), np.float32(0.0)
+    if flags & NOTHING:
+        row[:] = zero
+        return
+    if flags & LO and flags & HI:
+        for j in range(row.size):
+            a = abs(row[j])
+            row[j] = row[j] * (one if (a >= lo) & (a <= hi) else zero)
+    elif flags & LO:
+        for j in range(row.size):
+            row[j] = row[j] * (one if abs(row[j]) >= lo else zero)
+    elif flags & HI:
+        for j in range(row.size):
+            row[j] = row[j] * (one if abs(row[j]) <= hi else zero)
+    if flags & RANDOM:
+        for j in range(row.size):
+            row[j] = row[j] * (one if _uniform(seed, s + j) < density else zero)
+
+
+@njit(**_INLINE)
+def _weighted_row(x: np.ndarray, b: np.ndarray, dense: np.ndarray, s: int, kind: int, flags: int,
+                  rule: np.ndarray, seed: np.uint64, row: np.ndarray) -> None:
+    """One model's pruned, rescaled, weighted delta on one block; ``rule`` is
+    (lo, hi, density, scale, weight)."""
+    if flags & DENSE:
+        row[:] = dense[s:s + row.size]
+    elif not flags & NOTHING:
+        _delta_row(x, b, s, kind, row)
+    _prune_row(row, s, flags & ~DENSE, rule[0], rule[1], rule[2], seed)
+    scale, w = rule[3], rule[4]
+    for j in range(row.size):
+        row[j] = row[j] * scale * w
+
+
+@njit(**_INLINE)
+def _elect_rows(rows: np.ndarray, weights: np.ndarray, normalize: bool, mixed: np.ndarray) -> None:
+    """TaskArithmetic._combine with sign election on one block; rows (M, block) hold the
+    weighted pruned deltas. Same float32 operations in the same order as torch."""
+    one, zero = np.float32(1.0), np.float32(0.0)
+    width = mixed.size
+    total = rows[0].copy()                            # (block,)
+    for m in range(1, rows.shape[0]):
+        for j in range(width):
+            total[j] = total[j] + rows[m, j]
+    divisor = np.zeros(width, np.float32)
+    mixed[:] = zero
+    for m in range(rows.shape[0]):
+        w = weights[m]
+        for j in range(width):
+            d = rows[m, j]
+            # the sign of d agrees with the majority sign (that of the sum; ties positive)
+            positive = total[j] >= 0                  # NaN: not positive, as torch.where sees it
+            agree = one if (positive & (d > 0)) | ((not positive) & (d < 0)) else zero
+            mixed[j] = mixed[j] + d * agree
+            divisor[j] = divisor[j] + agree * w       # torch: fma(agree, w, divisor), agree in {0, 1}
+    if normalize:
+        for j in range(width):
+            mixed[j] = mixed[j] / (one if divisor[j] == 0 else divisor[j])
+
+
+@njit(**_INLINE)
+def _sum_rows(rows: np.ndarray, normalize: bool, norm_div: np.float32, mixed: np.ndarray) -> None:
+    mixed[:] = rows[0]
+    for m in range(1, rows.shape[0]):
+        for j in range(mixed.size):
+            mixed[j] = mixed[j] + rows[m, j]
+    if normalize:
+        for j in range(mixed.size):
+            mixed[j] = mixed[j] / norm_div
+
+
+@njit(**_INLINE)
+def _store_row(mixed: np.ndarray, b: np.ndarray, s: int, kind: int, out: np.ndarray) -> None:
+    """out[s + j] = mixed[j] + base, cast to the output (= base) dtype."""
+    if kind == F32:
+        for j in range(mixed.size):
+            out[s + j] = _bits(mixed[j] + _f32(np.uint32(b[s + j])))
+    elif kind == BF16:
+        for j in range(mixed.size):
+            out[s + j] = _bf16_round(mixed[j] + _f32(np.uint32(b[s + j]) << np.uint32(16)))
+    else:
+        for j in range(mixed.size):
+            out[s + j] = _f16_round(mixed[j] + _f16_to_f32(np.uint32(b[s + j])))
+
+
+@njit(**_INLINE)
+def _abs_bits_row(row: np.ndarray, keys: np.ndarray) -> None:
+    for j in range(row.size):
+        keys[j] = _bits(row[j]) & np.uint32(0x7FFFFFFF)
 
 
 # ---- phase 1: the k-th largest |delta|, by a two-level radix select ----
@@ -207,10 +294,14 @@ def _high_histogram(x: np.ndarray, b: np.ndarray, kind: int, threads: int) -> np
     hist = np.zeros((parts, _HIGH_BINS), np.int64)
     for p in prange(parts):
         h = hist[p]
+        row = np.empty(BLOCK, np.float32)
+        keys = np.empty(BLOCK, np.uint32)
         for blk in range(p, nblocks, parts):
             s, e = _block(blk, n)
-            for i in range(s, e):
-                h[(_bits(_delta(x, b, i, kind)) & np.uint32(0x7FFFFFFF)) >> np.uint32(16)] += 1
+            _delta_row(x, b, s, kind, row[:e - s])
+            _abs_bits_row(row[:e - s], keys)
+            for j in range(e - s):
+                h[keys[j] >> np.uint32(16)] += 1
     return hist.sum(axis=0)
 
 
@@ -224,14 +315,17 @@ def _low_histogram(x: np.ndarray, b: np.ndarray, kind: int, buckets: np.ndarray,
     nb = buckets.size
     hist = np.zeros((parts, nb, _LOW_BINS), np.int64)
     for p in prange(parts):
+        row = np.empty(BLOCK, np.float32)
+        keys = np.empty(BLOCK, np.uint32)
         for blk in range(p, nblocks, parts):
             s, e = _block(blk, n)
-            for i in range(s, e):
-                a = _bits(_delta(x, b, i, kind)) & np.uint32(0x7FFFFFFF)
-                top = a >> np.uint32(16)
-                for j in range(nb):
-                    if top == buckets[j]:
-                        hist[p, j, a & np.uint32(0xFFFF)] += 1
+            _delta_row(x, b, s, kind, row[:e - s])
+            _abs_bits_row(row[:e - s], keys)
+            for j in range(e - s):
+                top = keys[j] >> np.uint32(16)
+                for t in range(nb):
+                    if top == buckets[t]:
+                        hist[p, t, keys[j] & np.uint32(0xFFFF)] += 1
     return hist.sum(axis=0)
 
 
@@ -273,13 +367,19 @@ def _l1_kernel(x: np.ndarray, b: np.ndarray, dense: np.ndarray, kind: int, flags
     after = np.zeros(nblocks, np.float64)
     for blk in prange(nblocks):
         s, e = _block(blk, n)
-        sb, sa = 0.0, 0.0
-        for i in range(s, e):
-            d = _delta(x, b, i, kind)
-            sb += abs(d)
-            kept = dense[i] if flags & DENSE else _prune(d, i, flags, lo, hi, density, seed)
-            sa += abs(kept)
-        before[blk], after[blk] = sb, sa
+        row = np.empty(e - s, np.float32)
+        _delta_row(x, b, s, kind, row)
+        total = 0.0
+        for j in range(e - s):
+            total += abs(row[j])
+        before[blk] = total
+        if flags & DENSE:
+            row[:] = dense[s:e]
+        _prune_row(row, s, flags & ~DENSE, lo, hi, density, seed)
+        total = 0.0
+        for j in range(e - s):
+            total += abs(row[j])
+        after[blk] = total
     # fixed blocks summed in order: the same result on any number of threads
     tb, ta = 0.0, 0.0
     for blk in range(nblocks):
@@ -321,28 +421,6 @@ def _rule(keep) -> tuple[int, np.float32, np.float32, np.float32, np.uint64]:
 
 # ---- phase 2: the fused combine ----
 
-@njit(**_INLINE)
-def _elect(row: np.ndarray, weights: np.ndarray, normalize: bool) -> np.float32:
-    """TaskArithmetic._combine with sign election, for one element; ``row`` (M,) holds the
-    weighted pruned deltas."""
-    one, zero = np.float32(1.0), np.float32(0.0)
-    total = row[0]
-    for m in range(1, row.size):
-        total = total + row[m]
-    positive = total >= 0                             # ties go positive, as in mergekit
-    mixed, divisor = zero, zero
-    for m in range(row.size):
-        d = row[m]
-        agree = one if (d > 0 if positive else d < 0) else zero
-        mixed = mixed + d * agree
-        divisor = divisor + agree * weights[m]        # torch: fma(agree, w, divisor), agree in {0, 1}
-    if normalize:
-        if divisor == 0:
-            divisor = one
-        mixed = mixed / divisor
-    return mixed
-
-
 @njit(**_JIT)
 def _combine_kernel(base: np.ndarray, xs: tuple, dense: tuple, kind: int, flags: np.ndarray,
                     rules: np.ndarray, seeds: np.ndarray, sign_election: bool, normalize: bool,
@@ -354,30 +432,18 @@ def _combine_kernel(base: np.ndarray, xs: tuple, dense: tuple, kind: int, flags:
     nblocks = (n + BLOCK - 1) // BLOCK
     for blk in prange(nblocks):
         s, e = _block(blk, n)
-        rows = np.empty((e - s, n_models), np.float32)   # (block, M) weighted pruned deltas
+        rows = np.empty((n_models, e - s), np.float32)   # (M, block) weighted pruned deltas
         for m in range(n_models):
-            x, f, dn = xs[m], flags[m], dense[m]
-            lo, hi, density, scale, w = rules[m, 0], rules[m, 1], rules[m, 2], rules[m, 3], rules[m, 4]
-            seed = seeds[m]
-            for i in range(s, e):
-                if f & DENSE:
-                    d = dn[i]
-                else:
-                    d = _prune(_delta(x, base, i, kind), i, f, lo, hi, density, seed)
-                rows[i - s, m] = d * scale * w
-        for i in range(s, e):
-            row = rows[i - s]
-            if sign_election:
-                mixed = _elect(row, weights, normalize)
-            else:
-                mixed = row[0]
-                for m in range(1, n_models):
-                    mixed = mixed + row[m]
-                if normalize:
-                    mixed = mixed / norm_div
-            if use_lam:
-                mixed = mixed * lam
-            out[i] = _encode(mixed + _decode(np.uint32(base[i]), kind), kind)
+            _weighted_row(xs[m], base, dense[m], s, kind, flags[m], rules[m], seeds[m], rows[m])
+        mixed = np.empty(e - s, np.float32)              # (block,)
+        if sign_election:
+            _elect_rows(rows, weights, normalize, mixed)
+        else:
+            _sum_rows(rows, normalize, norm_div, mixed)
+        if use_lam:
+            for j in range(e - s):
+                mixed[j] = mixed[j] * lam
+        _store_row(mixed, base, s, kind, out)
 
 
 def _padded(arrays: list[np.ndarray], filler: np.ndarray) -> tuple[np.ndarray, ...]:

@@ -17,7 +17,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("dir", type=Path, help="campaign directory")
     p.add_argument("--host", default=DEFAULT_HOST,
                    help=f"address to bind (default {DEFAULT_HOST}; 0.0.0.0 exposes it to the network)")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port to listen on (default {DEFAULT_PORT})")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT,
+                   help=f"port to listen on (default {DEFAULT_PORT})")
 
 
 def url(host: str, port: int, path: str = "") -> str:
@@ -26,22 +27,13 @@ def url(host: str, port: int, path: str = "") -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    import optuna
-    import optuna_dashboard
-
-    from search.report import open_campaign
+    from search.status import open_storage
 
     if not 0 < args.port < 65536:
         raise ValueError(f"--port {args.port} is not a TCP port: give one between 1 and 65535")
-    campaign, storage_url = open_campaign(args.dir)
-    # a search may be writing to the same SQLite file: wait for its locks rather than fail
-    kwargs = {"connect_args": {"timeout": 60}} if storage_url.startswith("sqlite") else {}
-    storage = optuna.storages.RDBStorage(storage_url, engine_kwargs=kwargs)
-    try:
-        study_id = storage.get_study_id_from_name(campaign.name)
-    except KeyError:
-        raise ValueError(f"no study named {campaign.name!r} in {storage_url}: run `brmerge search` "
-                         "first") from None
+    campaign, storage, study_id = open_storage(args.dir)
+    import optuna_dashboard  # seconds to import (scikit-learn): only once the study is known to exist
+
     print(f"optuna-dashboard: {url(args.host, args.port)}", flush=True)
     print(f"campaign {campaign.name}: {url(args.host, args.port, f'/dashboard/studies/{study_id}')}",
           flush=True)

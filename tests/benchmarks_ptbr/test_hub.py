@@ -10,8 +10,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import pytest  # noqa: E402
 
-from benchmarks_ptbr.items import DataError  # noqa: E402
 from benchmarks_ptbr.hub import load_hub  # noqa: E402
+from benchmarks_ptbr.items import DataError  # noqa: E402
 from benchmarks_ptbr.suite import load_suite  # noqa: E402
 
 

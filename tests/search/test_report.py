@@ -27,14 +27,12 @@ from search.campaign import load_campaign
 from search.commands import dashboard as dashboard_cmd
 from search.commands import report as report_cmd
 from search.genome import GenomeSpace
-from search.report import write_report
+from search.report import coefficient_grid, write_report
 
 REPO = Path(__file__).resolve().parents[2]
-LAYERS = 6
+LAYERS = 4   # few layers and trials keep the SQLite writes and the drawing quick
 DOMAINS = ("legal", "health", "enem")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
 def write_campaign(directory: Path, *, sampler: str = "cmaes", split: bool = False,
@@ -61,7 +59,7 @@ def _attrs(rng: np.random.Generator, number: int, **extra) -> dict:
             D.A_MATERIALIZE: 0.5, D.A_EVAL: 12.5, D.A_START: start, D.A_END: start + 13.0, **extra}
 
 
-def build_study(directory: Path, *, sampler: str = "cmaes", split: bool = False, n_search: int = 12,
+def build_study(directory: Path, *, sampler: str = "cmaes", split: bool = False, n_search: int = 8,
                 pruned: int = 2, failed: int = 1, granularity: str = "layer") -> optuna.Study:
     """A finished-looking campaign: baselines, searched, pruned, failed and interrupted trials."""
     campaign = load_campaign(write_campaign(directory, sampler=sampler, split=split, granularity=granularity))
@@ -116,10 +114,17 @@ def embedded_pngs(page: str) -> list[bytes]:
     return [base64.b64decode(b) for b in re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)]
 
 
-def test_report_single_objective(tmp_path):
-    study = build_study(tmp_path / "camp")
-    report = write_report(tmp_path / "camp")
-    out = tmp_path / "camp" / "report"
+@pytest.fixture(scope="module")
+def single(tmp_path_factory) -> tuple[optuna.Study, Path]:
+    """One single-objective campaign, shared read-only by the tests below (building it is the slow part)."""
+    directory = tmp_path_factory.mktemp("single") / "camp"
+    return build_study(directory, n_search=6), directory
+
+
+def test_report_single_objective(single):
+    study, directory = single
+    report = write_report(directory)
+    out = directory / "report"
     assert report.html == out / "report.html"
     names = {p.name for p in report.images}
     assert names == {"history.png", "heatmap.png", "domains.png"}  # no Pareto front: one objective
@@ -132,18 +137,21 @@ def test_report_single_objective(tmp_path):
     assert "single-objective study" in page
     # the table holds the best trial with its score and per-domain accuracy, and every baseline
     best = max((t for t in study.trials if t.state.name == "COMPLETE"), key=lambda t: t.user_attrs[D.A_SCORE])
-    assert f"#{best.number}" in page and f"{best.user_attrs[D.A_SCORE]:.4f}" in page
+    kind = f"baseline {best.user_attrs[D.A_BASELINE]}" if D.A_BASELINE in best.user_attrs else "search"
+    score = best.user_attrs[D.A_SCORE]
+    assert f'<td>#{best.number}</td><td>{kind}</td><td class="num">{score:.4f}</td>' in page
     assert f"{best.user_attrs[D.A_DOMAINS]['legal']['acc']:.3f}" in page
     for name in ("baseline uniform", "baseline model:org/legal-ft", "baseline model:org/health-ft"):
         assert name in page
     # the facts count what the budget counts: the interrupted trial is not a failure
-    assert "<th>trials done</th><td>18 of 40</td>" in page  # 3 baselines, 12 searched, 2 pruned, 1 failed
+    assert "<th>trials done</th><td>12 of 40</td>" in page  # 3 baselines, 6 searched, 2 pruned, 1 failed
     assert "<th>pruned</th><td>2</td>" in page and "<th>failed</th><td>1</td>" in page
+    assert "<th>method</th><td>ties</td>" in page and "<th>sampler</th><td>cmaes</td>" in page
     assert "non-finite weights in model.layers.3.mlp.up_proj.weight" in page
 
 
 def test_report_multi_objective_with_attn_mlp_split(tmp_path):
-    build_study(tmp_path / "camp", sampler="nsga2", split=True)
+    build_study(tmp_path / "camp", sampler="nsga2", split=True, n_search=5, pruned=0, failed=0)
     report = write_report(tmp_path / "camp", out=tmp_path / "elsewhere")
     assert {p.name for p in report.images} == {"history.png", "heatmap.png", "pareto.png", "domains.png"}
     assert all(p.parent == tmp_path / "elsewhere" for p in report.paths)
@@ -154,10 +162,16 @@ def test_report_multi_objective_with_attn_mlp_split(tmp_path):
     assert "Pareto" in page and "multi-objective: legal, health, enem" in page
 
 
-def test_report_block_granularity_heatmap_expands_per_layer(tmp_path):
-    build_study(tmp_path / "camp", granularity="block:4", n_search=3)
-    report = write_report(tmp_path / "camp")
-    assert "heatmap.png" in {p.name for p in report.images}
+def test_heatmap_rows_expand_blocks_per_layer_like_the_genome(tmp_path):
+    campaign = load_campaign(write_campaign(tmp_path, granularity="block:4", split=True))
+    space = GenomeSpace(campaign, 6)
+    params = {n: float(i) for i, n in enumerate(space.param_names())}
+    grid = coefficient_grid(space, params)
+    assert list(grid) == ["weight", "density"]
+    labels = [label for label, _ in grid["weight"]]
+    assert labels == ["legal-ft · attn", "legal-ft · mlp", "health-ft · attn", "health-ft · mlp"]
+    b0, b1 = params["m1.weight.mlp.B00"], params["m1.weight.mlp.B01"]
+    assert grid["weight"][3][1] == [b0] * 4 + [b1] * 2  # layers 0-3 share block 0, layers 4-5 block 1
 
 
 def test_report_empty_study_says_so(tmp_path, capsys):
@@ -165,17 +179,12 @@ def test_report_empty_study_says_so(tmp_path, capsys):
     optuna.create_study(study_name=campaign.name, storage=campaign.storage_url(tmp_path / "camp"))
     code = report_cmd.run(argparse.Namespace(dir=tmp_path / "camp", out=None, top=10))
     assert code == 0
-    printed = capsys.readouterr().out
-    assert "no completed trial yet" in printed
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith("no completed trial yet")
+    assert printed[1:] == [str(tmp_path / "camp" / "report" / "report.html")]  # the paths written
     page = (tmp_path / "camp" / "report" / "report.html").read_text(encoding="utf-8")
     assert "No completed trial yet" in page and "data:image/png" not in page
-
-
-def test_report_command_prints_paths(tmp_path, capsys):
-    build_study(tmp_path / "camp", n_search=3)
-    assert report_cmd.run(argparse.Namespace(dir=tmp_path / "camp", out=None, top=3)) == 0
-    printed = capsys.readouterr().out.split()
-    assert printed[-1].endswith("report.html") and all(Path(p).is_file() for p in printed)
+    assert "<th>trials done</th><td>0 of 40</td>" in page
 
 
 def test_report_errors_name_the_fix(tmp_path):
@@ -185,6 +194,10 @@ def test_report_errors_name_the_fix(tmp_path):
     with pytest.raises(FileNotFoundError, match="run `brmerge search"):
         write_report(tmp_path / "camp")
     assert not (tmp_path / "camp" / "study.db").exists()  # reporting never creates a study
+    campaign = load_campaign(tmp_path / "camp" / "campaign.yaml")
+    optuna.create_study(study_name="renamed", storage=campaign.storage_url(tmp_path / "camp"))
+    with pytest.raises(ValueError, match="no study named 'demo-ptbr'"):
+        write_report(tmp_path / "camp")
 
 
 # -- dashboard ---------------------------------------------------------------------------------
@@ -203,11 +216,11 @@ def _get(url: str) -> bytes | None:
         return None
 
 
-def test_dashboard_serves_the_study_on_loopback(tmp_path):
-    build_study(tmp_path / "camp", n_search=2)
+def test_dashboard_serves_the_study_on_loopback(single):
+    _, directory = single
     port = _free_port()
     code = ("import argparse, pathlib, sys; from search.commands import dashboard as d; "
-            f"sys.exit(d.run(argparse.Namespace(dir=pathlib.Path({str(tmp_path / 'camp')!r}), "
+            f"sys.exit(d.run(argparse.Namespace(dir=pathlib.Path({str(directory)!r}), "
             f"host='127.0.0.1', port={port})))")
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True,
@@ -220,7 +233,7 @@ def test_dashboard_serves_the_study_on_loopback(tmp_path):
             body = _get(f"http://127.0.0.1:{port}/api/studies")
             time.sleep(0.2) if body is None else None
         assert body is not None, "optuna-dashboard did not answer within 30 s"
-        studies = json.loads(body)["studies"]
+        studies = json.loads(body)["study_summaries"]
         assert [s["study_name"] for s in studies] == ["demo-ptbr"]
         assert b"<html" in (_get(f"http://127.0.0.1:{port}/dashboard") or b"").lower()
     finally:
@@ -236,6 +249,16 @@ def test_dashboard_refuses_a_directory_without_study(tmp_path):
     write_campaign(tmp_path / "camp")
     with pytest.raises(FileNotFoundError, match="no study yet"):
         dashboard_cmd.run(argparse.Namespace(dir=tmp_path / "camp", host="127.0.0.1", port=_free_port()))
+
+
+def test_dashboard_port_in_use_names_the_fix(single):
+    _, directory = single
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(OSError, match="pass another --port"):
+            dashboard_cmd.run(argparse.Namespace(dir=directory, host="127.0.0.1", port=port))
 
 
 def test_dashboard_defaults_to_loopback():

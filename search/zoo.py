@@ -1,0 +1,370 @@
+"""The demo's model zoo: a tiny Llama-style base and two specialists, trained on the CPU.
+
+- The base learns Portuguese from ``CORPUS`` (prose written for this project on law, health
+  and ENEM topics) and the multiple-choice format from the ``sample`` questions, each shown
+  with a fresh random answer letter: it learns the format, never the answers.
+- Each specialist is fine-tuned from the base on the dev items of its domain with their
+  answers, the loss on the whole sequence (questions and options too, not just the letter:
+  otherwise both task vectors point the same way and no merge can beat the equal-weight one).
+  The specialists memorize those items: the demo shows the merge search, not a model that
+  generalizes.
+
+The zoo is cached under ``cache_dir/<digest of the recipe and its data>`` and built at most
+once; a build is written under a temporary name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from benchmarks_ptbr.items import Item
+from benchmarks_ptbr.prompts import DESCRIPTIONS, FEWSHOT_DELIMITER, TARGET_DELIMITER, format_query
+from benchmarks_ptbr.sources import load_sample
+
+CACHE_ENV = "BRMERGE_CACHE_DIR"
+SPECIALISTS = ("legal", "health")      # one fine-tune per domain, in this order
+FORMAT_DOMAINS = ("legal", "health", "enem")  # questions the base sees with random letters
+MODEL_NAMES = {"base": "ptbr-tiny-base", "legal": "ptbr-tiny-legal", "health": "ptbr-tiny-health"}
+
+# Written for brmerge (not taken from any exam): general prose, so the base learns the language.
+CORPUS: tuple[str, ...] = (
+    "A Constituição Federal de 1988 organiza o Estado brasileiro e reúne os direitos e garantias "
+    "fundamentais. Ela foi chamada de Constituição Cidadã porque ampliou a participação popular e "
+    "deu força a direitos sociais como educação, saúde, trabalho, moradia e previdência.",
+    "O Brasil é uma república federativa formada pela união dos estados, dos municípios e do "
+    "Distrito Federal. Cada ente tem autonomia política, administrativa e financeira, mas todos "
+    "devem respeitar os princípios fixados na Constituição.",
+    "Os três Poderes da União são o Legislativo, o Executivo e o Judiciário. Eles são independentes "
+    "e harmônicos entre si, e cada um controla os demais para evitar abusos. O Congresso Nacional é "
+    "formado pela Câmara dos Deputados e pelo Senado Federal.",
+    "O processo legislativo começa com a apresentação de um projeto de lei. O texto passa por "
+    "comissões, é votado nas duas casas do Congresso e segue para sanção ou veto do Presidente da "
+    "República. Um veto pode ser derrubado pelo voto da maioria absoluta dos parlamentares.",
+    "No direito civil, a pessoa natural adquire personalidade ao nascer com vida. A capacidade de "
+    "exercer sozinha os atos da vida civil costuma chegar com a maioridade, aos dezoito anos, mas a "
+    "lei prevê casos de emancipação e de incapacidade relativa.",
+    "Um contrato é um acordo de vontades que cria, modifica ou extingue obrigações. Para ser válido, "
+    "exige agente capaz, objeto lícito, possível e determinado, e a forma prescrita ou não proibida "
+    "em lei. A boa-fé deve orientar as partes antes, durante e depois da execução.",
+    "A responsabilidade civil obriga quem causa dano a outra pessoa a repará-lo. Em regra, é preciso "
+    "provar a conduta, o dano e o nexo entre eles; em certas atividades de risco, a obrigação de "
+    "indenizar existe mesmo sem culpa.",
+    "O Código de Defesa do Consumidor protege quem compra produtos e contrata serviços. Ele prevê o "
+    "direito à informação clara, a proteção contra publicidade enganosa e a possibilidade de "
+    "desistir de compras feitas fora do estabelecimento comercial dentro de um prazo curto.",
+    "No direito do trabalho, a carteira de trabalho registra o vínculo de emprego. O trabalhador tem "
+    "direito a salário mínimo, descanso semanal remunerado, férias anuais com um terço a mais, "
+    "décimo terceiro salário e depósitos mensais no fundo de garantia.",
+    "O direito penal define crimes e penas. Ninguém pode ser punido por um fato que a lei não "
+    "definia como crime quando ele foi praticado, e a lei penal mais severa não pode retroagir para "
+    "prejudicar o réu. Esse é o princípio da legalidade.",
+    "O processo judicial garante o contraditório e a ampla defesa: cada parte pode conhecer as "
+    "alegações da outra, responder a elas e produzir provas. Um juiz imparcial decide, e a decisão "
+    "pode ser revista por tribunais por meio de recursos.",
+    "A advocacia é indispensável à administração da justiça. Para exercer a profissão, o bacharel "
+    "em direito precisa ser aprovado no exame da Ordem dos Advogados do Brasil, que cobra ética "
+    "profissional e conhecimentos das principais áreas do direito.",
+    "O Sistema Único de Saúde foi criado para garantir atendimento universal, integral e gratuito. "
+    "Seus princípios incluem a equidade, a descentralização e a participação da comunidade por meio "
+    "dos conselhos e das conferências de saúde.",
+    "A atenção primária é a porta de entrada do sistema de saúde. Nas unidades básicas, equipes de "
+    "saúde da família acompanham gestantes, crianças, idosos e pessoas com doenças crônicas, e "
+    "encaminham os casos mais complexos para serviços especializados.",
+    "A vacinação é uma das medidas mais eficazes de saúde pública. O calendário nacional oferece "
+    "vacinas gratuitas desde o nascimento, e a alta cobertura protege também quem não pode ser "
+    "vacinado, porque reduz a circulação dos agentes infecciosos.",
+    "Doenças transmitidas por mosquitos, como dengue, zika e chikungunya, crescem nos meses quentes "
+    "e chuvosos. Eliminar água parada em pneus, vasos e caixas abertas é a forma mais simples de "
+    "impedir que os mosquitos se reproduzam perto das casas.",
+    "A hipertensão arterial costuma não causar sintomas, por isso a pressão deve ser medida com "
+    "regularidade. Alimentação com pouco sal, atividade física, controle do peso e uso correto dos "
+    "remédios reduzem o risco de infarto e de acidente vascular cerebral.",
+    "O diabetes é uma doença em que o açúcar do sangue fica elevado por muito tempo. O cuidado "
+    "envolve dieta equilibrada, exercícios, acompanhamento dos pés e dos olhos e, quando necessário, "
+    "medicamentos orais ou insulina.",
+    "A lavagem correta das mãos com água e sabão remove microrganismos e previne diarreias e "
+    "infecções respiratórias. Em hospitais, a higiene das mãos dos profissionais é a principal "
+    "medida contra infecções relacionadas à assistência.",
+    "O aleitamento materno exclusivo é recomendado até os seis meses de vida. O leite materno "
+    "fornece nutrientes e anticorpos, fortalece o vínculo entre mãe e bebê e reduz o risco de "
+    "infecções e de internações na infância.",
+    "Em uma emergência, o primeiro passo é garantir a segurança do local e chamar ajuda pelo número "
+    "do serviço de atendimento móvel de urgência. Em uma parada cardíaca, as compressões torácicas "
+    "fortes e rápidas devem começar o quanto antes.",
+    "A saúde mental faz parte da saúde. Ansiedade e depressão são comuns e têm tratamento; a rede "
+    "de atenção psicossocial oferece acolhimento nos centros de atenção psicossocial, sem a "
+    "necessidade de internações longas.",
+    "O Exame Nacional do Ensino Médio avalia o desempenho dos estudantes ao fim da educação básica. "
+    "A nota é usada para ingressar em universidades públicas e privadas e para programas de bolsas "
+    "e de financiamento estudantil.",
+    "A prova do ENEM tem quatro áreas: linguagens, ciências humanas, ciências da natureza e "
+    "matemática, além de uma redação dissertativo-argumentativa. As questões partem de textos, "
+    "gráficos e situações do cotidiano e pedem interpretação mais do que memorização.",
+    "Na redação, o candidato defende um ponto de vista sobre um tema social e propõe uma "
+    "intervenção para o problema discutido, respeitando os direitos humanos. A coesão entre os "
+    "parágrafos e o domínio da norma padrão também contam pontos.",
+    "A fotossíntese é o processo pelo qual plantas e algas usam a energia da luz para transformar "
+    "gás carbônico e água em glicose, liberando oxigênio. Ela sustenta quase todas as cadeias "
+    "alimentares do planeta.",
+    "O ciclo da água envolve evaporação, condensação e precipitação. As florestas participam desse "
+    "ciclo ao devolver umidade para a atmosfera, e o desmatamento pode alterar o regime de chuvas "
+    "em regiões distantes.",
+    "A Revolução Industrial mudou a forma de produzir e de viver. As fábricas atraíram trabalhadores "
+    "para as cidades, surgiram novas classes sociais e as jornadas longas motivaram as primeiras "
+    "leis de proteção ao trabalho.",
+    "A abolição da escravidão no Brasil, em 1888, não veio acompanhada de políticas de inclusão "
+    "para a população liberta. Muitas desigualdades sociais e raciais de hoje têm raízes nesse "
+    "período da história do país.",
+    "Em matemática, uma porcentagem representa uma razão com denominador cem. Calcular descontos, "
+    "juros e variações de preços exige transformar porcentagens em frações ou números decimais e "
+    "aplicá-las ao valor de referência.",
+    "Na física, a velocidade média é a distância percorrida dividida pelo tempo gasto. Se um ônibus "
+    "percorre cento e vinte quilômetros em duas horas, sua velocidade média é de sessenta "
+    "quilômetros por hora, mesmo que tenha parado no caminho.",
+    "A química estuda a matéria e suas transformações. Numa reação química, os átomos dos reagentes "
+    "se reorganizam para formar os produtos, e a massa total se conserva, como observou Lavoisier.",
+    "As variedades linguísticas mostram que a língua muda conforme a região, a idade e a situação "
+    "de comunicação. Não existe um jeito errado de falar, mas há usos mais adequados a cada "
+    "contexto, como a norma padrão em textos formais.",
+)
+
+
+@dataclass(frozen=True)
+class ZooRecipe:
+    """Everything the zoo depends on; its digest names the cache folder."""
+
+    seed: int = 0
+    vocab_size: int = 1024       # enough merges that a prompt fits the context comfortably
+    hidden: int = 128
+    layers: int = 4
+    heads: int = 4
+    intermediate: int = 256
+    context: int = 2048          # description + 3 shots + question, with room to spare
+    base_steps: int = 200
+    base_lr: float = 3e-3
+    specialist_steps: int = 100
+    specialist_lr: float = 1e-3
+    batch: int = 8
+    items_per_sequence: int = 4  # exam-format sequences: description + this many questions
+    prose_fraction: float = 0.3  # share of base batches that are prose rather than questions
+    version: int = 1             # bump when the training code changes what it produces
+
+    def digest(self) -> str:
+        h = hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode())
+        h.update("\n".join(CORPUS).encode())
+        for domain in FORMAT_DOMAINS:  # the questions are training data too
+            for split, items in sorted(load_sample(domain).items.items()):
+                for item in items:
+                    h.update(f"{split}|{item.id}|{item.question}|{item.texts}|{item.answer}".encode())
+        return h.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Zoo:
+    root: Path
+    base: Path
+    specialists: dict[str, Path]   # domain -> model folder
+    built: bool                    # False when it came from the cache
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get(CACHE_ENV)
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "brmerge"
+
+
+# -- training text ----------------------------------------------------------------------------
+
+def _question_block(item: Item, domain: str, letter: str) -> str:
+    return format_query(item, domain) + TARGET_DELIMITER + letter + FEWSHOT_DELIMITER
+
+
+def _exam_text(domain: str, items: Sequence[Item], rng: random.Random, *, answered: bool) -> str:
+    """A prompt-shaped text: the domain's description, then questions with a letter each.
+
+    ``answered=False`` draws a fresh random letter every time, so the format is learned but no
+    answer is; ``answered=True`` gives the real answers (specialists only).
+    """
+    blocks = [_question_block(i, domain, i.answer if answered else rng.choice(i.labels)) for i in items]
+    return DESCRIPTIONS[domain] + "".join(blocks)
+
+
+def _all_items(domain: str) -> list[Item]:
+    loaded = load_sample(domain)
+    return [i for split in sorted(loaded.items) for i in loaded.items[split]]
+
+
+def _dev_items(domain: str) -> list[Item]:
+    return list(load_sample(domain).items["dev"])
+
+
+def tokenizer_corpus() -> list[str]:
+    rng = random.Random(0)
+    texts = list(CORPUS)
+    for domain in FORMAT_DOMAINS:
+        texts += [_exam_text(domain, [i], rng, answered=False) for i in _all_items(domain)]
+    return texts
+
+
+def base_texts(recipe: ZooRecipe, rng: random.Random) -> Iterator[str]:
+    """Endless base-training texts: prose, or questions of one domain with random letters."""
+    pools = {d: _all_items(d) for d in FORMAT_DOMAINS}
+    while True:
+        if rng.random() < recipe.prose_fraction:
+            start = rng.randrange(len(CORPUS))
+            yield "\n\n".join(CORPUS[start:start + 3])
+        else:
+            domain = rng.choice(FORMAT_DOMAINS)
+            yield _exam_text(domain, rng.sample(pools[domain], recipe.items_per_sequence), rng,
+                             answered=False)
+
+
+def specialist_texts(recipe: ZooRecipe, domain: str, rng: random.Random) -> Iterator[str]:
+    """Endless fine-tuning texts: the domain's dev items, answered, in random order."""
+    pool = _dev_items(domain)
+    while True:
+        yield _exam_text(domain, rng.sample(pool, recipe.items_per_sequence), rng, answered=True)
+
+
+# -- training ---------------------------------------------------------------------------------
+
+def _batch(tokenizer, texts: list[str], context: int) -> dict[str, torch.Tensor]:
+    enc = tokenizer(texts, padding=True, truncation=True, max_length=context, return_tensors="pt")
+    labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)  # [B, T]; no loss on padding
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels}
+
+
+def train(model: torch.nn.Module, tokenizer, texts: Iterator[str], *, steps: int, lr: float,
+          batch: int, context: int, on_step: Callable[[float], None] | None = None) -> float:
+    """AdamW with a short warm-up and cosine decay; the loss covers every token of a sequence."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    warmup = max(1, steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + torch.cos(torch.tensor(s / steps * torch.pi)).item()))
+    model.train()
+    loss_value = float("nan")
+    for _ in range(steps):
+        inputs = _batch(tokenizer, [next(texts) for _ in range(batch)], context)
+        loss = model(**inputs).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        loss_value = float(loss)
+        if on_step is not None:
+            on_step(loss_value)
+    model.eval()
+    return loss_value
+
+
+def _config(recipe: ZooRecipe, tokenizer):
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=recipe.hidden, intermediate_size=recipe.intermediate,
+        num_hidden_layers=recipe.layers, num_attention_heads=recipe.heads,
+        num_key_value_heads=recipe.heads, max_position_embeddings=recipe.context,
+        tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    cfg.architectures = ["LlamaForCausalLM"]  # a bare LlamaConfig leaves this unset
+    return cfg
+
+
+def _save(model: torch.nn.Module, tokenizer, folder: Path) -> Path:
+    model.save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    return folder
+
+
+def _bar(total: int, desc: str, enabled: bool):
+    import sys
+
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="step", disable=not enabled, file=sys.stderr,
+                dynamic_ncols=True, leave=False)
+
+
+def _train_with_bar(model, tokenizer, texts, *, steps: int, lr: float, recipe: ZooRecipe,
+                    desc: str, progress: bool) -> float:
+    bar = _bar(steps, desc, progress)
+
+    def tick(loss: float) -> None:
+        bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+        bar.update(1)
+
+    try:
+        return train(model, tokenizer, texts, steps=steps, lr=lr, batch=recipe.batch,
+                     context=recipe.context, on_step=tick)
+    finally:
+        bar.close()
+
+
+def build_zoo(recipe: ZooRecipe, folder: Path, *, progress: bool = True,
+              log: Callable[[str], None] = print) -> dict[str, float]:
+    """Train the tokenizer, the base and the specialists into ``folder``; returns final losses."""
+    import copy
+
+    from transformers import LlamaForCausalLM
+
+    from tests.tiny import make_tokenizer
+
+    torch.manual_seed(recipe.seed)
+    tokenizer = make_tokenizer(folder / "tokenizer", vocab_size=recipe.vocab_size,
+                               corpus=tokenizer_corpus())
+    base = LlamaForCausalLM(_config(recipe, tokenizer))
+    losses = {"base": _train_with_bar(base, tokenizer, base_texts(recipe, random.Random(recipe.seed)),
+                                      steps=recipe.base_steps, lr=recipe.base_lr, recipe=recipe,
+                                      desc="zoo: base model", progress=progress)}
+    _save(base, tokenizer, folder / MODEL_NAMES["base"])
+    for k, domain in enumerate(SPECIALISTS, start=1):
+        torch.manual_seed(recipe.seed * 1000 + k)
+        model = copy.deepcopy(base)
+        texts = specialist_texts(recipe, domain, random.Random(recipe.seed * 1000 + k))
+        losses[domain] = _train_with_bar(model, tokenizer, texts, steps=recipe.specialist_steps,
+                                         lr=recipe.specialist_lr, recipe=recipe,
+                                         desc=f"zoo: {domain} specialist", progress=progress)
+        _save(model, tokenizer, folder / MODEL_NAMES[domain])
+    log("zoo trained: final losses " + ", ".join(f"{k} {v:.3f}" for k, v in losses.items()))
+    return losses
+
+
+def ensure_zoo(recipe: ZooRecipe | None = None, *, cache_dir: Path | None = None, progress: bool = True,
+               log: Callable[[str], None] = print) -> Zoo:
+    """The zoo of ``recipe`` from the cache, built first if it is not there."""
+    recipe = recipe or ZooRecipe()
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    root = (cache / "zoo" / recipe.digest()).resolve()
+    built = False
+    if not (root / "zoo.json").is_file():
+        root.parent.mkdir(parents=True, exist_ok=True)
+        staging = root.parent / f".{root.name}.building-{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        try:
+            losses = build_zoo(recipe, staging, progress=progress, log=log)
+            (staging / "zoo.json").write_text(json.dumps(
+                {"recipe": asdict(recipe), "digest": recipe.digest(), "final_losses": losses,
+                 "models": MODEL_NAMES, "torch": torch.__version__}, indent=2))
+            try:
+                os.replace(staging, root)
+            except OSError:  # another process finished the same zoo first: keep theirs
+                if not (root / "zoo.json").is_file():
+                    raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        built = True
+    return Zoo(root=root, base=root / MODEL_NAMES["base"],
+               specialists={d: root / MODEL_NAMES[d] for d in SPECIALISTS}, built=built)
