@@ -140,9 +140,17 @@ def merge_to_disk(recipe: Recipe, out_dir: str | Path, *, device: str = "auto",
                 return readers[ref].get(name, device=dev)
 
             bar = _progress(len(plan.tensors), progress, desc=f"merging ({plan.method})")
-            for tp, tensor in iter_merged(plan, fetch):  # the writer's order is the plan's
-                writer.write(tp.name, tensor)
-                bar.update(1)
+            # Writing (a copy into the page cache, GIL released) overlaps the next merge;
+            # one write in flight keeps one extra output tensor in memory at most.
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="brmerge-write") as wpool:
+                pending: Future | None = None
+                for tp, tensor in iter_merged(plan, fetch):  # the writer's order is the plan's
+                    if pending is not None:
+                        pending.result()
+                    pending = wpool.submit(writer.write, tp.name, tensor)
+                    bar.update(1)
+                if pending is not None:
+                    pending.result()
             bar.close()
             hasher.join()
             if "value" not in prov_result:

@@ -82,7 +82,9 @@ class ResidentModels:
             if tuple(target.shape) != tuple(tensor.shape):
                 raise MergeError(f"parameter {name!r} is {tuple(target.shape)} in the live model but "
                                  f"{tuple(tensor.shape)} in the merge")
-            if tensor.is_floating_point():
+            # one reduction first; the exact count only when it is not finite (an overflowing
+            # sum of finite values is a false alarm the count then clears)
+            if tensor.is_floating_point() and not torch.isfinite(tensor.sum()):
                 bad += int(tensor.numel() - torch.isfinite(tensor).sum())
             target.copy_(tensor)
         return bad

@@ -99,8 +99,9 @@ def summary_lines(study: optuna.Study, *, k: int = 5) -> list[str]:
     lines = [f"progress: {len(D.finished_trials(study))}/{budget} trials "
              + ", ".join(f"{s.lower()} {counts[s]}" for s in STATES if counts[s])
              + (f" (+{interrupted} interrupted, re-run)" if interrupted else "")]
-    times = [(t.user_attrs.get(D.A_START), t.user_attrs.get(D.A_END)) for t in trials]
-    times = [(a, b) for a, b in times if a and b]
+    # the study's own clocks cover ask and tell too, not only the worker's part
+    times = [(t.datetime_start.timestamp(), t.datetime_complete.timestamp()) for t in trials
+             if t.datetime_start and t.datetime_complete and not t.user_attrs.get(D.A_INTERRUPTED)]
     if times:
         span = max(b for _, b in times) - min(a for a, _ in times)
         busy = sum(b - a for a, b in times)

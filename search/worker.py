@@ -31,7 +31,10 @@ class TrialWorker:
         import torch
 
         if threads:
+            import numba
+
             torch.set_num_threads(threads)
+            numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
         from transformers import AutoTokenizer
 
         from evals.harness import Evaluator

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import random
 import shutil
@@ -143,19 +144,23 @@ class ZooRecipe:
     """Everything the zoo depends on; its digest names the cache folder."""
 
     seed: int = 0
-    vocab_size: int = 1024       # enough merges that a prompt fits the context comfortably
-    hidden: int = 128
+    vocab_size: int = 1024       # ~120 tokens a question: short sequences are what a CPU can afford
+    hidden: int = 64
     layers: int = 4
     heads: int = 4
     intermediate: int = 256
     context: int = 2048          # description + 3 shots + question, with room to spare
-    base_steps: int = 200
+    base_steps: int = 120
     base_lr: float = 3e-3
-    specialist_steps: int = 100
-    specialist_lr: float = 1e-3
-    batch: int = 8
-    items_per_sequence: int = 4  # exam-format sequences: description + this many questions
-    prose_fraction: float = 0.3  # share of base batches that are prose rather than questions
+    base_batch: int = 8
+    specialist_steps: int = 160
+    specialist_lr: float = 3e-3
+    specialist_batch: int = 4    # small batches: more updates for the same compute
+    answer_weight: float = 5.0   # the answer letter is 1 token in ~140: weight it in the loss
+    base_items: int = 2          # base exam texts: description + 1..base_items questions
+    specialist_items: int = 1    # specialist texts: description + this many answered questions
+    prose_fraction: float = 0.3  # share of base texts that are prose rather than questions
+    threads: int = 1             # one thread: on 2 busy cores, two threads were 3-8x slower
     version: int = 1             # bump when the training code changes what it produces
 
     def digest(self) -> str:
@@ -186,18 +191,24 @@ def default_cache_dir() -> Path:
 
 # -- training text ----------------------------------------------------------------------------
 
-def _question_block(item: Item, domain: str, letter: str) -> str:
-    return format_query(item, domain) + TARGET_DELIMITER + letter + FEWSHOT_DELIMITER
+@dataclass(frozen=True)
+class Example:
+    text: str
+    answers: tuple[int, ...] = ()   # character offsets of the answer letters in ``text``
 
 
-def _exam_text(domain: str, items: Sequence[Item], rng: random.Random, *, answered: bool) -> str:
+def _exam_example(domain: str, items: Sequence[Item], rng: random.Random, *, answered: bool) -> Example:
     """A prompt-shaped text: the domain's description, then questions with a letter each.
 
     ``answered=False`` draws a fresh random letter every time, so the format is learned but no
     answer is; ``answered=True`` gives the real answers (specialists only).
     """
-    blocks = [_question_block(i, domain, i.answer if answered else rng.choice(i.labels)) for i in items]
-    return DESCRIPTIONS[domain] + "".join(blocks)
+    text, answers = DESCRIPTIONS[domain], []
+    for item in items:
+        text += format_query(item, domain) + TARGET_DELIMITER
+        answers.append(len(text))
+        text += (item.answer if answered else rng.choice(item.labels)) + FEWSHOT_DELIMITER
+    return Example(text, tuple(answers))
 
 
 def _all_items(domain: str) -> list[Item]:
@@ -213,56 +224,78 @@ def tokenizer_corpus() -> list[str]:
     rng = random.Random(0)
     texts = list(CORPUS)
     for domain in FORMAT_DOMAINS:
-        texts += [_exam_text(domain, [i], rng, answered=False) for i in _all_items(domain)]
+        texts += [_exam_example(domain, [i], rng, answered=False).text for i in _all_items(domain)]
     return texts
 
 
-def base_texts(recipe: ZooRecipe, rng: random.Random) -> Iterator[str]:
+def base_examples(recipe: ZooRecipe, rng: random.Random) -> Iterator[Example]:
     """Endless base-training texts: prose, or questions of one domain with random letters."""
     pools = {d: _all_items(d) for d in FORMAT_DOMAINS}
     while True:
         if rng.random() < recipe.prose_fraction:
             start = rng.randrange(len(CORPUS))
-            yield "\n\n".join(CORPUS[start:start + 3])
+            yield Example("\n\n".join(CORPUS[start:start + 2]))
         else:
             domain = rng.choice(FORMAT_DOMAINS)
-            yield _exam_text(domain, rng.sample(pools[domain], recipe.items_per_sequence), rng,
-                             answered=False)
+            k = rng.randint(1, recipe.base_items)
+            # random letters carry no signal: no extra weight on them
+            yield Example(_exam_example(domain, rng.sample(pools[domain], k), rng, answered=False).text)
 
 
-def specialist_texts(recipe: ZooRecipe, domain: str, rng: random.Random) -> Iterator[str]:
+def specialist_examples(recipe: ZooRecipe, domain: str, rng: random.Random) -> Iterator[Example]:
     """Endless fine-tuning texts: the domain's dev items, answered, in random order."""
     pool = _dev_items(domain)
     while True:
-        yield _exam_text(domain, rng.sample(pool, recipe.items_per_sequence), rng, answered=True)
+        yield _exam_example(domain, rng.sample(pool, recipe.specialist_items), rng, answered=True)
 
 
 # -- training ---------------------------------------------------------------------------------
 
-def _batch(tokenizer, texts: list[str], context: int) -> dict[str, torch.Tensor]:
-    enc = tokenizer(texts, padding=True, truncation=True, max_length=context, return_tensors="pt")
-    labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)  # [B, T]; no loss on padding
-    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels}
+def _batch(tokenizer, examples: list[Example], *, context: int, answer_weight: float) -> dict[str, torch.Tensor]:
+    enc = tokenizer([e.text for e in examples], padding=True, truncation=True, max_length=context,
+                    return_tensors="pt", return_offsets_mapping=True)
+    mask = enc["attention_mask"]                        # [B, T]
+    weights = mask.float()                              # [B, T]: every real token counts...
+    spans = enc["offset_mapping"]                       # [B, T, 2] character span of each token
+    for row, example in enumerate(examples):
+        for pos in example.answers:                     # ...and the answer letters count more
+            hit = (spans[row, :, 0] <= pos) & (spans[row, :, 1] > pos) & (mask[row] == 1)
+            weights[row, hit] = answer_weight
+    return {"input_ids": enc["input_ids"], "attention_mask": mask, "weights": weights}
 
 
-def train(model: torch.nn.Module, tokenizer, texts: Iterator[str], *, steps: int, lr: float,
-          batch: int, context: int, on_step: Callable[[float], None] | None = None) -> float:
-    """AdamW with a short warm-up and cosine decay; the loss covers every token of a sequence."""
+def _weighted_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # [B, T, V]
+    logp = logits[:, :-1].float().log_softmax(-1)                                          # [B, T-1, V]
+    nll = -logp.gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)                   # [B, T-1]
+    w = batch["weights"][:, 1:]                                                            # [B, T-1]
+    return (nll * w).sum() / w.sum()
+
+
+def train(model: torch.nn.Module, tokenizer, examples: Iterator[Example], *, steps: int, lr: float,
+          batch: int, context: int, answer_weight: float = 1.0,
+          on_step: Callable[[float], None] | None = None) -> float:
+    """AdamW with a short warm-up and cosine decay; the loss covers every token of a sequence
+    (answer letters weighted ``answer_weight``)."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     warmup = max(1, steps // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + torch.cos(torch.tensor(s / steps * torch.pi)).item()))
+
+    def schedule(step: int) -> float:
+        return min(1.0, (step + 1) / warmup) * 0.5 * (1.0 + math.cos(math.pi * step / steps))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     model.train()
     loss_value = float("nan")
     for _ in range(steps):
-        inputs = _batch(tokenizer, [next(texts) for _ in range(batch)], context)
-        loss = model(**inputs).loss
+        inputs = _batch(tokenizer, [next(examples) for _ in range(batch)], context=context,
+                        answer_weight=answer_weight)
+        loss = _weighted_loss(model, inputs)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        loss_value = float(loss)
+        loss_value = float(loss.detach())
         if on_step is not None:
             on_step(loss_value)
     model.eval()
@@ -297,8 +330,8 @@ def _bar(total: int, desc: str, enabled: bool):
                 dynamic_ncols=True, leave=False)
 
 
-def _train_with_bar(model, tokenizer, texts, *, steps: int, lr: float, recipe: ZooRecipe,
-                    desc: str, progress: bool) -> float:
+def _train_with_bar(model, tokenizer, examples: Iterator[Example], *, steps: int, lr: float, batch: int,
+                    answer_weight: float, context: int, desc: str, progress: bool) -> float:
     bar = _bar(steps, desc, progress)
 
     def tick(loss: float) -> None:
@@ -306,8 +339,8 @@ def _train_with_bar(model, tokenizer, texts, *, steps: int, lr: float, recipe: Z
         bar.update(1)
 
     try:
-        return train(model, tokenizer, texts, steps=steps, lr=lr, batch=recipe.batch,
-                     context=recipe.context, on_step=tick)
+        return train(model, tokenizer, examples, steps=steps, lr=lr, batch=batch, context=context,
+                     answer_weight=answer_weight, on_step=tick)
     finally:
         bar.close()
 
@@ -315,6 +348,15 @@ def _train_with_bar(model, tokenizer, texts, *, steps: int, lr: float, recipe: Z
 def build_zoo(recipe: ZooRecipe, folder: Path, *, progress: bool = True,
               log: Callable[[str], None] = print) -> dict[str, float]:
     """Train the tokenizer, the base and the specialists into ``folder``; returns final losses."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(recipe.threads)
+    try:
+        return _build(recipe, folder, progress=progress, log=log)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _build(recipe: ZooRecipe, folder: Path, *, progress: bool, log: Callable[[str], None]) -> dict[str, float]:
     import copy
 
     from transformers import LlamaForCausalLM
@@ -325,17 +367,19 @@ def build_zoo(recipe: ZooRecipe, folder: Path, *, progress: bool = True,
     tokenizer = make_tokenizer(folder / "tokenizer", vocab_size=recipe.vocab_size,
                                corpus=tokenizer_corpus())
     base = LlamaForCausalLM(_config(recipe, tokenizer))
-    losses = {"base": _train_with_bar(base, tokenizer, base_texts(recipe, random.Random(recipe.seed)),
-                                      steps=recipe.base_steps, lr=recipe.base_lr, recipe=recipe,
-                                      desc="zoo: base model", progress=progress)}
+    losses = {"base": _train_with_bar(
+        base, tokenizer, base_examples(recipe, random.Random(recipe.seed)), steps=recipe.base_steps,
+        lr=recipe.base_lr, batch=recipe.base_batch, answer_weight=1.0, context=recipe.context,
+        desc="zoo: base model", progress=progress)}
     _save(base, tokenizer, folder / MODEL_NAMES["base"])
     for k, domain in enumerate(SPECIALISTS, start=1):
         torch.manual_seed(recipe.seed * 1000 + k)
         model = copy.deepcopy(base)
-        texts = specialist_texts(recipe, domain, random.Random(recipe.seed * 1000 + k))
-        losses[domain] = _train_with_bar(model, tokenizer, texts, steps=recipe.specialist_steps,
-                                         lr=recipe.specialist_lr, recipe=recipe,
-                                         desc=f"zoo: {domain} specialist", progress=progress)
+        losses[domain] = _train_with_bar(
+            model, tokenizer, specialist_examples(recipe, domain, random.Random(recipe.seed * 1000 + k)),
+            steps=recipe.specialist_steps, lr=recipe.specialist_lr, batch=recipe.specialist_batch,
+            answer_weight=recipe.answer_weight, context=recipe.context,
+            desc=f"zoo: {domain} specialist", progress=progress)
         _save(model, tokenizer, folder / MODEL_NAMES[domain])
     log("zoo trained: final losses " + ", ".join(f"{k} {v:.3f}" for k, v in losses.items()))
     return losses

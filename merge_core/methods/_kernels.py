@@ -23,11 +23,12 @@ Set ``BRMERGE_KERNELS=torch`` to force the torch path everywhere.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import numpy as np
 import torch
-from numba import get_num_threads, njit, prange
+from numba import get_num_threads, get_thread_id, njit, prange, set_num_threads
 
 ENV_VAR = "BRMERGE_KERNELS"  # "torch": the reference torch code; unset or "numba": these kernels
 
@@ -63,6 +64,23 @@ def supports(*tensors: torch.Tensor) -> bool:
         return False
     dtype = tensors[0].dtype
     return dtype in _KIND and all(t.device.type == "cpu" and t.dtype == dtype for t in tensors)
+
+
+@contextmanager
+def _threads() -> Iterator[int]:
+    """Run kernels on numba's threads less one core.
+
+    A merge keeps reader, writer and hashing threads busy beside the kernels; a kernel
+    on every core then waits at its barrier for a thread the OS has descheduled (on 2
+    busy cores that doubled the wall time of a merge). The setting is numba's per-thread
+    one, restored on exit: nothing global changes."""
+    before = get_num_threads()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    set_num_threads(max(1, min(before, cores - 1)))
+    try:
+        yield get_num_threads()
+    finally:
+        set_num_threads(before)
 
 
 def storage(t: torch.Tensor) -> np.ndarray:
@@ -289,43 +307,38 @@ def _abs_bits_row(row: np.ndarray, keys: np.ndarray) -> None:
 def _high_histogram(x: np.ndarray, b: np.ndarray, kind: int, threads: int) -> np.ndarray:
     """Counts of the top 16 bits of |x - b| (as float32 bits); (32768,) int64."""
     n = x.size
-    nblocks = (n + BLOCK - 1) // BLOCK
-    parts = max(1, min(nblocks, threads))             # one private histogram per thread
-    hist = np.zeros((parts, _HIGH_BINS), np.int64)
-    for p in prange(parts):
-        h = hist[p]
-        row = np.empty(BLOCK, np.float32)
-        keys = np.empty(BLOCK, np.uint32)
-        for blk in range(p, nblocks, parts):
-            s, e = _block(blk, n)
-            _delta_row(x, b, s, kind, row[:e - s])
-            _abs_bits_row(row[:e - s], keys)
-            for j in range(e - s):
-                h[keys[j] >> np.uint32(16)] += 1
+    hist = np.zeros((threads, _HIGH_BINS), np.int64)  # one private histogram per thread
+    for blk in prange((n + BLOCK - 1) // BLOCK):
+        s, e = _block(blk, n)
+        row = np.empty(e - s, np.float32)
+        keys = np.empty(e - s, np.uint32)
+        _delta_row(x, b, s, kind, row)
+        _abs_bits_row(row, keys)
+        h = hist[get_thread_id()]
+        for j in range(e - s):
+            h[keys[j] >> np.uint32(16)] += 1
     return hist.sum(axis=0)
 
 
 @njit(**_JIT)
 def _low_histogram(x: np.ndarray, b: np.ndarray, kind: int, buckets: np.ndarray, threads: int) -> np.ndarray:
-    """Counts of the low 16 bits of |x - b| among elements whose top bits are ``buckets[j]``;
+    """Counts of the low 16 bits of |x - b| among elements whose top bits are ``buckets[t]``;
     (len(buckets), 65536) int64."""
     n = x.size
-    nblocks = (n + BLOCK - 1) // BLOCK
-    parts = max(1, min(nblocks, threads))
     nb = buckets.size
-    hist = np.zeros((parts, nb, _LOW_BINS), np.int64)
-    for p in prange(parts):
-        row = np.empty(BLOCK, np.float32)
-        keys = np.empty(BLOCK, np.uint32)
-        for blk in range(p, nblocks, parts):
-            s, e = _block(blk, n)
-            _delta_row(x, b, s, kind, row[:e - s])
-            _abs_bits_row(row[:e - s], keys)
-            for j in range(e - s):
-                top = keys[j] >> np.uint32(16)
-                for t in range(nb):
-                    if top == buckets[t]:
-                        hist[p, t, keys[j] & np.uint32(0xFFFF)] += 1
+    hist = np.zeros((threads, nb, _LOW_BINS), np.int64)
+    for blk in prange((n + BLOCK - 1) // BLOCK):
+        s, e = _block(blk, n)
+        row = np.empty(e - s, np.float32)
+        keys = np.empty(e - s, np.uint32)
+        _delta_row(x, b, s, kind, row)
+        _abs_bits_row(row, keys)
+        h = hist[get_thread_id()]
+        for j in range(e - s):
+            top = keys[j] >> np.uint32(16)
+            for t in range(nb):
+                if top == buckets[t]:
+                    h[t, keys[j] & np.uint32(0xFFFF)] += 1
     return hist.sum(axis=0)
 
 
@@ -342,12 +355,14 @@ def kth_largest_abs(x: torch.Tensor, base: torch.Tensor, ks: Sequence[int]) -> l
     the inputs' dtype first: the value ``sparsify.kth_largest_abs`` returns."""
     kind = _KIND[x.dtype]
     xa, ba = storage(x), storage(base)
-    high = _high_histogram(xa, ba, kind, get_num_threads())
+    with _threads() as threads:
+        high = _high_histogram(xa, ba, kind, threads)
     picks = [_pick(high, k) for k in ks]
     if kind == BF16:                                    # a bf16 delta has no low bits
         return [float(np.uint32(bucket << 16).view(np.float32)) for bucket, _ in picks]
     buckets = np.array(sorted({bucket for bucket, _ in picks}), dtype=np.uint32)
-    low = _low_histogram(xa, ba, kind, buckets, get_num_threads())
+    with _threads() as threads:
+        low = _low_histogram(xa, ba, kind, buckets, threads)
     out = []
     for bucket, rank in picks:
         j = int(np.searchsorted(buckets, bucket))
@@ -398,7 +413,8 @@ def l1_norms(x: torch.Tensor, base: torch.Tensor, keep) -> tuple[float, float]:
     """
     flags, lo, hi, density, seed = _rule(keep)
     dense = storage(keep.dense).view(np.float32) if keep.dense is not None else np.zeros(0, np.float32)
-    return _l1_kernel(storage(x), storage(base), dense, _KIND[x.dtype], flags, lo, hi, density, seed)
+    with _threads():
+        return _l1_kernel(storage(x), storage(base), dense, _KIND[x.dtype], flags, lo, hi, density, seed)
 
 
 def _rule(keep) -> tuple[int, np.float32, np.float32, np.float32, np.uint64]:
@@ -475,8 +491,9 @@ def combine(base: torch.Tensor, tensors: Sequence[torch.Tensor], keeps: Sequence
     out = torch.empty(base.numel(), dtype=base.dtype)
     xs = [storage(t) for t in tensors]
     b = storage(base)
-    _combine_kernel(b, _padded(xs, b[:0]), _padded(dense, np.zeros(0, np.float32)), kind, flags, rules, seeds,
-                    sign_election, normalize, norm_div, np.float32(lam), lam != 1, storage(out))
+    with _threads():
+        _combine_kernel(b, _padded(xs, b[:0]), _padded(dense, np.zeros(0, np.float32)), kind, flags, rules, seeds,
+                        sign_election, normalize, norm_div, np.float32(lam), lam != 1, storage(out))
     return out
 
 

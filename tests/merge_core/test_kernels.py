@@ -87,7 +87,7 @@ def _assert_identical(fast: torch.Tensor, ref: torch.Tensor) -> None:
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-@pytest.mark.parametrize("size", sorted(SIZES))
+@pytest.mark.parametrize("size", ["small", "middle"])     # "large": the two tests below
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("name", sorted(BY_NAME))
 def test_fused_equals_torch(name: str, dtype: torch.dtype, size: str, case: str, monkeypatch) -> None:
@@ -217,3 +217,4 @@ def test_switch_forces_torch(monkeypatch) -> None:
     monkeypatch.delenv(_kernels.ENV_VAR)
     assert sparsify.kernels_for(t, t.double()) is None          # mixed dtypes: torch path
     assert sparsify.kernels_for(t.double(), t.double()) is None  # float64: torch path
+
