@@ -481,19 +481,22 @@ def combine(base: torch.Tensor, tensors: Sequence[torch.Tensor], keeps: Sequence
     rules = np.zeros((n_models, 5), np.float32)       # lo, hi, density, scale, weight
     seeds = np.zeros(n_models, np.uint64)
     dense = []
-    for m, (keep, w) in enumerate(zip(keeps, weights)):
-        f, lo, hi, density, seed = _rule(keep)
-        flags[m], seeds[m] = f, seed
-        rules[m] = (lo, hi, density, np.float32(keep.scale), np.float32(w))
-        dense.append(storage(keep.dense).view(np.float32) if keep.dense is not None else np.zeros(0, np.float32))
-    total_w = sum(weights)
-    norm_div = np.float32(total_w if abs(total_w) >= 1e-8 else 1.0)
+    with np.errstate(over="ignore"):                  # a huge weight becomes inf, as torch's cast makes it
+        for m, (keep, w) in enumerate(zip(keeps, weights)):
+            f, lo, hi, density, seed = _rule(keep)
+            flags[m], seeds[m] = f, seed
+            rules[m] = (lo, hi, density, np.float32(keep.scale), np.float32(w))
+            dense.append(storage(keep.dense).view(np.float32) if keep.dense is not None
+                         else np.zeros(0, np.float32))
+        total_w = sum(weights)
+        norm_div = np.float32(total_w if abs(total_w) >= 1e-8 else 1.0)
+        lam32 = np.float32(lam)
     out = torch.empty(base.numel(), dtype=base.dtype)
     xs = [storage(t) for t in tensors]
     b = storage(base)
     with _threads():
         _combine_kernel(b, _padded(xs, b[:0]), _padded(dense, np.zeros(0, np.float32)), kind, flags, rules, seeds,
-                        sign_election, normalize, norm_div, np.float32(lam), lam != 1, storage(out))
+                        sign_election, normalize, norm_div, lam32, lam != 1, storage(out))
     return out
 
 

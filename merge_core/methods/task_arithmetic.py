@@ -84,7 +84,7 @@ class TaskArithmetic:
         lam = float(shared["lambda"])
         kernels = sparsify.kernels_for(base, *tensors)
         if kernels is not None and work == torch.float32:
-            # the chunk loop below, fused into one pass on all cores (same arithmetic)
+            # the chunk loop below as one fused multi-threaded pass, same arithmetic (_kernels)
             out = kernels.combine(base, tensors, keeps, weights, sign_election=self.sign_election,
                                   normalize=normalize, lam=lam)
             return out.reshape(base.shape)
