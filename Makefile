@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= 2.13.0
 
-.PHONY: setup demo test
+.PHONY: setup demo example-merge test
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -18,6 +18,9 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 demo: setup
+	RAY_AUTH_MODE=disabled $(VENV)/bin/brmerge demo
+
+example-merge: setup
 	$(PY) -m examples.make_models examples/models
 	$(VENV)/bin/brmerge merge examples/ties.yaml --out out/ties-merge --overwrite
 

@@ -24,6 +24,7 @@ COMMANDS: dict[str, str] = {
     "export": "export",
     "merge": "merge",
     "eval": "eval",
+    "demo": "demo",
 }
 
 

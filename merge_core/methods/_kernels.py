@@ -28,7 +28,15 @@ from contextlib import contextmanager
 
 import numpy as np
 import torch
+from numba import config as numba_config
 from numba import get_num_threads, get_thread_id, njit, prange, set_num_threads
+
+if "NUMBA_THREADING_LAYER" not in os.environ:
+    # numba's OpenMP threads keep spinning after each parallel region and slowed torch's own
+    # OpenMP pool in the same process 5-10x (merge then evaluate, on 2 cores); the workqueue
+    # layer does not spin. Chosen before the first parallel launch; an explicit
+    # NUMBA_THREADING_LAYER wins.
+    numba_config.THREADING_LAYER = "workqueue"
 
 ENV_VAR = "BRMERGE_KERNELS"  # "torch": the reference torch code; unset or "numba": these kernels
 
