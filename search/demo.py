@@ -102,13 +102,6 @@ def _quiet_libraries() -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
-def _calm_kernel_threads() -> None:
-    """Merge kernels on numba's OpenMP pool leave its threads spinning, and on 2 cores that made
-    each evaluation after a merge ~10x slower; numba's own workqueue pool sleeps when idle.
-    Set before Ray starts, so the workers inherit it (and this process, if numba is not loaded)."""
-    os.environ.setdefault("NUMBA_THREADING_LAYER", "workqueue")
-
-
 @contextmanager
 def _ticking(desc: str, *, enabled: bool) -> Iterator[None]:
     """An elapsed-time bar for a step whose progress cannot be counted (Ray start, report)."""
@@ -306,7 +299,6 @@ def run_demo(*, directory: Path = DEFAULT_DIR, trials: int = DEFAULT_TRIALS, see
     timings: dict[str, float] = {}
     directory = Path(directory).resolve()
     _prepare_directory(directory)
-    _calm_kernel_threads()
     _quiet_libraries()
 
     def step(name: str, t0: float) -> float:

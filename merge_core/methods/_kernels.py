@@ -311,6 +311,15 @@ def _abs_bits_row(row: np.ndarray, keys: np.ndarray) -> None:
 
 # ---- phase 1: the k-th largest |delta|, by a two-level radix select ----
 
+@njit(**_INLINE)
+def _abs_keys(x: np.ndarray, b: np.ndarray, s: int, e: int, kind: int) -> np.ndarray:
+    """Bits of |x - b| over [s, e) as float32 bit patterns (ordered like the values); (e - s,) uint32."""
+    row = np.empty(e - s, np.float32)
+    keys = np.empty(e - s, np.uint32)
+    _delta_row(x, b, s, kind, row)
+    _abs_bits_row(row, keys)
+    return keys
+
 @njit(**_JIT)
 def _high_histogram(x: np.ndarray, b: np.ndarray, kind: int, threads: int) -> np.ndarray:
     """Counts of the top 16 bits of |x - b| (as float32 bits); (32768,) int64."""
@@ -318,10 +327,7 @@ def _high_histogram(x: np.ndarray, b: np.ndarray, kind: int, threads: int) -> np
     hist = np.zeros((threads, _HIGH_BINS), np.int64)  # one private histogram per thread
     for blk in prange((n + BLOCK - 1) // BLOCK):
         s, e = _block(blk, n)
-        row = np.empty(e - s, np.float32)
-        keys = np.empty(e - s, np.uint32)
-        _delta_row(x, b, s, kind, row)
-        _abs_bits_row(row, keys)
+        keys = _abs_keys(x, b, s, e, kind)
         h = hist[get_thread_id()]
         for j in range(e - s):
             h[keys[j] >> np.uint32(16)] += 1
@@ -337,10 +343,7 @@ def _low_histogram(x: np.ndarray, b: np.ndarray, kind: int, buckets: np.ndarray,
     hist = np.zeros((threads, nb, _LOW_BINS), np.int64)
     for blk in prange((n + BLOCK - 1) // BLOCK):
         s, e = _block(blk, n)
-        row = np.empty(e - s, np.float32)
-        keys = np.empty(e - s, np.uint32)
-        _delta_row(x, b, s, kind, row)
-        _abs_bits_row(row, keys)
+        keys = _abs_keys(x, b, s, e, kind)
         h = hist[get_thread_id()]
         for j in range(e - s):
             top = keys[j] >> np.uint32(16)
