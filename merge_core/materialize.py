@@ -16,7 +16,13 @@ import torch
 from merge_core import methods
 from merge_core.checks import check_compatible, read_tensor_infos
 from merge_core.devices import resolve_device
-from merge_core.io import NAME_TO_TORCH, OutputTensor, ShardedWriter, TensorReader, parse_size
+from merge_core.io import (
+    NAME_TO_TORCH,
+    OutputTensor,
+    ShardedWriter,
+    TensorReader,
+    parse_size,
+)
 from merge_core.methods.base import MergeParams
 from merge_core.plan import MergePlan, TensorPlan, build_plan
 from merge_core.provenance import build_provenance, write_model_card
@@ -30,19 +36,34 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 Fetch = Callable[[str, str], torch.Tensor]
 
 
-def merge_tensor(method: methods.MergeMethod, tp: TensorPlan, inputs: list[torch.Tensor]) -> torch.Tensor:
-    """Run the method on the already-fetched inputs of one planned tensor."""
+def merge_tensor(method: methods.MergeMethod, tp: TensorPlan, inputs: list[torch.Tensor],
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """Run the method on the already-fetched inputs of one planned tensor.
+
+    ``out`` (optional): a tensor the result may be written into, used when the method
+    writes into a caller's tensor and ``out`` has the base's dtype, size and device.
+    """
     base = inputs[tp.base_index] if tp.base_index is not None else None
     others = [x for i, x in enumerate(inputs) if i != tp.base_index]
-    out = method.merge(base, others, MergeParams(shared=tp.shared, models=tp.models), seed=tp.seed)
-    return out.to(NAME_TO_TORCH[tp.out_dtype])
+    params = MergeParams(shared=tp.shared, models=tp.models)
+    if (out is not None and base is not None and getattr(method, "writes_out", False)
+            and out.dtype == base.dtype and out.numel() == base.numel() and out.device == base.device
+            and out.is_contiguous()):
+        merged = method.merge(base, others, params, seed=tp.seed, out=out)
+    else:
+        merged = method.merge(base, others, params, seed=tp.seed)
+    return merged.to(NAME_TO_TORCH[tp.out_dtype])
 
 
-def iter_merged(plan: MergePlan, fetch: Fetch, *, prefetch: bool = True) -> Iterator[tuple[TensorPlan, torch.Tensor]]:
+def iter_merged(plan: MergePlan, fetch: Fetch, *, prefetch: bool = True,
+                out_for: Callable[[TensorPlan], torch.Tensor | None] | None = None
+                ) -> Iterator[tuple[TensorPlan, torch.Tensor]]:
     """Yield (planned tensor, merged tensor) in plan order.
 
     With ``prefetch``, the inputs of the next tensor are read on a background thread
     while this one is merged (reading is memcpy from the page cache and releases the GIL).
+    ``out_for(tp)`` may offer a tensor to merge into (see ``merge_tensor``); the yielded
+    tensor is then that one when the method used it.
     """
     method = methods.get(plan.method)
     cast = NAME_TO_TORCH[plan.compute_dtype] if plan.compute_dtype else None
@@ -53,14 +74,14 @@ def iter_merged(plan: MergePlan, fetch: Fetch, *, prefetch: bool = True) -> Iter
 
     if not prefetch:
         for tp in plan.tensors:
-            yield tp, merge_tensor(method, tp, load(tp))
+            yield tp, merge_tensor(method, tp, load(tp), out_for(tp) if out_for is not None else None)
         return
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="brmerge-read") as pool:
         pending: Future | None = pool.submit(load, plan.tensors[0]) if plan.tensors else None
         for i, tp in enumerate(plan.tensors):
             inputs = pending.result()
             pending = pool.submit(load, plan.tensors[i + 1]) if i + 1 < len(plan.tensors) else None
-            yield tp, merge_tensor(method, tp, inputs)
+            yield tp, merge_tensor(method, tp, inputs, out_for(tp) if out_for is not None else None)
 
 
 @dataclass(frozen=True)

@@ -6,10 +6,17 @@ live ``nn.Module`` in place: no disk I/O per candidate, and the module (with its
 evaluator) is built once. It runs the very code the disk merge runs
 (``materialize.iter_merged``) on the same inputs, so a candidate scored here is
 bit-identical to its export on the same device.
+
+What only a repeated merge pays for (``methods.runtime``): the sorted magnitudes of each
+source's task vector, so magnitude pruning finds its cut-off by a lookup (kept within a
+memory budget: ``magnitude_cache_bytes``, or the ``BRMERGE_MAGNITUDE_CACHE`` environment
+variable, e.g. ``20GB``; ``0`` turns it off); the kernels on every thread torch has; the
+merge written straight into the live parameters.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -17,17 +24,52 @@ from torch import nn
 
 from merge_core.devices import resolve_device
 from merge_core.errors import MergeError
-from merge_core.io import TensorReader
+from merge_core.io import TensorReader, parse_size
+from merge_core.methods import runtime
 from merge_core.plan import MergePlan
 from merge_core.recipe import Recipe
 from merge_core.sources import ModelSource, resolve_model
+
+CACHE_ENV = "BRMERGE_MAGNITUDE_CACHE"
+CACHE_SHARE = 0.4        # default budget: this share of the memory free at the first merge
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free on ``device`` now: CUDA's own count, or MemAvailable on the host."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def cache_budget(setting: int | str | None, device: torch.device) -> int:
+    """The magnitude cache's byte budget: ``setting``, else the environment variable,
+    else ``CACHE_SHARE`` of the device's free memory."""
+    if setting is None:
+        setting = os.environ.get(CACHE_ENV) or None
+    if setting is None:
+        return int(free_memory(device) * CACHE_SHARE)
+    if isinstance(setting, str) and setting.strip() == "0":
+        return 0
+    try:
+        return parse_size(setting)
+    except MergeError:
+        raise MergeError(f"magnitude cache size {setting!r} ({CACHE_ENV}) is not a size: write e.g. "
+                         "20GB, 500MB, or 0 to turn the cache off") from None
 
 
 class ResidentModels:
     """The tensors of a base model and its fine-tunes, resident on one device."""
 
     def __init__(self, base_model: str, models: Sequence[str], *, device: str | torch.device = "auto",
-                 allow_pickle: bool = False, sources: dict[str, ModelSource] | None = None):
+                 allow_pickle: bool = False, sources: dict[str, ModelSource] | None = None,
+                 magnitude_cache_bytes: int | str | None = None):
         from merge_core.materialize import prepare
 
         self.device = resolve_device(device)
@@ -43,6 +85,18 @@ class ResidentModels:
         for ref in refs:
             with TensorReader(self.sources[ref].weight_files, pickle_ok=allow_pickle) as r:
                 self.tensors[ref] = {name: r.get(name, device=self.device) for name in r.names()}
+        self._cache_setting = magnitude_cache_bytes
+        cache_budget(magnitude_cache_bytes, self.device)      # a bad setting fails here, not mid-search
+        self.magnitudes: runtime.MagnitudeCache | None = None  # built at the first merge (see _cache)
+
+    def _cache(self) -> runtime.MagnitudeCache:
+        """The magnitude cache, its budget taken from the memory free at the first merge
+        (the live model and the evaluator exist by then)."""
+        if self.magnitudes is None:
+            self.magnitudes = runtime.MagnitudeCache(cache_budget(self._cache_setting, self.device))
+            for tensors in self.tensors.values():
+                self.magnitudes.register(*tensors.values())
+        return self.magnitudes
 
     def plan(self, recipe: Recipe) -> MergePlan:
         """The plan of ``recipe`` over the resident models (cached by recipe content)."""
@@ -57,14 +111,23 @@ class ResidentModels:
             cache[key] = self._prepare(recipe, self.sources)
         return cache[key]
 
-    def merged_tensors(self, recipe: Recipe) -> Iterator[tuple[str, torch.Tensor]]:
+    def merged_tensors(self, recipe: Recipe, targets: dict[str, torch.Tensor] | None = None,
+                       tally: runtime.NonFiniteTally | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, merged tensor) in plan order; a tensor of ``targets`` (by name) may be
+        merged into directly, and is then the one yielded. Kernels that count the inf/NaN
+        values they write record them in ``tally``."""
         from merge_core.materialize import iter_merged
 
         def fetch(ref: str, name: str) -> torch.Tensor:
             return self.tensors[ref][name]  # methods never modify their inputs
 
-        for tp, tensor in iter_merged(self.plan(recipe), fetch, prefetch=False):
-            yield tp.name, tensor
+        def out_for(tp) -> torch.Tensor | None:
+            target = targets.get(tp.name) if targets else None
+            return target if target is not None and tuple(target.shape) == tuple(tp.shape) else None
+
+        with runtime.settings(cache=self._cache(), threads=torch.get_num_threads(), tally=tally):
+            for tp, tensor in iter_merged(self.plan(recipe), fetch, prefetch=False, out_for=out_for):
+                yield tp.name, tensor
 
     @torch.no_grad()
     def materialize(self, recipe: Recipe, module: nn.Module) -> int:
@@ -74,19 +137,21 @@ class ResidentModels:
         """
         targets = dict(module.named_parameters())
         targets.update(dict(module.named_buffers()))
+        live = {name: t.data for name, t in targets.items()}
         bad = 0
-        for name, tensor in self.merged_tensors(recipe):
-            target = targets.get(name)
+        tally = runtime.NonFiniteTally()
+        for name, tensor in self.merged_tensors(recipe, live, tally):
+            target = live.get(name)
             if target is None:
                 raise MergeError(f"the live model has no parameter {name!r}: build it from the base model's config")
             if tuple(target.shape) != tuple(tensor.shape):
                 raise MergeError(f"parameter {name!r} is {tuple(target.shape)} in the live model but "
                                  f"{tuple(tensor.shape)} in the merge")
-            # one reduction first; the exact count only when it is not finite (an overflowing
-            # sum of finite values is a false alarm the count then clears)
-            if tensor.is_floating_point() and not torch.isfinite(tensor.sum()):
-                bad += int(tensor.numel() - torch.isfinite(tensor).sum())
-            target.copy_(tensor)
+            counted = tally.pop(target) if tensor.data_ptr() == target.data_ptr() else None
+            if counted is None:
+                target.copy_(tensor)
+                counted = count_nonfinite(target)
+            bad += counted
         return bad
 
     def load_module(self, *, dtype: torch.dtype | None = None) -> nn.Module:
@@ -98,3 +163,19 @@ class ResidentModels:
             model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
         model.eval()
         return model
+
+
+def count_nonfinite(t: torch.Tensor) -> int:
+    """inf/NaN values in ``t``: one pass of the CPU kernels, else one reduction first and
+    the exact count only when it is not finite (an overflowing sum of finite values is a
+    false alarm the count then clears)."""
+    if not t.is_floating_point():
+        return 0
+    from merge_core.methods.sparsify import kernels_for
+
+    kernels = kernels_for(t)
+    if kernels is not None:
+        return kernels.count_nonfinite(t)
+    if torch.isfinite(t.sum()):
+        return 0
+    return int(t.numel() - torch.isfinite(t).sum())

@@ -10,12 +10,18 @@ one local Ray, by
 
 Utilization = busy time of the workers (their own sleep intervals) / (workers x wall time of
 the loop), the wall time running from the moment the last actor is ready (start-up excluded)
-to the end of the loop. Target: asynchronous >= 90%.
+to the end of the loop (before its actors are killed). Target: asynchronous >= 90%. The idle
+time is split into before the first trial, between trials (what scheduling costs) and after
+the last (the budget's tail: once every trial is handed out, workers that finish wait for
+the slowest; it is a fixed cost, so it weighs less the longer the campaign).
+
+The default budget is 200 trials, that of the example campaign in docs/campaigns.md; with
+``--trials 48`` the tail alone is about 9% of the worker time.
 
 Staged evaluation is disabled (``eval.limit: null``): every trial is one run on one actor, so
 both loops do the same work per trial and only the scheduling differs.
 
-    python perf/scheduling.py [--trials 48 --workers 4 --median 1.0 --sigma 0.5 --sampler cmaes]
+    python perf/scheduling.py [--trials 200 --workers 4 --median 1.0 --sigma 0.5 --sampler cmaes]
 """
 
 from __future__ import annotations
@@ -55,6 +61,7 @@ class LoopStats:
     busy: float        # seconds the workers spent inside run(), summed
     workers: int
     load: tuple[float, float, float]
+    idle: tuple[float, float, float]  # worker-seconds idle before the first run, between runs, after the last
 
     @property
     def utilization(self) -> float:
@@ -82,21 +89,39 @@ def campaign_for(name: str, models: tuple[Path, Path, Path], *, trials: int, wor
     }, source=name)
 
 
-def read_trace(trace_dir: Path, name: str) -> tuple[float, list[tuple[float, float]]]:
-    """(moment the last actor was ready, run intervals) recorded by the workers of ``name``."""
+def read_trace(trace_dir: Path, name: str) -> tuple[float, dict[int, list[tuple[float, float]]]]:
+    """(moment the last actor was ready, run intervals per worker) recorded by the workers of
+    ``name``."""
     ready: list[float] = []
-    runs: list[tuple[float, float]] = []
+    runs: dict[int, list[tuple[float, float]]] = {}
     for path in sorted(trace_dir.glob(f"{name}.worker-*.jsonl")):
         for line in path.read_text(encoding="utf-8").splitlines():
             entry = json.loads(line)
             if entry["event"] == "ready":
                 ready.append(entry["t"])
             else:
-                runs.append((entry["start"], entry["end"]))
+                runs.setdefault(entry["worker"], []).append((entry["start"], entry["end"]))
     if not ready:
         raise RuntimeError(f"no worker trace for {name} in {trace_dir}: did the actors import "
                            "perf._synthetic with the trace directory set?")
     return max(ready), runs
+
+
+def loop_stats(name: str, trials: int, start: float, end: float, runs: dict[int, list[tuple[float, float]]],
+               workers: int) -> LoopStats:
+    """Busy time, and where the idle time of the workers went, between ``start`` and ``end``."""
+    busy = head = gaps = tail = 0.0
+    for w in range(workers):
+        spans = sorted(runs.get(w, []))
+        busy += sum(e - s for s, e in spans)
+        if not spans:
+            tail += end - start
+            continue
+        head += max(0.0, spans[0][0] - start)
+        gaps += sum(max(0.0, b[0] - a[1]) for a, b in zip(spans, spans[1:]))
+        tail += max(0.0, end - spans[-1][1])
+    return LoopStats(name, trials, sum(len(v) for v in runs.values()), end - start, busy, workers,
+                     os.getloadavg(), (head, gaps, tail))
 
 
 def run_async(campaign: Campaign, directory: Path, trace_dir: Path, workers: int, driver_module: Any
@@ -104,11 +129,10 @@ def run_async(campaign: Campaign, directory: Path, trace_dir: Path, workers: int
     driver = driver_module.Driver(campaign, directory, worker_factory=SleepWorker, n_workers=workers,
                                   progress=False)
     study = driver.run()
-    end = time.time()
+    end = driver.loop_ended or time.time()  # the loop's end, before actors are killed (as below)
     start, runs = read_trace(trace_dir, campaign.name)
-    return LoopStats(f"asynchronous ({driver_module.__name__}.Driver)",
-                     len(driver_module.finished_trials(study)), len(runs), end - start,
-                     sum(e - s for s, e in runs), workers, os.getloadavg())
+    return loop_stats(f"asynchronous ({driver_module.__name__}.Driver)",
+                      len(driver_module.finished_trials(study)), start, end, runs, workers)
 
 
 def run_barrier(campaign: Campaign, directory: Path, trace_dir: Path, workers: int, driver_module: Any
@@ -153,9 +177,8 @@ def run_barrier(campaign: Campaign, directory: Path, trace_dir: Path, workers: i
         for a in actors:
             ray.kill(a)
     start, runs = read_trace(trace_dir, campaign.name)
-    return LoopStats("generation barrier (this script)", len(driver_module.finished_trials(study)),
-                     len(runs), end - start,
-                     sum(e - s for s, e in runs), workers, os.getloadavg())
+    return loop_stats("generation barrier (this script)", len(driver_module.finished_trials(study)),
+                      start, end, runs, workers)
 
 
 def report(stats: LoopStats) -> None:
@@ -166,11 +189,15 @@ def report(stats: LoopStats) -> None:
           f"{stats.trials / stats.wall:.2f} trials/s")
     print(f"  worker utilization {100 * stats.utilization:.1f}%  "
           f"(load average at end {stats.load[0]:.2f} {stats.load[1]:.2f} {stats.load[2]:.2f})")
+    total = stats.workers * stats.wall
+    head, gaps, tail = stats.idle
+    print(f"  idle worker time: {100 * head / total:.1f}% before the first trial, {100 * gaps / total:.1f}% "
+          f"between trials, {100 * tail / total:.1f}% after the last (the budget's tail)")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--trials", type=int, default=48)
+    parser.add_argument("--trials", type=int, default=200)
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--median", type=float, default=1.0, help="median trial seconds (default 1.0)")
     parser.add_argument("--sigma", type=float, default=0.5, help="lognormal shape (default 0.5)")

@@ -12,11 +12,14 @@ pool of Ray actors.
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
+import queue
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -48,7 +51,7 @@ A_ATTEMPTS = "attempts"
 
 MAX_ATTEMPTS = 3          # a trial whose worker dies this many times becomes a FAIL trial
 PRUNE_PERCENTILE = 25.0   # stage-1 scores in the bottom quarter stop there
-LOOKAHEAD = 1             # trials asked ahead, so a finishing worker never waits for ask/tell
+LOOKAHEAD_PER_WORKER = 1  # trials asked ahead per worker, so a finishing worker never waits for ask/tell
 
 
 class DriverError(ValueError):
@@ -74,6 +77,76 @@ class _Job:
     materialize_s: float = 0.0
     eval_s: float = 0.0
     stage1: float | None = None
+
+
+Item = tuple[optuna.trial.Trial, str, str]   # a trial asked and ready to run: (trial, digest, recipe YAML)
+
+
+class _Dispatcher(threading.Thread):
+    """Watches the running trials; hands a worker that finishes the next trial asked ahead.
+
+    Shared with the driver's thread, under ``lock``: ``actors``, ``in_flight`` (object ref ->
+    job), ``spare`` (trials asked ahead) and ``collecting`` (results taken from Ray and not
+    yet queued). Results go to ``results`` as (job, result, error, handed) in the order they
+    arrive; ``handed`` says the worker already got its next trial. The Optuna study is
+    touched by the driver's thread only.
+    """
+
+    def __init__(self, actors: list[Any]):
+        super().__init__(name="brmerge-dispatch", daemon=True)
+        self.lock = threading.Lock()
+        self.actors = actors
+        self.in_flight: dict[Any, _Job] = {}
+        self.spare: collections.deque[Item] = collections.deque()
+        self.collecting = 0
+        self.results: queue.Queue[tuple[_Job, dict[str, Any] | None, BaseException | None, bool]] = queue.Queue()
+        self.hand_out = True          # False once the campaign times out or is stopping
+        self._closed = threading.Event()
+
+    def submit(self, worker: int, item: Item) -> None:
+        """Start ``item`` on ``worker`` (hold the lock)."""
+        self.submit_job(_Job(item[0], item[1], item[2], 1, worker))
+
+    def submit_job(self, job: _Job) -> None:
+        """Start (or restart) ``job`` at its stage on its worker (hold the lock)."""
+        self.in_flight[self.actors[job.worker].run.remote(job.recipe_yaml, stage=job.stage)] = job
+
+    def close(self) -> None:
+        self._closed.set()
+        if self.is_alive() and threading.current_thread() is not self:
+            self.join()
+
+    def run(self) -> None:
+        import ray
+
+        while not self._closed.is_set():
+            with self.lock:
+                refs = list(self.in_flight)
+            if not refs:
+                self._closed.wait(0.005)
+                continue
+            ready, _ = ray.wait(refs, num_returns=1, timeout=0.05)   # releases the GIL while it waits
+            for ref in ready:
+                with self.lock:
+                    job = self.in_flight.pop(ref, None)
+                    if job is None:
+                        continue
+                    self.collecting += 1
+                result: dict[str, Any] | None = None
+                error: BaseException | None = None
+                try:
+                    result = ray.get(ref)
+                except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as exc:
+                    error = exc
+                handed = False
+                with self.lock:
+                    if (result is not None and ("error" in result or result.get("final"))
+                            and self.hand_out and self.spare):
+                        self.submit(job.worker, self.spare.popleft())  # its next trial first
+                        handed = True
+                self.results.put((job, result, error, handed))
+                with self.lock:
+                    self.collecting -= 1
 
 
 def study_directions(campaign: Campaign) -> list[str]:
@@ -128,6 +201,7 @@ class Driver:
         self._log_file = open(self.directory / "campaign.log", "a", encoding="utf-8")
         self._echo = log
         self.stopping = False
+        self.loop_ended: float | None = None   # when the trial loop returned (before the clean-up)
 
     # -- logging -----------------------------------------------------------------------------
     def log(self, message: str) -> None:
@@ -237,6 +311,14 @@ class Driver:
 
     # -- the loop ----------------------------------------------------------------------------
     def run(self) -> optuna.Study:
+        """Run the campaign to its budget (or timeout, or Ctrl-C); returns the study.
+
+        Two threads share the work. A dispatcher thread (``_Dispatcher``) only watches the
+        workers: when one finishes a trial it hands that worker the next trial asked ahead,
+        at once, and passes the result on. This thread does everything Optuna: it records
+        results, asks new trials (ahead, one per worker) and fills free workers. Asking and
+        recording then never keep a worker idle unless the driver falls behind overall.
+        """
         import ray
 
         study, space = self._prepare_study()
@@ -245,20 +327,16 @@ class Driver:
         self._plan = self._worker_plan()
         n_workers = self._plan[0]
         self.log(f"starting {n_workers} worker(s) with {self._plan[1]}")
-        actors = [self._make_actor(i) for i in range(n_workers)]
-        infos = ray.get([a.info.remote() for a in actors])
-        for info in infos:
-            self.log(f"worker {info['worker']} ready on {info['device']} ({info['load_seconds']:.1f} s)")
+        disp = _Dispatcher([self._make_actor(i) for i in range(n_workers)])
+        info_refs = [a.info.remote() for a in disp.actors]
         free = list(range(n_workers))
-        in_flight: dict[Any, _Job] = {}
         waiting_dupes: dict[str, list[optuna.trial.Trial]] = {}
         cache = self._cache_from(study)
-        started = time.time()
         budget = self.campaign.trials
         n_done = len(finished_trials(study))  # counted here from now on: a full read per loop is O(trials)
         bar = _bar(budget, n_done, self.progress)
-        spare: list[tuple[optuna.trial.Trial, str, str]] = []  # asked ahead: (trial, digest, recipe)
-        lookahead = LOOKAHEAD
+        lookahead = LOOKAHEAD_PER_WORKER * n_workers
+        started = time.time()
 
         def finish() -> None:
             nonlocal n_done
@@ -266,13 +344,17 @@ class Driver:
             bar.update(1)
 
         def asked_or_done() -> int:
-            return n_done + len(in_flight) + len(spare) + sum(len(v) for v in waiting_dupes.values())
+            with disp.lock:
+                outstanding = len(disp.in_flight) + disp.collecting + len(disp.spare)
+            return n_done + outstanding + disp.results.qsize() + sum(len(v) for v in waiting_dupes.values())
 
-        def next_trial() -> tuple[optuna.trial.Trial, str, str] | None:
-            """A new trial to run (cached and duplicate genomes are dealt with here), or None."""
+        def timed_out() -> bool:
+            return self.campaign.timeout is not None and time.time() - started > self.campaign.timeout
+
+        def ask_new() -> Item | None:
+            """Ask the sampler for a trial to run (cached and duplicate genomes are dealt with
+            here), or None when the budget is asked for."""
             while not self.stopping and asked_or_done() < budget:
-                if spare:
-                    return spare.pop(0)
                 trial = study.ask(space.distributions())
                 recipe = space.to_recipe(trial.params)
                 digest, recipe_yaml = recipe.digest(), recipe.to_yaml()
@@ -282,92 +364,131 @@ class Driver:
                     self._tell_cached(study, trial, cache[digest])
                     finish()
                     continue
-                if any(j.digest == digest for j in in_flight.values()) or any(d == digest for _, d, _ in spare):
+                with disp.lock:
+                    running = any(j.digest == digest for j in disp.in_flight.values()) \
+                        or any(d == digest for _, d, _ in disp.spare)
+                if running:
                     waiting_dupes.setdefault(digest, []).append(trial)
                     continue
                 return trial, digest, recipe_yaml
             return None
 
-        def submit(worker: int, item: tuple[optuna.trial.Trial, str, str]) -> None:
-            job = _Job(item[0], item[1], item[2], 1, worker)
-            in_flight[actors[worker].run.remote(job.recipe_yaml, stage=1)] = job
+        def next_trial() -> Item | None:
+            """The next trial to run: one asked ahead if any, else a new one (or None)."""
+            with disp.lock:
+                if disp.spare and not self.stopping:
+                    return disp.spare.popleft()
+            return ask_new()
+
+        def ask_ahead() -> bool:
+            """Ask one more trial ahead if there is room; whether one was asked."""
+            with disp.lock:
+                room = len(disp.spare) < lookahead
+            if not room or self.stopping or timed_out():
+                return False
+            item = ask_new()
+            if item is None:
+                return False
+            with disp.lock:
+                disp.spare.append(item)
+            return True
+
+        def resubmit(job: _Job) -> None:
+            with disp.lock:
+                disp.submit_job(job)
+
+        def interrupt_all() -> None:
+            """Every trial asked but not recorded: failed as interrupted, queued for --resume."""
+            pending = [job.trial for job in disp.in_flight.values()] + [t for t, _, _ in disp.spare]
+            while not disp.results.empty():
+                pending.append(disp.results.get_nowait()[0].trial)
+            pending += [t for dupes in waiting_dupes.values() for t in dupes]
+            for t in pending:
+                self._interrupt(study, t.number, t._trial_id, t.params, t.user_attrs)
+            disp.in_flight.clear()
+            disp.spare.clear()
+            waiting_dupes.clear()
 
         old_handler = signal.getsignal(signal.SIGINT)
         try:
+            # the first trials are asked while the workers load their models
+            while ask_ahead():
+                pass
+            infos = ray.get(info_refs)
+            for info in infos:
+                self.log(f"worker {info['worker']} ready on {info['device']} ({info['load_seconds']:.1f} s)")
+            started = time.time()
+            disp.start()
             while True:
-                timed_out = self.campaign.timeout is not None and time.time() - started > self.campaign.timeout
-                while free and not timed_out:
+                late = timed_out()
+                if late or self.stopping:
+                    disp.hand_out = False
+                while free and not late:
                     item = next_trial()
                     if item is None:
                         break
-                    submit(free.pop(0), item)
-                # Ask ahead while the workers run, so a worker that finishes starts its next trial
-                # before the driver records the last one (ask/tell no longer idles the workers).
-                while not timed_out and len(spare) < lookahead:
-                    item = next_trial()
-                    if item is None:
-                        break
-                    spare.append(item)
-                if not in_flight:
+                    with disp.lock:
+                        disp.submit(free.pop(0), item)
+                with disp.lock:
+                    idle = not disp.in_flight and not disp.collecting
+                if idle and disp.results.empty():
                     break
-                ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
-                for ref in ready:
-                    job = in_flight.pop(ref)
-                    try:
-                        result = ray.get(ref)
-                    except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as exc:
-                        self.log(f"worker {job.worker} died during trial {job.trial.number}: "
-                                 f"{type(exc).__name__}; starting a replacement")
-                        actors[job.worker] = self._make_actor(job.worker)
-                        if job.attempts >= MAX_ATTEMPTS:
-                            self._tell_fail(study, job, f"worker died {job.attempts} times running it")
-                            free.append(job.worker)
-                            finish()
-                            continue
-                        job.attempts += 1
-                        job.stage = 1
-                        in_flight[actors[job.worker].run.remote(job.recipe_yaml, stage=1)] = job
+                try:
+                    job, result, error, handed = disp.results.get_nowait()
+                except queue.Empty:
+                    if ask_ahead():
                         continue
-                    handed = False
-                    timed_out = (self.campaign.timeout is not None
-                                 and time.time() - started > self.campaign.timeout)
-                    if ("error" in result or result.get("final")) and spare and not self.stopping and not timed_out:
-                        submit(job.worker, spare.pop(0))  # start its next trial first, record after
-                        handed = True
-                    done = self._handle(study, job, result, in_flight, actors, cache)
-                    if done:
-                        if not handed:
-                            free.append(job.worker)
+                    try:
+                        job, result, error, handed = disp.results.get(timeout=1.0)
+                    except queue.Empty:
+                        continue
+                if error is not None:
+                    self.log(f"worker {job.worker} died during trial {job.trial.number}: "
+                             f"{type(error).__name__}; starting a replacement")
+                    replacement = self._make_actor(job.worker)
+                    with disp.lock:
+                        disp.actors[job.worker] = replacement
+                    if job.attempts >= MAX_ATTEMPTS:
+                        self._tell_fail(study, job, f"worker died {job.attempts} times running it")
+                        free.append(job.worker)
                         finish()
-                        for dup in waiting_dupes.pop(job.digest, []):
-                            entry = cache.get(job.digest)
-                            if entry is None:  # the first one failed: run the duplicate for real
+                        continue
+                    job.attempts += 1
+                    job.stage = 1
+                    resubmit(job)
+                    continue
+                done = self._handle(study, job, result, resubmit, cache)
+                if done:
+                    if not handed:
+                        free.append(job.worker)
+                    finish()
+                    for dup in waiting_dupes.pop(job.digest, []):
+                        entry = cache.get(job.digest)
+                        if entry is None:  # the first one failed: run the duplicate for real
+                            with disp.lock:
                                 if free:
-                                    submit(free.pop(0), (dup, job.digest, job.recipe_yaml))
+                                    disp.submit(free.pop(0), (dup, job.digest, job.recipe_yaml))
                                 else:  # next in line for a worker (it was stranded here before)
-                                    spare.insert(0, (dup, job.digest, job.recipe_yaml))
-                            else:
-                                self._tell_cached(study, dup, entry)
-                                finish()
-            for t, _, _ in spare:  # asked ahead but never run (timeout): run them on --resume
+                                    disp.spare.appendleft((dup, job.digest, job.recipe_yaml))
+                        else:
+                            self._tell_cached(study, dup, entry)
+                            finish()
+            self.loop_ended = time.time()
+            disp.close()
+            for t, _, _ in disp.spare:  # asked ahead but never run (timeout): run them on --resume
                 self._interrupt(study, t.number, t._trial_id, t.params, t.user_attrs)
         except KeyboardInterrupt:
             self.stopping = True
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up
+            disp.close()
             self.log("interrupted: in-flight trials are queued again for --resume")
-            for job in in_flight.values():
-                self._interrupt(study, job.trial.number, job.trial._trial_id, job.trial.params,
-                                job.trial.user_attrs)
-            for t, _, _ in spare:
-                self._interrupt(study, t.number, t._trial_id, t.params, t.user_attrs)
-            for dupes in waiting_dupes.values():
-                for t in dupes:
-                    self._interrupt(study, t.number, t._trial_id, t.params, t.user_attrs)
+            interrupt_all()
             raise
         finally:
+            disp.close()
             bar.close()
             signal.signal(signal.SIGINT, old_handler)
-            for a in actors:
+            for a in disp.actors:
                 try:
                     ray.kill(a)
                 except Exception:  # already dead
@@ -411,9 +532,10 @@ class Driver:
         study.tell(job.trial, state=optuna.trial.TrialState.FAIL)
         self.log(f"trial {job.trial.number} FAILED: {reason}")
 
-    def _handle(self, study: optuna.Study, job: _Job, result: dict[str, Any], in_flight: dict,
-                actors: list, cache: dict) -> bool:
-        """Record one stage's result; True when the trial is finished (its worker is free)."""
+    def _handle(self, study: optuna.Study, job: _Job, result: dict[str, Any], resubmit: Callable[[_Job], None],
+                cache: dict) -> bool:
+        """Record one stage's result; True when the trial is finished (its worker is free).
+        A trial that goes on to stage 2 is handed back to its worker through ``resubmit``."""
         job.materialize_s += float(result.get("materialize_seconds", 0.0))
         job.eval_s += float(result.get("eval_seconds", 0.0))
         trial = job.trial
@@ -436,7 +558,7 @@ class Driver:
                 self.log(f"trial {trial.number} pruned at stage 1 (score {score:.4f})")
                 return True
             job.stage = 2
-            in_flight[actors[job.worker].run.remote(job.recipe_yaml, stage=2)] = job
+            resubmit(job)
             return False
         self._attrs(job, result)
         trial.set_user_attr(A_SCORE, score)

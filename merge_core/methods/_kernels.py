@@ -15,8 +15,9 @@ Every float operation is the one torch performs, in the same order and in float3
 (fastmath off), so results are bit-identical to the torch path. The one exception is
 the order of the float64 L1 sums of ``rescale`` (see ``l1_norms``).
 
-16-bit tensors travel as uint16 views (numpy has no bfloat16), float32 as uint32
-views, so each kernel compiles once per storage width, not per dtype combination.
+16-bit tensors travel as uint16 views (numpy has no bfloat16), float32 tensors as
+float32 arrays (bit-cast loads kept LLVM from vectorizing), so each kernel compiles
+once per storage width, not per dtype combination.
 Set ``BRMERGE_KERNELS=torch`` to force the torch path everywhere.
 """
 
@@ -30,6 +31,8 @@ import numpy as np
 import torch
 from numba import config as numba_config
 from numba import get_num_threads, get_thread_id, njit, prange, set_num_threads
+
+from merge_core.methods import runtime
 
 if "NUMBA_THREADING_LAYER" not in os.environ:
     # numba's OpenMP threads keep spinning after each parallel region and slowed torch's own
@@ -81,10 +84,14 @@ def _threads() -> Iterator[int]:
     A merge keeps reader, writer and hashing threads busy beside the kernels; a kernel
     on every core then waits at its barrier for a thread the OS has descheduled (on 2
     busy cores that doubled the wall time of a merge). The setting is numba's per-thread
-    one, restored on exit: nothing global changes."""
+    one, restored on exit: nothing global changes. A caller with no such threads (the
+    resident merge) sets its own count through ``runtime.kernel_threads``."""
     before = get_num_threads()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    set_num_threads(max(1, min(before, cores - 1)))
+    wanted = runtime.kernel_threads.get()
+    if wanted is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        wanted = cores - 1
+    set_num_threads(max(1, min(before, wanted)))
     try:
         yield get_num_threads()
     finally:
@@ -92,11 +99,18 @@ def _threads() -> Iterator[int]:
 
 
 def storage(t: torch.Tensor) -> np.ndarray:
-    """A flat zero-copy unsigned view of ``t``'s bits: uint32 for float32, uint16 otherwise."""
+    """A flat zero-copy view of ``t`` for the kernels: float32 values as they are (the
+    loops then vectorize), 16-bit floats as uint16 bits (numpy has no bfloat16)."""
     flat = t.detach().contiguous().reshape(-1)
     if flat.dtype == torch.float32:
-        return flat.numpy().view(np.uint32)
+        return flat.numpy()
     return flat.view(torch.int16).numpy().view(np.uint16)
+
+
+def bits(t: torch.Tensor) -> np.ndarray:
+    """A flat zero-copy unsigned view of ``t``'s bits: uint32 for float32, uint16 otherwise."""
+    a = storage(t)
+    return a.view(np.uint32) if a.dtype == np.float32 else a
 
 
 # ---- scalar helpers: bit casts, rounding to 16-bit floats, the counter-based hash ----
@@ -197,110 +211,151 @@ def _block(blk: int, n: int) -> tuple[int, int]:
 # ---- row passes over one block: simple loops that LLVM vectorizes ----
 
 @njit(**_INLINE)
-def _delta_row(x: np.ndarray, b: np.ndarray, s: int, kind: int, row: np.ndarray) -> None:
+def _delta_row(x: np.ndarray, b: np.ndarray, s: int, kind: int, row: np.ndarray, width: int) -> None:
     """row[j] = x[s + j] - b[s + j], rounded to the inputs' dtype (as torch.sub on bf16/fp16
     tensors: a float32 subtraction, then a rounding), as float32."""
-    if kind == F32:
-        for j in range(row.size):
-            row[j] = _f32(np.uint32(x[s + j])) - _f32(np.uint32(b[s + j]))
+    if kind == F32:                                   # float32 arrays (see ``storage``)
+        for j in range(width):
+            row[j] = np.float32(x[s + j]) - np.float32(b[s + j])
     elif kind == BF16:
-        for j in range(row.size):
+        for j in range(width):
             diff = _f32(np.uint32(x[s + j]) << np.uint32(16)) - _f32(np.uint32(b[s + j]) << np.uint32(16))
             row[j] = _f32(_bf16_round(diff) << np.uint32(16))
     else:
-        for j in range(row.size):
+        for j in range(width):
             diff = _f16_to_f32(np.uint32(x[s + j])) - _f16_to_f32(np.uint32(b[s + j]))
             row[j] = _f16_to_f32(_f16_round(diff))
 
 
 @njit(**_INLINE)
 def _prune_row(row: np.ndarray, s: int, flags: int, lo: np.float32, hi: np.float32, density: np.float32,
-               seed: np.uint64) -> None:
+               seed: np.uint64, width: int) -> None:
     """sparsify.Keep.apply on one block of a delta. A pruned entry is multiplied by 0 (so
     -0.0 and NaN come out as from torch's d.mul_(mask)), not replaced by 0."""
     one, zero = np.float32(1.0), np.float32(0.0)
     if flags & NOTHING:
-        row[:] = zero
+        for j in range(width):
+            row[j] = zero
         return
     if flags & LO and flags & HI:
-        for j in range(row.size):
+        for j in range(width):
             a = abs(row[j])
             row[j] = row[j] * (one if (a >= lo) & (a <= hi) else zero)
     elif flags & LO:
-        for j in range(row.size):
+        for j in range(width):
             row[j] = row[j] * (one if abs(row[j]) >= lo else zero)
     elif flags & HI:
-        for j in range(row.size):
+        for j in range(width):
             row[j] = row[j] * (one if abs(row[j]) <= hi else zero)
     if flags & RANDOM:
-        for j in range(row.size):
+        for j in range(width):
             row[j] = row[j] * (one if _uniform(seed, s + j) < density else zero)
 
 
 @njit(**_INLINE)
 def _weighted_row(x: np.ndarray, b: np.ndarray, dense: np.ndarray, s: int, kind: int, flags: int,
-                  rule: np.ndarray, seed: np.uint64, row: np.ndarray) -> None:
+                  rule: np.ndarray, seed: np.uint64, row: np.ndarray, total: np.ndarray, first: bool,
+                  width: int) -> None:
     """One model's pruned, rescaled, weighted delta on one block; ``rule`` is
-    (lo, hi, density, scale, weight)."""
+    (lo, hi, density, scale, weight). Also adds it to ``total``, the sum over models in
+    their order (``first``: this is the first model, ``total`` starts here)."""
+    one, zero = np.float32(1.0), np.float32(0.0)
+    if kind == F32 and (flags & ~LO) == 0:
+        # the common case (TIES, task arithmetic on float32) in one loop, same operations
+        lo, scale, w = rule[0], rule[3], rule[4]
+        if flags & LO:
+            if first:
+                for j in range(width):
+                    d = np.float32(x[s + j]) - np.float32(b[s + j])
+                    r = d * (one if abs(d) >= lo else zero) * scale * w
+                    row[j] = r
+                    total[j] = r
+            else:
+                for j in range(width):
+                    d = np.float32(x[s + j]) - np.float32(b[s + j])
+                    r = d * (one if abs(d) >= lo else zero) * scale * w
+                    row[j] = r
+                    total[j] = total[j] + r
+        else:
+            for j in range(width):
+                d = np.float32(x[s + j]) - np.float32(b[s + j])
+                row[j] = d * scale * w
+            _accumulate(row, total, first, width)
+        return
     if flags & DENSE:
-        row[:] = dense[s:s + row.size]
+        for j in range(width):
+            row[j] = dense[s + j]
     elif not flags & NOTHING:
-        _delta_row(x, b, s, kind, row)
-    _prune_row(row, s, flags & ~DENSE, rule[0], rule[1], rule[2], seed)
+        _delta_row(x, b, s, kind, row, width)
+    _prune_row(row, s, flags & ~DENSE, rule[0], rule[1], rule[2], seed, width)
     scale, w = rule[3], rule[4]
-    for j in range(row.size):
+    for j in range(width):
         row[j] = row[j] * scale * w
+    _accumulate(row, total, first, width)
 
 
 @njit(**_INLINE)
-def _elect_rows(rows: np.ndarray, weights: np.ndarray, normalize: bool, mixed: np.ndarray) -> None:
-    """TaskArithmetic._combine with sign election on one block; rows (M, block) hold the
-    weighted pruned deltas. Same float32 operations in the same order as torch."""
-    one, zero = np.float32(1.0), np.float32(0.0)
-    width = mixed.size
-    total = rows[0].copy()                            # (block,)
-    for m in range(1, rows.shape[0]):
+def _accumulate(row: np.ndarray, total: np.ndarray, first: bool, width: int) -> None:
+    # branch-free loops (a select inside the loop kept it from vectorizing)
+    if first:
         for j in range(width):
-            total[j] = total[j] + rows[m, j]
-    divisor = np.zeros(width, np.float32)
-    mixed[:] = zero
-    for m in range(rows.shape[0]):
+            total[j] = row[j]
+    else:
+        for j in range(width):
+            total[j] = total[j] + row[j]
+
+
+@njit(**_INLINE)
+def _elect_rows(rows: np.ndarray, n_models: int, weights: np.ndarray, normalize: bool, mixed: np.ndarray,
+                total: np.ndarray, divisor: np.ndarray, width: int) -> None:
+    """TaskArithmetic._combine with sign election on one block: rows[:n_models, :width]
+    hold the weighted pruned deltas, ``total`` their sum. Same float32 operations in the
+    same order as torch."""
+    zero = np.float32(0.0)
+    for j in range(width):
+        mixed[j] = zero
+        divisor[j] = zero
+    for m in range(n_models):
         w = weights[m]
+        row = rows[m]
         for j in range(width):
-            d = rows[m, j]
-            # the sign of d agrees with the majority sign (that of the sum; ties positive)
-            positive = total[j] >= 0                  # NaN: not positive, as torch.where sees it
-            agree = one if (positive & (d > 0)) | ((not positive) & (d < 0)) else zero
+            d = row[j]
+            # the sign of d agrees with the majority sign (that of the sum; ties positive;
+            # a NaN sum is not positive, as torch.where sees it)
+            agree = np.float32((d > 0) if total[j] >= 0 else (d < 0))
             mixed[j] = mixed[j] + d * agree
             divisor[j] = divisor[j] + agree * w       # torch: fma(agree, w, divisor), agree in {0, 1}
     if normalize:
+        one = np.float32(1.0)
         for j in range(width):
-            mixed[j] = mixed[j] / (one if divisor[j] == 0 else divisor[j])
+            div = divisor[j]
+            mixed[j] = mixed[j] / (one if div == 0 else div)
 
 
 @njit(**_INLINE)
-def _sum_rows(rows: np.ndarray, normalize: bool, norm_div: np.float32, mixed: np.ndarray) -> None:
-    mixed[:] = rows[0]
-    for m in range(1, rows.shape[0]):
-        for j in range(mixed.size):
-            mixed[j] = mixed[j] + rows[m, j]
-    if normalize:
-        for j in range(mixed.size):
-            mixed[j] = mixed[j] / norm_div
-
-
-@njit(**_INLINE)
-def _store_row(mixed: np.ndarray, b: np.ndarray, s: int, kind: int, out: np.ndarray) -> None:
-    """out[s + j] = mixed[j] + base, cast to the output (= base) dtype."""
-    if kind == F32:
-        for j in range(mixed.size):
-            out[s + j] = _bits(mixed[j] + _f32(np.uint32(b[s + j])))
-    elif kind == BF16:
-        for j in range(mixed.size):
+def _store_row(mixed: np.ndarray, b: np.ndarray, s: int, kind: int, out: np.ndarray, width: int) -> int:
+    """out[s + j] = mixed[j] + base, cast to the output (= base) dtype; returns how many
+    of the stored values are inf or NaN (counted in a loop of its own, over the block in
+    cache: inside the store loop it kept that loop from vectorizing)."""
+    finite = 0
+    if kind == F32:                                   # float32 arrays (see ``storage``)
+        for j in range(width):
+            out[s + j] = mixed[j] + np.float32(b[s + j])
+        inf = np.float32(np.inf)
+        for j in range(width):
+            finite += np.int32(abs(np.float32(out[s + j])) < inf)
+        return width - finite
+    if kind == BF16:
+        for j in range(width):
             out[s + j] = _bf16_round(mixed[j] + _f32(np.uint32(b[s + j]) << np.uint32(16)))
+        exp = np.uint32(0x7F80)
     else:
-        for j in range(mixed.size):
+        for j in range(width):
             out[s + j] = _f16_round(mixed[j] + _f16_to_f32(np.uint32(b[s + j])))
+        exp = np.uint32(0x7C00)
+    for j in range(width):
+        finite += np.int32((np.uint32(out[s + j]) & exp) != exp)
+    return width - finite
 
 
 @njit(**_INLINE)
@@ -316,7 +371,7 @@ def _abs_keys(x: np.ndarray, b: np.ndarray, s: int, e: int, kind: int) -> np.nda
     """Bits of |x - b| over [s, e) as float32 bit patterns (ordered like the values); (e - s,) uint32."""
     row = np.empty(e - s, np.float32)
     keys = np.empty(e - s, np.uint32)
-    _delta_row(x, b, s, kind, row)
+    _delta_row(x, b, s, kind, row, e - s)
     _abs_bits_row(row, keys)
     return keys
 
@@ -394,14 +449,14 @@ def _l1_kernel(x: np.ndarray, b: np.ndarray, dense: np.ndarray, kind: int, flags
     for blk in prange(nblocks):
         s, e = _block(blk, n)
         row = np.empty(e - s, np.float32)
-        _delta_row(x, b, s, kind, row)
+        _delta_row(x, b, s, kind, row, e - s)
         total = 0.0
         for j in range(e - s):
             total += abs(row[j])
         before[blk] = total
         if flags & DENSE:
             row[:] = dense[s:e]
-        _prune_row(row, s, flags & ~DENSE, lo, hi, density, seed)
+        _prune_row(row, s, flags & ~DENSE, lo, hi, density, seed, e - s)
         total = 0.0
         for j in range(e - s):
             total += abs(row[j])
@@ -451,26 +506,38 @@ def _rule(keep) -> tuple[int, np.float32, np.float32, np.float32, np.uint64]:
 @njit(**_JIT)
 def _combine_kernel(base: np.ndarray, xs: tuple, dense: tuple, kind: int, flags: np.ndarray,
                     rules: np.ndarray, seeds: np.ndarray, sign_election: bool, normalize: bool,
-                    norm_div: np.float32, lam: np.float32, use_lam: bool, out: np.ndarray) -> None:
-    # rules: (M, 5) float32 columns lo, hi, density, scale, weight
+                    norm_div: np.float32, lam: np.float32, use_lam: bool, out: np.ndarray, threads: int) -> int:
+    # rules: (M, 5) float32 columns lo, hi, density, scale, weight; returns the number of
+    # inf/NaN values written
     n = base.size
     n_models = flags.size
     weights = rules[:, 4].copy()
     nblocks = (n + BLOCK - 1) // BLOCK
+    # per-thread scratch, allocated once: M weighted pruned delta rows, then mixed, total,
+    # divisor (a fresh 128 KiB allocation per block cost as much as the arithmetic)
+    scratch = np.empty((threads, n_models + 3, min(n, BLOCK)), np.float32)
+    bad = np.zeros(nblocks, np.int64)
     for blk in prange(nblocks):
         s, e = _block(blk, n)
-        rows = np.empty((n_models, e - s), np.float32)   # (M, block) weighted pruned deltas
+        rows = scratch[get_thread_id()]                 # C-contiguous rows: loops vectorize
+        width = e - s
+        total = rows[n_models + 2]
         for m in range(n_models):
-            _weighted_row(xs[m], base, dense[m], s, kind, flags[m], rules[m], seeds[m], rows[m])
-        mixed = np.empty(e - s, np.float32)              # (block,)
+            _weighted_row(xs[m], base, dense[m], s, kind, flags[m], rules[m], seeds[m], rows[m], total, m == 0,
+                          width)
         if sign_election:
-            _elect_rows(rows, weights, normalize, mixed)
+            mixed = rows[n_models]
+            _elect_rows(rows, n_models, weights, normalize, mixed, total, rows[n_models + 1], width)
         else:
-            _sum_rows(rows, normalize, norm_div, mixed)
+            mixed = total                               # the plain sum, models in order
+            if normalize:
+                for j in range(width):
+                    mixed[j] = mixed[j] / norm_div
         if use_lam:
-            for j in range(e - s):
+            for j in range(width):
                 mixed[j] = mixed[j] * lam
-        _store_row(mixed, base, s, kind, out)
+        bad[blk] = _store_row(mixed, base, s, kind, out, width)
+    return bad.sum()
 
 
 def _padded(arrays: list[np.ndarray], filler: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -483,9 +550,10 @@ def _padded(arrays: list[np.ndarray], filler: np.ndarray) -> tuple[np.ndarray, .
 
 
 def combine(base: torch.Tensor, tensors: Sequence[torch.Tensor], keeps: Sequence, weights: Sequence[float], *,
-            sign_election: bool, normalize: bool, lam: float) -> torch.Tensor:
+            sign_election: bool, normalize: bool, lam: float, out: torch.Tensor | None = None) -> torch.Tensor:
     """``TaskArithmetic.merge``'s chunk loop in one fused pass; a flat tensor of
-    ``base.dtype``. ``keeps`` are the models' ``sparsify.Keep`` rules."""
+    ``base.dtype``, written into ``out`` when given (contiguous, that dtype and size).
+    ``keeps`` are the models' ``sparsify.Keep`` rules."""
     kind = _KIND[base.dtype]
     n_models = len(tensors)
     flags = np.zeros(n_models, np.int64)
@@ -502,13 +570,46 @@ def combine(base: torch.Tensor, tensors: Sequence[torch.Tensor], keeps: Sequence
         total_w = sum(weights)
         norm_div = np.float32(total_w if abs(total_w) >= 1e-8 else 1.0)
         lam32 = np.float32(lam)
-    out = torch.empty(base.numel(), dtype=base.dtype)
+    if out is None:
+        out = torch.empty(base.numel(), dtype=base.dtype)
+    else:
+        assert out.dtype == base.dtype and out.numel() == base.numel() and out.is_contiguous()
+        out = out.view(-1)
     xs = [storage(t) for t in tensors]
     b = storage(base)
-    with _threads():
-        _combine_kernel(b, _padded(xs, b[:0]), _padded(dense, np.zeros(0, np.float32)), kind, flags, rules, seeds,
-                        sign_election, normalize, norm_div, lam32, lam != 1, storage(out))
+    with _threads() as threads:
+        bad = _combine_kernel(b, _padded(xs, b[:0]), _padded(dense, np.zeros(0, np.float32)), kind, flags,
+                              rules, seeds, sign_election, normalize, norm_div, lam32, lam != 1, storage(out),
+                              threads)
+    tally = runtime.nonfinite.get()
+    if tally is not None:
+        tally.record(out, int(bad))
     return out
+
+
+# ---- the resident merge's health check ----
+
+_EXP = {F32: np.uint32(0x7F800000), BF16: np.uint32(0x7F80), F16: np.uint32(0x7C00)}
+
+
+@njit(**_JIT)
+def _nonfinite_kernel(bits: np.ndarray, exp: np.uint32) -> int:
+    n = bits.size
+    nblocks = (n + BLOCK - 1) // BLOCK
+    counts = np.zeros(nblocks, np.int64)
+    for blk in prange(nblocks):
+        s, e = _block(blk, n)
+        c = 0
+        for j in range(s, e):
+            c += (np.uint32(bits[j]) & exp) == exp      # all exponent bits set: inf or NaN
+        counts[blk] = c
+    return counts.sum()
+
+
+def count_nonfinite(t: torch.Tensor) -> int:
+    """The number of inf/NaN values of a float32/bfloat16/float16 CPU tensor, one pass."""
+    with _threads():
+        return int(_nonfinite_kernel(bits(t), _EXP[_KIND[t.dtype]]))
 
 
 # ---- test hooks: the scalar conversions and the hash, vectorized ----

@@ -90,6 +90,10 @@ class MergeMethod(Protocol):
 
         Pure and deterministic: randomized methods draw from ``seed`` only (derived
         per tensor name by the caller), so order and device do not matter.
+
+        A method whose class sets ``writes_out = True`` also takes ``out=``: a
+        contiguous tensor of the base's dtype and numel to write the result into (the
+        resident merge passes the live parameter, saving an allocation and a copy).
         """
         ...
 

@@ -25,6 +25,7 @@ import torch
 
 from merge_core import rng
 from merge_core.errors import MergeError
+from merge_core.methods import runtime
 
 CHUNK = 1 << 18          # elements per chunk: float32 temporaries stay in cache
 _DIRECT_SELECT = 1 << 16  # below this, a plain kthvalue is as cheap as the bracketing search
@@ -77,8 +78,13 @@ def kth_largest_abs(delta: Delta, ks: list[int]) -> list[torch.Tensor]:
 
     A seeded sample brackets each answer; one streaming pass counts the elements
     above each bracket and keeps the few inside it; a kthvalue on those finishes it.
-    O(n) with a small constant where mergekit's full sort is O(n log n).
+    O(n) with a small constant where mergekit's full sort is O(n log n). Inside a
+    resident merge (``runtime.MagnitudeCache``), one lookup in the sorted magnitudes.
     """
+    cache = runtime.magnitudes.get()
+    ranked = cache.sorted_abs(delta.x, delta.base) if cache is not None else None
+    if ranked is not None:
+        return [ranked[delta.numel - k].to(delta.work) for k in ks]
     kernels = kernels_for(delta.x, delta.base)
     if kernels is not None:
         return [torch.tensor(v, dtype=delta.work) for v in kernels.kth_largest_abs(delta.x, delta.base, ks)]

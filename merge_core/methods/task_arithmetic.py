@@ -31,6 +31,7 @@ class TaskArithmetic:
     base: BasePolicy = BasePolicy.REQUIRED
     min_models: int = 1
     max_models: int | None = None
+    writes_out = True            # merge(..., out=) writes into a caller's tensor (see base.MergeMethod)
 
     @property
     def randomized(self) -> bool:
@@ -71,7 +72,7 @@ class TaskArithmetic:
         return sparsify.with_rescale(delta, keep) if rescale else keep
 
     def merge(self, base: torch.Tensor | None, tensors: Sequence[torch.Tensor],
-              params: MergeParams, *, seed: int = 0) -> torch.Tensor:
+              params: MergeParams, *, seed: int = 0, out: torch.Tensor | None = None) -> torch.Tensor:
         assert base is not None  # guaranteed by the plan (BasePolicy.REQUIRED)
         work = compute_dtype(base)
         shared = params.shared
@@ -85,12 +86,14 @@ class TaskArithmetic:
         kernels = sparsify.kernels_for(base, *tensors)
         if kernels is not None and work == torch.float32:
             # the chunk loop below as one fused multi-threaded pass, same arithmetic (_kernels)
-            out = kernels.combine(base, tensors, keeps, weights, sign_election=self.sign_election,
-                                  normalize=normalize, lam=lam)
-            return out.reshape(base.shape)
+            merged = kernels.combine(base, tensors, keeps, weights, sign_election=self.sign_election,
+                                     normalize=normalize, lam=lam, out=out)
+            return merged.reshape(base.shape)
         total_w = sum(weights)
         flat_base = base.reshape(-1)
-        out = torch.empty_like(flat_base)
+        if out is None:
+            out = torch.empty_like(flat_base)
+        out = out.view(-1)
         # Chunk by chunk: every float32 temporary stays small, whatever the tensor size.
         for start, end in sparsify.spans(flat_base.numel()):
             weighted = []
