@@ -201,7 +201,8 @@ class Driver:
         self._log_file = open(self.directory / "campaign.log", "a", encoding="utf-8")
         self._echo = log
         self.stopping = False
-        self.loop_ended: float | None = None   # when the trial loop returned (before the clean-up)
+        self.loop_started: float | None = None  # when every worker was ready (the loop's start)
+        self.loop_ended: float | None = None    # when the trial loop returned (before the clean-up)
 
     # -- logging -----------------------------------------------------------------------------
     def log(self, message: str) -> None:
@@ -417,7 +418,7 @@ class Driver:
             infos = ray.get(info_refs)
             for info in infos:
                 self.log(f"worker {info['worker']} ready on {info['device']} ({info['load_seconds']:.1f} s)")
-            started = time.time()
+            started = self.loop_started = time.time()
             disp.start()
             while True:
                 late = timed_out()
