@@ -44,6 +44,8 @@ if "NUMBA_THREADING_LAYER" not in os.environ:
 ENV_VAR = "BRMERGE_KERNELS"  # "torch": the reference torch code; unset or "numba": these kernels
 
 F32, BF16, F16 = 0, 1, 2
+# exponent bits of each storage kind: all set means inf or NaN
+EXP_F32, EXP_BF16, EXP_F16 = np.uint32(0x7F800000), np.uint32(0x7F80), np.uint32(0x7C00)
 _KIND = {torch.float32: F32, torch.bfloat16: BF16, torch.float16: F16}
 
 BLOCK = 1 << 14          # elements per parallel work item: the per-model float32 rows stay in L2
@@ -348,11 +350,11 @@ def _store_row(mixed: np.ndarray, b: np.ndarray, s: int, kind: int, out: np.ndar
     if kind == BF16:
         for j in range(width):
             out[s + j] = _bf16_round(mixed[j] + _f32(np.uint32(b[s + j]) << np.uint32(16)))
-        exp = np.uint32(0x7F80)
+        exp = EXP_BF16
     else:
         for j in range(width):
             out[s + j] = _f16_round(mixed[j] + _f16_to_f32(np.uint32(b[s + j])))
-        exp = np.uint32(0x7C00)
+        exp = EXP_F16
     for j in range(width):
         finite += np.int32((np.uint32(out[s + j]) & exp) != exp)
     return width - finite
@@ -513,8 +515,8 @@ def _combine_kernel(base: np.ndarray, xs: tuple, dense: tuple, kind: int, flags:
     n_models = flags.size
     weights = rules[:, 4].copy()
     nblocks = (n + BLOCK - 1) // BLOCK
-    # per-thread scratch, allocated once: M weighted pruned delta rows, then mixed, total,
-    # divisor (a fresh 128 KiB allocation per block cost as much as the arithmetic)
+    # per-thread scratch, allocated once: M weighted pruned delta rows, then mixed, divisor,
+    # total (a fresh 128 KiB allocation per block cost as much as the arithmetic)
     scratch = np.empty((threads, n_models + 3, min(n, BLOCK)), np.float32)
     bad = np.zeros(nblocks, np.int64)
     for blk in prange(nblocks):
@@ -589,7 +591,7 @@ def combine(base: torch.Tensor, tensors: Sequence[torch.Tensor], keeps: Sequence
 
 # ---- the resident merge's health check ----
 
-_EXP = {F32: np.uint32(0x7F800000), BF16: np.uint32(0x7F80), F16: np.uint32(0x7C00)}
+_EXP = {F32: EXP_F32, BF16: EXP_BF16, F16: EXP_F16}
 
 
 @njit(**_JIT)
