@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from merge_core.errors import MergeError
@@ -23,3 +25,8 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
     if text == "cpu":
         return torch.device("cpu")
     raise MergeError(f"unknown device {name!r}: use auto, cpu or cuda[:N]")
+
+
+def cpu_cores() -> int:
+    """The CPU cores this process may run on (its affinity, not the machine's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextvars
 import json
+import os
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -15,7 +18,8 @@ import torch
 
 from merge_core import methods
 from merge_core.checks import check_compatible, read_tensor_infos
-from merge_core.devices import resolve_device
+from merge_core.devices import cpu_cores, resolve_device
+from merge_core.errors import MergeError
 from merge_core.io import (
     NAME_TO_TORCH,
     OutputTensor,
@@ -23,12 +27,15 @@ from merge_core.io import (
     TensorReader,
     parse_size,
 )
+from merge_core.methods import runtime
 from merge_core.methods.base import MergeParams
 from merge_core.plan import MergePlan, TensorPlan, build_plan
 from merge_core.provenance import build_provenance, write_model_card
 from merge_core.recipe import Recipe
 from merge_core.sources import ModelSource, resolve_model
 
+WORKERS_ENV = "BRMERGE_MERGE_WORKERS"
+FEW_CORES = 4            # up to this many cores, a CPU disk merge runs one tensor per core
 DEFAULT_SHARD_SIZE = "5GB"   # Hugging Face's own default for save_pretrained shards
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
@@ -56,14 +63,21 @@ def merge_tensor(method: methods.MergeMethod, tp: TensorPlan, inputs: list[torch
 
 
 def iter_merged(plan: MergePlan, fetch: Fetch, *, prefetch: bool = True,
-                out_for: Callable[[TensorPlan], torch.Tensor | None] | None = None
-                ) -> Iterator[tuple[TensorPlan, torch.Tensor]]:
+                out_for: Callable[[TensorPlan], torch.Tensor | None] | None = None,
+                workers: int = 1) -> Iterator[tuple[TensorPlan, torch.Tensor]]:
     """Yield (planned tensor, merged tensor) in plan order.
 
     With ``prefetch``, the inputs of the next tensor are read on a background thread
     while this one is merged (reading is memcpy from the page cache and releases the GIL).
     ``out_for(tp)`` may offer a tensor to merge into (see ``merge_tensor``); the yielded
     tensor is then that one when the method used it.
+
+    ``workers`` > 1: that many tensors are read and merged at once, each on its own thread
+    with the CPU kernels on that one thread (``runtime.kernel_threads`` = 1), in the
+    caller's context otherwise. Results still come in plan order; at most
+    ``workers`` + 1 tensors are under way or waiting to be taken. The output does not
+    depend on ``workers``: each tensor is merged by the same code from the same inputs
+    (randomized methods seed per tensor).
     """
     method = methods.get(plan.method)
     cast = NAME_TO_TORCH[plan.compute_dtype] if plan.compute_dtype else None
@@ -72,9 +86,15 @@ def iter_merged(plan: MergePlan, fetch: Fetch, *, prefetch: bool = True,
         xs = [fetch(ref, name) for ref, name in tp.inputs]
         return [x.to(cast) if cast is not None and x.is_floating_point() else x for x in xs]
 
+    def merged(tp: TensorPlan) -> torch.Tensor:
+        return merge_tensor(method, tp, load(tp), out_for(tp) if out_for is not None else None)
+
+    if workers > 1:
+        yield from _merged_on_threads(plan, merged, workers)
+        return
     if not prefetch:
         for tp in plan.tensors:
-            yield tp, merge_tensor(method, tp, load(tp), out_for(tp) if out_for is not None else None)
+            yield tp, merged(tp)
         return
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="brmerge-read") as pool:
         pending: Future | None = pool.submit(load, plan.tensors[0]) if plan.tensors else None
@@ -82,6 +102,60 @@ def iter_merged(plan: MergePlan, fetch: Fetch, *, prefetch: bool = True,
             inputs = pending.result()
             pending = pool.submit(load, plan.tensors[i + 1]) if i + 1 < len(plan.tensors) else None
             yield tp, merge_tensor(method, tp, inputs, out_for(tp) if out_for is not None else None)
+
+
+def _merged_on_threads(plan: MergePlan, merged: Callable[[TensorPlan], torch.Tensor],
+                       workers: int) -> Iterator[tuple[TensorPlan, torch.Tensor]]:
+    caller = contextvars.copy_context()
+
+    def job(tp: TensorPlan) -> torch.Tensor:
+        def one_thread() -> torch.Tensor:
+            runtime.kernel_threads.set(1)         # in this job's copy of the caller's context
+            return merged(tp)
+        return caller.copy().run(one_thread)
+
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="brmerge-merge")
+    queued: deque[tuple[TensorPlan, Future]] = deque()
+    upcoming = iter(plan.tensors)
+    try:
+        for tp in upcoming:
+            queued.append((tp, pool.submit(job, tp)))
+            if len(queued) > workers:
+                break
+        while queued:
+            tp, future = queued.popleft()
+            tensor = future.result()
+            nxt = next(upcoming, None)
+            if nxt is not None:
+                queued.append((nxt, pool.submit(job, nxt)))
+            yield tp, tensor
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # an error or an early stop: no job left running
+
+
+def disk_workers(dev: torch.device) -> int:
+    """How many tensors a disk merge works on at once (``BRMERGE_MERGE_WORKERS`` overrides).
+
+    One on CUDA, where the device does the work. On a CPU with a few cores, one per core,
+    each tensor's kernels on one thread: a single tensor's kernels get all cores but one
+    (the reader, writer and hashing threads need it), which on 2 cores leaves half the
+    machine to threads that are mostly idle. With more cores the kernels' threads use the
+    machine and only one tensor's inputs are held at a time.
+    """
+    text = os.environ.get(WORKERS_ENV, "").strip()
+    if text:
+        try:
+            n = int(text)
+        except ValueError:
+            raise MergeError(f"{WORKERS_ENV}={text!r} is not a whole number: set it to the number of "
+                             "tensors to merge at once, e.g. 2, or unset it") from None
+        if n < 1:
+            raise MergeError(f"{WORKERS_ENV}={text!r} must be at least 1: set it to e.g. 2, or unset it")
+        return n
+    if dev.type != "cpu":
+        return 1
+    cores = cpu_cores()
+    return cores if cores <= FEW_CORES else 1
 
 
 @dataclass(frozen=True)
@@ -165,7 +239,7 @@ def merge_to_disk(recipe: Recipe, out_dir: str | Path, *, device: str = "auto",
             # one write in flight keeps one extra output tensor in memory at most.
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="brmerge-write") as wpool:
                 pending: Future | None = None
-                for tp, tensor in iter_merged(plan, fetch):  # the writer's order is the plan's
+                for tp, tensor in iter_merged(plan, fetch, workers=disk_workers(dev)):  # in plan order
                     if pending is not None:
                         pending.result()
                     pending = wpool.submit(writer.write, tp.name, tensor)

@@ -27,38 +27,47 @@ from merge_core.methods import sparsify  # noqa: E402
 from perf._common import bin_dir, run_child, warm_page_cache, write_synthetic_llama  # noqa: E402
 
 DENSITY = 0.5
+WEIGHT = 0.5
 RECIPE = """\
 models:
   - model: {a}
-    parameters: {{weight: 0.5, density: %s}}
+    parameters: {{weight: %s, density: %s}}
   - model: {b}
-    parameters: {{weight: 0.5, density: %s}}
+    parameters: {{weight: %s, density: %s}}
 merge_method: ties
 base_model: {base}
 dtype: bfloat16
-""" % (DENSITY, DENSITY)
+""" % (WEIGHT, DENSITY, WEIGHT, DENSITY)
 
 
 @dataclass
 class Differences:
-    """How far brmerge's output is from mergekit's, and why."""
+    """How far brmerge's output is from mergekit's, and why.
+
+    Every differing value is put in one class by re-running mergekit's arithmetic order
+    (each step rounded to bf16, as mergekit computes in the recipe's dtype) with brmerge's
+    kept entries: where that reproduces mergekit's value, the two tools kept the same
+    entries and differ by rounding order only (brmerge works in float32 and rounds once).
+    Where it does not, the kept entries differ: that must be a |delta| tie at the cut-off,
+    which brmerge keeps whole and mergekit's top-k cuts at exactly k."""
 
     total: int = 0
-    within_ulp: int = 0           # differ by 1 bf16 ulp: rounding order of the float ops
-    larger: int = 0               # differ by more
-    larger_at_cut: int = 0        # ... where some model's |delta| ties exactly at its cut-off
+    differ: int = 0
+    within_ulp: int = 0           # of those, by 1 bf16 ulp
+    rounding_order: int = 0       # mergekit's order with brmerge's kept entries gives mergekit's value
+    at_cut: int = 0               # it does not, and some model's |delta| ties at its cut-off there
+    unexplained: int = 0          # neither
     largest: float = 0.0
     tied_at_cut: int = 0          # entries whose |delta| equals the cut-off (all models)
     tied_beyond_k: int = 0        # ... that brmerge keeps and a top-k of exactly k drops
 
     def lines(self) -> str:
-        differ = self.within_ulp + self.larger
         return "\n".join([
-            f"output values that differ: {differ} of {self.total} ({differ / self.total:.2e}); "
-            f"largest difference {self.largest:.3g}",
-            f"  within 1 bf16 ulp (rounding order): {self.within_ulp} ({self.within_ulp / self.total:.2e})",
-            f"  larger: {self.larger}, of which at a tie at the density cut-off: {self.larger_at_cut}; "
-            f"not explained by a tie: {self.larger - self.larger_at_cut}",
+            f"output values that differ: {self.differ} of {self.total} ({self.differ / self.total:.2e}); "
+            f"largest difference {self.largest:.3g}; {self.within_ulp} of them by 1 bf16 ulp",
+            f"  rounding order only (mergekit rounds each step to bf16; same kept entries): {self.rounding_order}",
+            f"  a |delta| tie at the density cut-off (different kept entries): {self.at_cut}",
+            f"  not explained by either: {self.unexplained}",
             f"  |delta| tied at the cut-off: {self.tied_at_cut} entries, {self.tied_beyond_k} of them beyond "
             f"the top k (kept by brmerge, dropped by mergekit's top-k)",
         ])
@@ -70,34 +79,60 @@ def _ordered(bits: torch.Tensor) -> torch.Tensor:
     return torch.where(wide < 0, -(wide & 0x7FFF), wide)
 
 
-def compare_outputs(work: Path, *, density: float) -> Differences:
-    """Compare the two outputs tensor by tensor, attributing differences to bf16 rounding
-    order (1 ulp) or to ties of |delta| at the TIES cut-off."""
+def _mergekit_order(base: torch.Tensor, deltas: list[torch.Tensor], keeps: list[torch.Tensor],
+                    weight: float) -> torch.Tensor:
+    """TIES (normalize on, lambda 1) with mergekit's operations and roundings: everything in
+    the inputs' dtype (bf16), on the stacked (models, n) deltas, given which entries to keep."""
+    stacked = torch.stack([d * k.to(d.dtype) for d, k in zip(deltas, keeps)])
+    weights = torch.full((len(deltas), 1), weight, dtype=base.dtype)
+    stacked.mul_(weights)
+    majority = (stacked.sum(dim=0) >= 0).to(base.dtype) * 2 - 1
+    agree = (stacked.sign() == majority).to(base.dtype)
+    mixed = (stacked * agree).sum(dim=0)
+    divisor = (weights * agree).sum(dim=0)
+    divisor[divisor == 0] = 1
+    mixed /= divisor
+    return (base + mixed).to(base.dtype)
+
+
+def compare_outputs(work: Path, *, density: float, weight: float) -> Differences:
+    """Compare the two outputs tensor by tensor and account for every difference."""
     readers = {m: TensorReader(weight_files(work / m)) for m in ("base", "ft_a", "ft_b", "out_mergekit",
                                                                  "out_brmerge")}
     r = Differences()
     try:
         for name in readers["out_mergekit"].names():
-            ref, got = readers["out_mergekit"].get(name), readers["out_brmerge"].get(name)
-            gap = (_ordered(got.view(torch.int16)) - _ordered(ref.view(torch.int16))).abs().reshape(-1)
+            ref = readers["out_mergekit"].get(name).reshape(-1)
+            got = readers["out_brmerge"].get(name).reshape(-1)
+            gap = (_ordered(got.view(torch.int16)) - _ordered(ref.view(torch.int16))).abs()
             r.total += gap.numel()
+            differ = gap > 0
+            r.differ += int(differ.sum())
             r.within_ulp += int((gap == 1).sum())
-            big = gap > 1
-            r.larger += int(big.sum())
             r.largest = max(r.largest, float((got.float() - ref.float()).abs().max()))
             base = readers["base"].get(name).reshape(-1)
-            at_cut = torch.zeros_like(big)
+            deltas, keeps = [], []
+            at_cut = torch.zeros_like(differ)
             for m in ("ft_a", "ft_b"):
-                delta = sparsify.Delta(readers[m].get(name), base, torch.float32)
+                x = readers[m].get(name).reshape(-1)
+                delta = sparsify.Delta(x, base, torch.float32)
                 k = max(1, int(density * delta.numel))
                 cut = sparsify.kth_largest_abs(delta, [k])[0]
-                a = delta.full().abs_()                     # (n,) as both tools round it: in bf16
+                d = x - base                                # in bf16, as both tools take it
+                a = d.float().abs()
+                keeps.append(a >= cut)                      # brmerge keeps every tie
+                deltas.append(d)
                 tied = a == cut
                 n_tied, n_above = int(tied.sum()), int((a > cut).sum())
                 r.tied_at_cut += n_tied
                 r.tied_beyond_k += n_tied - (k - n_above)
                 at_cut |= tied
-            r.larger_at_cut += int((big & at_cut).sum())
+            replay = _mergekit_order(base, deltas, keeps, weight)
+            order = differ & (replay.view(torch.int16) == ref.view(torch.int16))
+            r.rounding_order += int(order.sum())
+            rest = differ & ~order
+            r.at_cut += int((rest & at_cut).sum())
+            r.unexplained += int((rest & ~at_cut).sum())
     finally:
         for reader in readers.values():
             reader.close()
@@ -149,7 +184,7 @@ def main() -> int:
         runs[tool] = r
 
     have_reference = (work / "out_mergekit").is_dir()
-    report = compare_outputs(work, density=DENSITY) if have_reference else None
+    report = compare_outputs(work, density=DENSITY, weight=WEIGHT) if have_reference else None
     mk, br = runs.get("mergekit"), runs["brmerge"]
     gib = 1 << 30
     print(f"\nTIES, 3 models of {n_params / 1e9:.2f}B parameters (bf16), density {DENSITY}, weight 0.5, "

@@ -13,8 +13,8 @@ Every candidate is checked bit-identical between (a), (b) and (c).
 
 The default model has 233M float32 parameters (hidden 1024, 16 layers, vocabulary 32000):
 about 1 GB per copy, 10 GB of RAM for the whole run, 3 minutes on 2 cores. On small models
-the fixed cost per tensor (about 0.3 ms of Python and kernel launch) weighs more: with
-``--hidden 512 --layers 8 --vocab 8000`` (29M parameters) the ratio was 6-7x on 2 cores.
+the fixed cost per tensor (Python and the kernel call) weighs more: with
+``--hidden 512 --layers 8 --vocab 8000`` (29M parameters) the ratio was 8.5x on 2 cores.
 
     python perf/resident_vs_reload.py [--hidden 1024 --layers 16 --vocab 32000 --candidates 4]
 """

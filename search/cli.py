@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -38,13 +40,15 @@ def build_parser() -> argparse.ArgumentParser:
         module = importlib.import_module(f"search.commands.{module_name}")
         cmd = sub.add_parser(name, help=module.HELP, description=module.HELP)
         module.add_arguments(cmd)
-        cmd.set_defaults(_run=module.run)
+        cmd.set_defaults(_run=module.run, _exit_at_once=getattr(module, "EXIT_AT_ONCE", False))
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    return _run(build_parser().parse_args(argv))
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         return int(args._run(args) or 0)
     except KeyboardInterrupt:
@@ -56,5 +60,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
+def entry() -> None:
+    """The ``brmerge`` console script: ``main`` in a process of its own.
+
+    A command that sets ``EXIT_AT_ONCE`` (``merge``: everything it makes is written and
+    closed when it returns) ends the process without tearing down the interpreter, which
+    with torch loaded takes about a second; output streams and logging are flushed first.
+    """
+    args = build_parser().parse_args()
+    code = _run(args)
+    if args._exit_at_once:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    entry()

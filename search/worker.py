@@ -31,10 +31,7 @@ class TrialWorker:
         import torch
 
         if threads:
-            import numba
-
-            torch.set_num_threads(threads)
-            numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+            torch.set_num_threads(threads)    # the merge kernels take torch's count too
         from transformers import AutoTokenizer
 
         from evals.harness import Evaluator

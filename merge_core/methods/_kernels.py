@@ -2,7 +2,8 @@
 
 The torch code in ``task_arithmetic`` and ``sparsify`` is the reference and the CUDA
 path. On CPU it makes several passes per chunk, each with its own temporaries; these
-kernels do the same arithmetic in one pass per element, on all cores:
+kernels do the same arithmetic in one pass per element, on as many threads as asked
+(each takes ranges of blocks of the tensor; see ``_spread``):
 
 - ``kth_largest_abs``: the exact k-th largest |delta| by a radix select on the float
   bits (|x| bit patterns order like the values): one histogram pass over the top 16
@@ -24,22 +25,17 @@ Set ``BRMERGE_KERNELS=torch`` to force the torch path everywhere.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 import torch
-from numba import config as numba_config
-from numba import get_num_threads, get_thread_id, njit, prange, set_num_threads
+from numba import njit
 
+from merge_core.devices import cpu_cores
 from merge_core.methods import runtime
-
-if "NUMBA_THREADING_LAYER" not in os.environ:
-    # numba's OpenMP threads keep spinning after each parallel region and slowed torch's own
-    # OpenMP pool in the same process 5-10x (merge then evaluate, on 2 cores); the workqueue
-    # layer does not spin. Chosen before the first parallel launch; an explicit
-    # NUMBA_THREADING_LAYER wins.
-    numba_config.THREADING_LAYER = "workqueue"
 
 ENV_VAR = "BRMERGE_KERNELS"  # "torch": the reference torch code; unset or "numba": these kernels
 
@@ -48,14 +44,21 @@ F32, BF16, F16 = 0, 1, 2
 EXP_F32, EXP_BF16, EXP_F16 = np.uint32(0x7F800000), np.uint32(0x7F80), np.uint32(0x7C00)
 _KIND = {torch.float32: F32, torch.bfloat16: BF16, torch.float16: F16}
 
-BLOCK = 1 << 14          # elements per parallel work item: the per-model float32 rows stay in L2
+BLOCK = 1 << 14          # elements per block: the per-model float32 rows stay in L2
+_RANGES_PER_THREAD = 4   # block ranges handed out per thread: a thread that falls behind
+                         # (descheduled by the OS) leaves its remaining ranges to the others
 _HIGH_BINS = 1 << 15     # top 16 bits of |x| (the sign bit is always 0)
 _LOW_BINS = 1 << 16
 
 # Keep flags, one int per model (mirror ``sparsify.Keep``).
 NOTHING, DENSE, LO, HI, RANDOM = 1, 2, 4, 8, 16
 
-_JIT = dict(parallel=True, cache=True, nogil=True, error_model="numpy")  # fastmath stays off
+# Every kernel runs over a range of blocks [b0, b1) on the calling thread, with the GIL
+# released; several threads split a tensor's blocks among them (``_spread``). No numba
+# parallel regions: their static split waited on threads the OS had descheduled, their
+# pool may not be entered from two Python threads at once, and their outlined loops
+# vectorized worse (a fused combine ran 1.6x slower per thread).
+_KERNEL = dict(cache=True, nogil=True, error_model="numpy")  # fastmath stays off
 # Helpers are inlined into the kernels in numba IR: LLVM then sees whole loops (and
 # vectorizes them); left as calls they cost ~3x. The price is compile time, paid once.
 _INLINE = dict(cache=True, inline="always", error_model="numpy")
@@ -79,25 +82,62 @@ def supports(*tensors: torch.Tensor) -> bool:
     return dtype in _KIND and all(t.device.type == "cpu" and t.dtype == dtype for t in tensors)
 
 
-@contextmanager
-def _threads() -> Iterator[int]:
-    """Run kernels on numba's threads less one core.
-
-    A merge keeps reader, writer and hashing threads busy beside the kernels; a kernel
-    on every core then waits at its barrier for a thread the OS has descheduled (on 2
-    busy cores that doubled the wall time of a merge). The setting is numba's per-thread
-    one, restored on exit: nothing global changes. A caller with no such threads (the
-    resident merge) sets its own count through ``runtime.kernel_threads``."""
-    before = get_num_threads()
+def _thread_count() -> int:
+    """How many threads the kernels run on: ``runtime.kernel_threads`` when set, else all
+    cores less one (a disk merge keeps reader, writer and hashing threads busy beside them).
+    One means the calling thread alone, so several Python threads may each run kernels."""
     wanted = runtime.kernel_threads.get()
     if wanted is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        wanted = cores - 1
-    set_num_threads(max(1, min(before, wanted)))
+        wanted = cpu_cores() - 1
+    return max(1, wanted)
+
+
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _helpers(n: int) -> ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None or _pool._max_workers < n:     # grows, never shrinks
+            _pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="brmerge-kernel")
+        return _pool
+
+
+def _spread(fn: Callable[[int, int], Any], n: int, threads: int) -> list[Any]:
+    """``fn(s, e)`` over ranges [s, e) of whole blocks covering ``n`` elements, results in
+    the ranges' order; on ``threads`` threads (the caller's among them), each taking the
+    next range when done with one. The kernels get each range as array slices whose
+    block 0 is the range's first block (a kernel looping from a block number it cannot
+    prove non-negative kept its index checks and ran 2x slower)."""
+    nblocks = _block_count(n)
+    parts = 1 if threads <= 1 else min(nblocks, threads * _RANGES_PER_THREAD)
+    if parts <= 1:
+        return [fn(0, n)]
+    bounds = [min(n, nblocks * i // parts * BLOCK) for i in range(parts + 1)]
+    results: list[Any] = [None] * parts
+    upcoming = iter(range(parts))
+    lock = threading.Lock()
+
+    def drain() -> None:
+        while True:
+            with lock:
+                i = next(upcoming, None)
+            if i is None:
+                return
+            results[i] = fn(bounds[i], bounds[i + 1])
+
+    helpers = [_helpers(threads - 1).submit(drain) for _ in range(threads - 1)]
     try:
-        yield get_num_threads()
+        drain()
     finally:
-        set_num_threads(before)
+        for h in helpers:
+            h.result()
+    return results
+
+
+def _block_count(n: int) -> int:
+    return (n + BLOCK - 1) // BLOCK
 
 
 def storage(t: torch.Tensor) -> np.ndarray:
@@ -232,7 +272,8 @@ def _delta_row(x: np.ndarray, b: np.ndarray, s: int, kind: int, row: np.ndarray,
 @njit(**_INLINE)
 def _prune_row(row: np.ndarray, s: int, flags: int, lo: np.float32, hi: np.float32, density: np.float32,
                seed: np.uint64, width: int) -> None:
-    """sparsify.Keep.apply on one block of a delta. A pruned entry is multiplied by 0 (so
+    """sparsify.Keep.apply on one block of a delta; ``s``: the tensor index of row[0] (the
+    random mask hashes it). A pruned entry is multiplied by 0 (so
     -0.0 and NaN come out as from torch's d.mul_(mask)), not replaced by 0."""
     one, zero = np.float32(1.0), np.float32(0.0)
     if flags & NOTHING:
@@ -255,7 +296,7 @@ def _prune_row(row: np.ndarray, s: int, flags: int, lo: np.float32, hi: np.float
 
 
 @njit(**_INLINE)
-def _weighted_row(x: np.ndarray, b: np.ndarray, dense: np.ndarray, s: int, kind: int, flags: int,
+def _weighted_row(x: np.ndarray, b: np.ndarray, dense: np.ndarray, s: int, origin: int, kind: int, flags: int,
                   rule: np.ndarray, seed: np.uint64, row: np.ndarray, total: np.ndarray, first: bool,
                   width: int) -> None:
     """One model's pruned, rescaled, weighted delta on one block; ``rule`` is
@@ -289,7 +330,7 @@ def _weighted_row(x: np.ndarray, b: np.ndarray, dense: np.ndarray, s: int, kind:
             row[j] = dense[s + j]
     elif not flags & NOTHING:
         _delta_row(x, b, s, kind, row, width)
-    _prune_row(row, s, flags & ~DENSE, rule[0], rule[1], rule[2], seed, width)
+    _prune_row(row, origin + s, flags & ~DENSE, rule[0], rule[1], rule[2], seed, width)
     scale, w = rule[3], rule[4]
     for j in range(width):
         row[j] = row[j] * scale * w
@@ -377,37 +418,45 @@ def _abs_keys(x: np.ndarray, b: np.ndarray, s: int, e: int, kind: int) -> np.nda
     _abs_bits_row(row, keys)
     return keys
 
-@njit(**_JIT)
-def _high_histogram(x: np.ndarray, b: np.ndarray, kind: int, threads: int) -> np.ndarray:
+@njit(**_INLINE)
+def _high_counts(x: np.ndarray, b: np.ndarray, kind: int, blk: int, h: np.ndarray) -> None:
+    """Adds block ``blk``'s counts of the top 16 bits of |x - b| (as float32 bits) to ``h``."""
+    s, e = _block(blk, x.size)
+    keys = _abs_keys(x, b, s, e, kind)
+    for j in range(e - s):
+        h[keys[j] >> np.uint32(16)] += 1
+
+
+@njit(**_INLINE)
+def _low_counts(x: np.ndarray, b: np.ndarray, kind: int, buckets: np.ndarray, blk: int, h: np.ndarray) -> None:
+    """Adds block ``blk``'s counts of the low 16 bits of |x - b|, among elements whose top
+    bits are ``buckets[t]``, to ``h[t]``."""
+    s, e = _block(blk, x.size)
+    keys = _abs_keys(x, b, s, e, kind)
+    for j in range(e - s):
+        top = keys[j] >> np.uint32(16)
+        for t in range(buckets.size):
+            if top == buckets[t]:
+                h[t, keys[j] & np.uint32(0xFFFF)] += 1
+
+
+@njit(**_KERNEL)
+def _high_histogram(x: np.ndarray, b: np.ndarray, kind: int) -> np.ndarray:
     """Counts of the top 16 bits of |x - b| (as float32 bits); (32768,) int64."""
-    n = x.size
-    hist = np.zeros((threads, _HIGH_BINS), np.int64)  # one private histogram per thread
-    for blk in prange((n + BLOCK - 1) // BLOCK):
-        s, e = _block(blk, n)
-        keys = _abs_keys(x, b, s, e, kind)
-        h = hist[get_thread_id()]
-        for j in range(e - s):
-            h[keys[j] >> np.uint32(16)] += 1
-    return hist.sum(axis=0)
+    hist = np.zeros(_HIGH_BINS, np.int64)
+    for blk in range((x.size + BLOCK - 1) // BLOCK):
+        _high_counts(x, b, kind, blk, hist)
+    return hist
 
 
-@njit(**_JIT)
-def _low_histogram(x: np.ndarray, b: np.ndarray, kind: int, buckets: np.ndarray, threads: int) -> np.ndarray:
+@njit(**_KERNEL)
+def _low_histogram(x: np.ndarray, b: np.ndarray, kind: int, buckets: np.ndarray) -> np.ndarray:
     """Counts of the low 16 bits of |x - b| among elements whose top bits are ``buckets[t]``;
     (len(buckets), 65536) int64."""
-    n = x.size
-    nb = buckets.size
-    hist = np.zeros((threads, nb, _LOW_BINS), np.int64)
-    for blk in prange((n + BLOCK - 1) // BLOCK):
-        s, e = _block(blk, n)
-        keys = _abs_keys(x, b, s, e, kind)
-        h = hist[get_thread_id()]
-        for j in range(e - s):
-            top = keys[j] >> np.uint32(16)
-            for t in range(nb):
-                if top == buckets[t]:
-                    h[t, keys[j] & np.uint32(0xFFFF)] += 1
-    return hist.sum(axis=0)
+    hist = np.zeros((buckets.size, _LOW_BINS), np.int64)
+    for blk in range((x.size + BLOCK - 1) // BLOCK):
+        _low_counts(x, b, kind, buckets, blk, hist)
+    return hist
 
 
 def _pick(hist: np.ndarray, k: int) -> tuple[int, int]:
@@ -423,14 +472,13 @@ def kth_largest_abs(x: torch.Tensor, base: torch.Tensor, ks: Sequence[int]) -> l
     the inputs' dtype first: the value ``sparsify.kth_largest_abs`` returns."""
     kind = _KIND[x.dtype]
     xa, ba = storage(x), storage(base)
-    with _threads() as threads:
-        high = _high_histogram(xa, ba, kind, threads)
+    threads = _thread_count()
+    high = sum(_spread(lambda s, e: _high_histogram(xa[s:e], ba[s:e], kind), xa.size, threads))
     picks = [_pick(high, k) for k in ks]
     if kind == BF16:                                    # a bf16 delta has no low bits
         return [float(np.uint32(bucket << 16).view(np.float32)) for bucket, _ in picks]
     buckets = np.array(sorted({bucket for bucket, _ in picks}), dtype=np.uint32)
-    with _threads() as threads:
-        low = _low_histogram(xa, ba, kind, buckets, threads)
+    low = sum(_spread(lambda s, e: _low_histogram(xa[s:e], ba[s:e], kind, buckets), xa.size, threads))
     out = []
     for bucket, rank in picks:
         j = int(np.searchsorted(buckets, bucket))
@@ -441,31 +489,39 @@ def kth_largest_abs(x: torch.Tensor, base: torch.Tensor, ks: Sequence[int]) -> l
 
 # ---- rescale: L1 norms before and after pruning ----
 
-@njit(**_JIT)
-def _l1_kernel(x: np.ndarray, b: np.ndarray, dense: np.ndarray, kind: int, flags: int,
-               lo: np.float32, hi: np.float32, density: np.float32, seed: np.uint64) -> tuple[float, float]:
-    n = x.size
-    nblocks = (n + BLOCK - 1) // BLOCK
-    before = np.zeros(nblocks, np.float64)
-    after = np.zeros(nblocks, np.float64)
-    for blk in prange(nblocks):
-        s, e = _block(blk, n)
-        row = np.empty(e - s, np.float32)
-        _delta_row(x, b, s, kind, row, e - s)
-        total = 0.0
-        for j in range(e - s):
-            total += abs(row[j])
-        before[blk] = total
-        if flags & DENSE:
-            row[:] = dense[s:e]
-        _prune_row(row, s, flags & ~DENSE, lo, hi, density, seed, e - s)
-        total = 0.0
-        for j in range(e - s):
-            total += abs(row[j])
-        after[blk] = total
+@njit(**_INLINE)
+def _l1_block(x: np.ndarray, b: np.ndarray, dense: np.ndarray, kind: int, flags: int, lo: np.float32,
+              hi: np.float32, density: np.float32, seed: np.uint64, origin: int, blk: int, before: np.ndarray,
+              after: np.ndarray) -> None:
+    s, e = _block(blk, x.size)
+    row = np.empty(e - s, np.float32)
+    _delta_row(x, b, s, kind, row, e - s)
+    total = 0.0
+    for j in range(e - s):
+        total += abs(row[j])
+    before[blk] = total
+    if flags & DENSE:
+        row[:] = dense[s:e]
+    _prune_row(row, origin + s, flags & ~DENSE, lo, hi, density, seed, e - s)
+    total = 0.0
+    for j in range(e - s):
+        total += abs(row[j])
+    after[blk] = total
+
+
+@njit(**_KERNEL)
+def _l1_kernel(x: np.ndarray, b: np.ndarray, dense: np.ndarray, kind: int, flags: int, lo: np.float32,
+               hi: np.float32, density: np.float32, seed: np.uint64, origin: int, before: np.ndarray,
+               after: np.ndarray) -> None:
+    for blk in range((x.size + BLOCK - 1) // BLOCK):
+        _l1_block(x, b, dense, kind, flags, lo, hi, density, seed, origin, blk, before, after)
+
+
+@njit(**_KERNEL)
+def _sum_in_order(before: np.ndarray, after: np.ndarray) -> tuple[float, float]:
     # fixed blocks summed in order: the same result on any number of threads
     tb, ta = 0.0, 0.0
-    for blk in range(nblocks):
+    for blk in range(before.size):
         tb += before[blk]
         ta += after[blk]
     return tb, ta
@@ -481,8 +537,17 @@ def l1_norms(x: torch.Tensor, base: torch.Tensor, keep) -> tuple[float, float]:
     """
     flags, lo, hi, density, seed = _rule(keep)
     dense = storage(keep.dense).view(np.float32) if keep.dense is not None else np.zeros(0, np.float32)
-    with _threads():
-        return _l1_kernel(storage(x), storage(base), dense, _KIND[x.dtype], flags, lo, hi, density, seed)
+    xa, ba, kind = storage(x), storage(base), _KIND[x.dtype]
+    nblocks = _block_count(xa.size)
+    before, after = np.zeros(nblocks, np.float64), np.zeros(nblocks, np.float64)
+
+    def part(s: int, e: int) -> None:
+        blocks = slice(s // BLOCK, (e + BLOCK - 1) // BLOCK)
+        _l1_kernel(xa[s:e], ba[s:e], dense[s:e] if dense.size else dense, kind, flags, lo, hi, density, seed, s,
+                   before[blocks], after[blocks])
+
+    _spread(part, xa.size, _thread_count())
+    return _sum_in_order(before, after)
 
 
 def _rule(keep) -> tuple[int, np.float32, np.float32, np.float32, np.uint64]:
@@ -505,41 +570,88 @@ def _rule(keep) -> tuple[int, np.float32, np.float32, np.float32, np.uint64]:
 
 # ---- phase 2: the fused combine ----
 
-@njit(**_JIT)
+@njit(**_INLINE)
+def _pair_f32_row(x0: np.ndarray, x1: np.ndarray, b: np.ndarray, s: int, rules: np.ndarray, flags: np.ndarray,
+                  normalize: bool, lam: np.float32, use_lam: bool, out: np.ndarray, width: int) -> int:
+    """The combine of the commonest search candidate, TIES-like over two float32 models
+    (magnitude pruning or none, sign election), in one loop with nothing kept in rows: the
+    same float32 operations in the same order as the general path, so the same bits. A
+    model without pruning gets lo = -inf: its mask is then 1 (0 for NaN, and NaN * 0 and
+    NaN * 1 are the same NaN), and d * 1 is d."""
+    one, zero = np.float32(1.0), np.float32(0.0)
+    no_cut = np.float32(-np.inf)
+    lo0 = rules[0, 0] if flags[0] & LO else no_cut
+    lo1 = rules[1, 0] if flags[1] & LO else no_cut
+    s0, w0, s1, w1 = rules[0, 3], rules[0, 4], rules[1, 3], rules[1, 4]
+    for j in range(width):
+        bj = np.float32(b[s + j])
+        d0 = np.float32(x0[s + j]) - bj
+        r0 = d0 * (one if abs(d0) >= lo0 else zero) * s0 * w0
+        d1 = np.float32(x1[s + j]) - bj
+        r1 = d1 * (one if abs(d1) >= lo1 else zero) * s1 * w1
+        positive = (r0 + r1) >= 0                     # the weighted sum's sign (ties positive)
+        a0 = np.float32((r0 > 0) if positive else (r0 < 0))
+        a1 = np.float32((r1 > 0) if positive else (r1 < 0))
+        mixed = (zero + r0 * a0) + r1 * a1
+        if normalize:
+            div = (zero + a0 * w0) + a1 * w1
+            mixed = mixed / (one if div == 0 else div)
+        if use_lam:
+            mixed = mixed * lam
+        out[s + j] = mixed + bj
+    finite = 0
+    inf = np.float32(np.inf)
+    for j in range(width):                            # its own loop: see _store_row
+        finite += np.int32(abs(np.float32(out[s + j])) < inf)
+    return width - finite
+
+
+@njit(**_INLINE)
+def _combine_block(base: np.ndarray, xs: tuple, dense: tuple, kind: int, flags: np.ndarray, rules: np.ndarray,
+                   seeds: np.ndarray, weights: np.ndarray, sign_election: bool, normalize: bool,
+                   norm_div: np.float32, lam: np.float32, use_lam: bool, out: np.ndarray, blk: int,
+                   rows: np.ndarray, origin: int) -> int:
+    """One block of the combine; ``rows``: (M + 3, BLOCK) float32 scratch (C-contiguous rows,
+    so the loops vectorize): M weighted pruned delta rows, then mixed, divisor, total.
+    Returns the number of inf/NaN values written."""
+    s, e = _block(blk, base.size)
+    width = e - s
+    n_models = flags.size
+    if kind == F32 and n_models == 2 and sign_election and ((flags[0] | flags[1]) & ~LO) == 0:
+        return _pair_f32_row(xs[0], xs[1], base, s, rules, flags, normalize, lam, use_lam, out, width)
+    total = rows[n_models + 2]
+    for m in range(n_models):
+        _weighted_row(xs[m], base, dense[m], s, origin, kind, flags[m], rules[m], seeds[m], rows[m], total,
+                      m == 0, width)
+    if sign_election:
+        mixed = rows[n_models]
+        _elect_rows(rows, n_models, weights, normalize, mixed, total, rows[n_models + 1], width)
+    else:
+        mixed = total                                   # the plain sum, models in order
+        if normalize:
+            for j in range(width):
+                mixed[j] = mixed[j] / norm_div
+    if use_lam:
+        for j in range(width):
+            mixed[j] = mixed[j] * lam
+    return _store_row(mixed, base, s, kind, out, width)
+
+
+@njit(**_KERNEL)
 def _combine_kernel(base: np.ndarray, xs: tuple, dense: tuple, kind: int, flags: np.ndarray,
                     rules: np.ndarray, seeds: np.ndarray, sign_election: bool, normalize: bool,
-                    norm_div: np.float32, lam: np.float32, use_lam: bool, out: np.ndarray, threads: int) -> int:
-    # rules: (M, 5) float32 columns lo, hi, density, scale, weight; returns the number of
-    # inf/NaN values written
-    n = base.size
-    n_models = flags.size
-    weights = rules[:, 4].copy()
-    nblocks = (n + BLOCK - 1) // BLOCK
-    # per-thread scratch, allocated once: M weighted pruned delta rows, then mixed, divisor,
-    # total (a fresh 128 KiB allocation per block cost as much as the arithmetic)
-    scratch = np.empty((threads, n_models + 3, min(n, BLOCK)), np.float32)
-    bad = np.zeros(nblocks, np.int64)
-    for blk in prange(nblocks):
-        s, e = _block(blk, n)
-        rows = scratch[get_thread_id()]                 # C-contiguous rows: loops vectorize
-        width = e - s
-        total = rows[n_models + 2]
-        for m in range(n_models):
-            _weighted_row(xs[m], base, dense[m], s, kind, flags[m], rules[m], seeds[m], rows[m], total, m == 0,
-                          width)
-        if sign_election:
-            mixed = rows[n_models]
-            _elect_rows(rows, n_models, weights, normalize, mixed, total, rows[n_models + 1], width)
-        else:
-            mixed = total                               # the plain sum, models in order
-            if normalize:
-                for j in range(width):
-                    mixed[j] = mixed[j] / norm_div
-        if use_lam:
-            for j in range(width):
-                mixed[j] = mixed[j] * lam
-        bad[blk] = _store_row(mixed, base, s, kind, out, width)
-    return bad.sum()
+                    norm_div: np.float32, lam: np.float32, use_lam: bool, out: np.ndarray,
+                    weights: np.ndarray, rows: np.ndarray, origin: int) -> int:
+    """The combine; rules: (M, 5) float32 columns lo, hi, density, scale, weight; weights:
+    rules[:, 4]; rows: (M + 3, BLOCK) float32 scratch; origin: the tensor index of
+    element 0 (the arrays may be a slice of the tensor; random masks hash the tensor
+    index). Returns the number of inf/NaN values written. Weights and scratch come from
+    the caller: allocated in here, they made LLVM give up on the block loops (1.9x slower)."""
+    bad = 0
+    for blk in range((base.size + BLOCK - 1) // BLOCK):
+        bad += _combine_block(base, xs, dense, kind, flags, rules, seeds, weights, sign_election, normalize,
+                              norm_div, lam, use_lam, out, blk, rows, origin)
+    return bad
 
 
 def _padded(arrays: list[np.ndarray], filler: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -578,11 +690,16 @@ def combine(base: torch.Tensor, tensors: Sequence[torch.Tensor], keeps: Sequence
         assert out.dtype == base.dtype and out.numel() == base.numel() and out.is_contiguous()
         out = out.view(-1)
     xs = [storage(t) for t in tensors]
-    b = storage(base)
-    with _threads() as threads:
-        bad = _combine_kernel(b, _padded(xs, b[:0]), _padded(dense, np.zeros(0, np.float32)), kind, flags,
-                              rules, seeds, sign_election, normalize, norm_div, lam32, lam != 1, storage(out),
-                              threads)
+    b, dest, weights = storage(base), storage(out), rules[:, 4].copy()
+    no_dense = np.zeros(0, np.float32)
+
+    def part(s: int, e: int) -> int:
+        return _combine_kernel(b[s:e], _padded([x[s:e] for x in xs], b[:0]),
+                               _padded([d[s:e] if d.size else d for d in dense], no_dense), kind, flags, rules,
+                               seeds, sign_election, normalize, norm_div, lam32, lam != 1, dest[s:e], weights,
+                               np.empty((n_models + 3, min(e - s, BLOCK)), np.float32), s)
+
+    bad = sum(_spread(part, b.size, _thread_count()))
     tally = runtime.nonfinite.get()
     if tally is not None:
         tally.record(out, int(bad))
@@ -594,31 +711,34 @@ def combine(base: torch.Tensor, tensors: Sequence[torch.Tensor], keeps: Sequence
 _EXP = {F32: EXP_F32, BF16: EXP_BF16, F16: EXP_F16}
 
 
-@njit(**_JIT)
+@njit(**_INLINE)
+def _nonfinite_block(bits: np.ndarray, exp: np.uint32, blk: int) -> int:
+    s, e = _block(blk, bits.size)
+    c = 0
+    for j in range(s, e):
+        c += (np.uint32(bits[j]) & exp) == exp          # all exponent bits set: inf or NaN
+    return c
+
+
+@njit(**_KERNEL)
 def _nonfinite_kernel(bits: np.ndarray, exp: np.uint32) -> int:
-    n = bits.size
-    nblocks = (n + BLOCK - 1) // BLOCK
-    counts = np.zeros(nblocks, np.int64)
-    for blk in prange(nblocks):
-        s, e = _block(blk, n)
-        c = 0
-        for j in range(s, e):
-            c += (np.uint32(bits[j]) & exp) == exp      # all exponent bits set: inf or NaN
-        counts[blk] = c
-    return counts.sum()
+    c = 0
+    for blk in range((bits.size + BLOCK - 1) // BLOCK):
+        c += _nonfinite_block(bits, exp, blk)
+    return c
 
 
 def count_nonfinite(t: torch.Tensor) -> int:
     """The number of inf/NaN values of a float32/bfloat16/float16 CPU tensor, one pass."""
-    with _threads():
-        return int(_nonfinite_kernel(bits(t), _EXP[_KIND[t.dtype]]))
+    raw, exp = bits(t), _EXP[_KIND[t.dtype]]
+    return int(sum(_spread(lambda s, e: _nonfinite_kernel(raw[s:e], exp), raw.size, _thread_count())))
 
 
 # ---- test hooks: the scalar conversions and the hash, vectorized ----
 
-@njit(**_JIT)
+@njit(**_KERNEL)
 def _uniform_kernel(seed: np.uint64, offset: int, out: np.ndarray) -> None:
-    for i in prange(out.size):
+    for i in range(out.size):
         out[i] = _uniform(seed, offset + i)
 
 
@@ -629,15 +749,15 @@ def uniform(n: int, *, seed: int, offset: int = 0) -> np.ndarray:
     return out
 
 
-@njit(**_JIT)
+@njit(**_KERNEL)
 def _round_kernel(values: np.ndarray, kind: int, out: np.ndarray) -> None:
-    for i in prange(values.size):
+    for i in range(values.size):
         out[i] = _encode(values[i], kind)
 
 
-@njit(**_JIT)
+@njit(**_KERNEL)
 def _widen_kernel(bits: np.ndarray, kind: int, out: np.ndarray) -> None:
-    for i in prange(bits.size):
+    for i in range(bits.size):
         out[i] = _decode(np.uint32(bits[i]), kind)
 
 

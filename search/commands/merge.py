@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 HELP = "merge models with a mergekit-compatible recipe into a Hugging Face model folder"
+EXIT_AT_ONCE = True   # the output folder is committed before run() returns (see search.cli.entry)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -26,6 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
+    _hash_sources_early(args)
+
     from merge_core.materialize import merge_to_disk
     from merge_core.recipe import Recipe
 
@@ -39,3 +42,28 @@ def run(args: argparse.Namespace) -> int:
                             overwrite=args.overwrite, progress=not args.quiet, recipe_text=text)
     print(summary.line())
     return 0
+
+
+def _hash_sources_early(args: argparse.Namespace) -> None:
+    """Start hashing the recipe's local source files for the provenance now, while torch
+    loads (seconds of imports that the hashing would otherwise come after). Best effort:
+    whatever this cannot read is left to the real parse, which reports it."""
+    try:
+        import yaml
+
+        from merge_core.provenance import hash_in_background
+        from merge_core.sources import resolve_model
+
+        data = yaml.safe_load(args.recipe.read_text(encoding="utf-8"))
+        slices = data.get("slices") or []
+        refs = [data.get("base_model"), *(m.get("model") for m in data.get("models") or []),
+                *(s.get("base_model") for s in slices),
+                *(src.get("model") for s in slices for src in s.get("sources") or [])]
+        files = []
+        for ref in dict.fromkeys(r for r in refs if isinstance(r, str)):
+            if Path(ref).expanduser().is_dir():
+                files += resolve_model(ref, allow_pickle=args.allow_pickle,
+                                       trust_remote_code=args.trust_remote_code).weight_files
+        hash_in_background(files)
+    except Exception:  # noqa: BLE001 - an early start only; the merge parses the recipe properly
+        return

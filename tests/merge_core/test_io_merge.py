@@ -3,11 +3,13 @@ reproducibility, the CLI, and the resident API."""
 
 from __future__ import annotations
 
+import contextvars
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -15,8 +17,23 @@ import pytest
 import torch
 import yaml
 
-from merge_core.io import OutputTensor, ShardedWriter, TensorReader, load_state, parse_size, weight_files
-from merge_core.materialize import iter_merged, merge_to_disk, prepare, resolve_sources
+from merge_core.io import (
+    OutputTensor,
+    ShardedWriter,
+    TensorReader,
+    load_state,
+    parse_size,
+    weight_files,
+)
+from merge_core.materialize import (
+    WORKERS_ENV,
+    disk_workers,
+    iter_merged,
+    merge_to_disk,
+    prepare,
+    resolve_sources,
+)
+from merge_core.methods import runtime
 from merge_core.recipe import Recipe
 from merge_core.resident import ResidentModels
 
@@ -107,6 +124,73 @@ def test_randomized_merges_are_reproducible_in_any_order(method, tiny_zoo):
     assert any(not torch.equal(forward[k], reseeded[k]) for k in forward)
 
 
+_CALLER = contextvars.ContextVar("test_caller", default=None)
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "linear"])   # linear: the torch path
+def test_workers_merge_the_same_tensors_in_plan_order(method, tiny_zoo):
+    recipe = _recipe(tiny_zoo, method, seed=3) if method != "linear" else Recipe.from_dict({
+        "merge_method": "linear", "models": [{"model": str(tiny_zoo[m]), "parameters": {"weight": w}}
+                                             for m, w in (("ft_a", 0.3), ("ft_b", 0.7))]})
+    sources = resolve_sources(recipe)
+    plan = prepare(recipe, sources)
+    readers = {r: TensorReader(s.weight_files) for r, s in sources.items()}
+    seen = []
+
+    def fetch(ref, name):
+        seen.append((threading.current_thread().name, runtime.kernel_threads.get(), _CALLER.get()))
+        return readers[ref].get(name)
+
+    one = list(iter_merged(plan, fetch))
+    seen.clear()
+    token = _CALLER.set("caller's value")
+    try:
+        three = list(iter_merged(plan, fetch, workers=3))
+    finally:
+        _CALLER.reset(token)
+    assert [tp.name for tp, _ in three] == [tp.name for tp in plan.tensors]
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(one, three))
+    # read and merged on the worker threads, kernels on one thread each, in the caller's context
+    assert {thread.split("_")[0] for thread, _, _ in seen} == {"brmerge-merge"}
+    assert len({thread for thread, _, _ in seen}) > 1
+    assert {(threads, value) for _, threads, value in seen} == {(1, "caller's value")}
+
+
+def test_workers_stop_at_the_first_error(tiny_zoo):
+    recipe = _recipe(tiny_zoo)
+    sources = resolve_sources(recipe)
+    plan = prepare(recipe, sources)
+    readers = {r: TensorReader(s.weight_files) for r, s in sources.items()}
+    bad = plan.tensors[len(plan.tensors) // 2].name
+
+    def fetch(ref, name):
+        if name == bad:
+            raise OSError(f"cannot read {name}")
+        return readers[ref].get(name)
+
+    got = []
+    with pytest.raises(OSError, match="cannot read"):
+        for tp, _ in iter_merged(plan, fetch, workers=2):
+            got.append(tp.name)
+    assert got == [tp.name for tp in plan.tensors[:len(plan.tensors) // 2]]
+    assert not [t for t in threading.enumerate() if t.name.startswith("brmerge-merge")]
+
+
+def test_disk_workers(monkeypatch):
+    monkeypatch.delenv(WORKERS_ENV, raising=False)
+    monkeypatch.setattr("merge_core.materialize.cpu_cores", lambda: 2)
+    assert disk_workers(torch.device("cpu")) == 2
+    assert disk_workers(torch.device("cuda")) == 1
+    monkeypatch.setattr("merge_core.materialize.cpu_cores", lambda: 32)
+    assert disk_workers(torch.device("cpu")) == 1   # many cores: one tensor, kernels on all but one
+    monkeypatch.setenv(WORKERS_ENV, "3")
+    assert disk_workers(torch.device("cpu")) == 3
+    for bad in ("two", "0"):
+        monkeypatch.setenv(WORKERS_ENV, bad)
+        with pytest.raises(ValueError, match=WORKERS_ENV):
+            disk_workers(torch.device("cpu"))
+
+
 def test_incompatible_models_fail_before_any_work(tiny_zoo, tmp_path):
     from tests.tiny import llama_config, make_llama
 
@@ -133,6 +217,28 @@ def test_cli_merge_prints_summary(tiny_zoo, tmp_path):
     line = res.stdout.strip().splitlines()[-1]
     assert line.startswith("merged ") and " tensors, " in line and " s on cpu" in line
     assert (tmp_path / "m" / "config.json").is_file()
+
+
+def test_cli_merge_starts_hashing_the_sources_before_the_merge(tiny_zoo, tmp_path):
+    import argparse
+    import hashlib
+
+    from merge_core import provenance
+    from search.commands import merge as merge_command
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(_recipe(tiny_zoo).to_yaml())
+    merge_command._hash_sources_early(argparse.Namespace(recipe=recipe, allow_pickle=False,
+                                                         trust_remote_code=False))
+    files = [f for m in ("base", "ft_a", "ft_b") for f in weight_files(tiny_zoo[m])]
+    assert all(provenance._file_key(f) in provenance._early for f in files)
+    for f in files:   # the digests are the files' own (and taking them empties the queue)
+        assert provenance.file_sha256(f) == hashlib.sha256(f.read_bytes()).hexdigest()
+    # a recipe it cannot read is left to the real parse, which reports it
+    for text in ("models: [", "- just a list", "models: [{model: 3}]"):
+        recipe.write_text(text)
+        merge_command._hash_sources_early(argparse.Namespace(recipe=recipe, allow_pickle=False,
+                                                             trust_remote_code=False))
 
 
 def test_cli_errors_are_one_line(tiny_zoo, tmp_path):

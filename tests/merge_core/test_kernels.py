@@ -9,16 +9,22 @@ paths sum the L1 norms in float64, in different orders, so the factors may diffe
 last float64 bits; the float32 factor used by the merge (and so the output) only changes
 if it lies within ~1e-12 of a float32 rounding boundary. The tests below would see it as
 an output difference of at most 1 ulp of the output dtype; none occurs on these inputs.
+
+Every test runs twice: with the kernels on the calling thread alone (as the disk merge runs
+them, several tensors at once) and on two threads that split each tensor's blocks.
 """
 
 from __future__ import annotations
+
+import itertools
+import threading
 
 import numpy as np
 import pytest
 import torch
 
 from merge_core import rng
-from merge_core.methods import _kernels, sparsify
+from merge_core.methods import _kernels, runtime, sparsify
 from merge_core.methods.base import MergeParams, Scope
 from merge_core.methods.task_arithmetic import METHODS
 
@@ -37,6 +43,12 @@ CASES = {
     "sum_zero": ([0.5, -0.5], [0.4, 0.6]),
     "single": ([0.7], [0.35]),
 }
+
+
+@pytest.fixture(autouse=True, params=[1, 2], ids=["serial", "parallel"])
+def kernel_threads(request):
+    with runtime.settings(threads=request.param):
+        yield request.param
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -142,6 +154,23 @@ def test_non_finite_inputs_match(dtype: torch.dtype, size: str, monkeypatch) -> 
     assert torch.equal(_bits(fast)[keep], _bits(ref)[keep])
 
 
+@pytest.mark.parametrize("densities", [[1.0, 1.0], [1.0, 0.4], [0.3, 0.6]])
+@pytest.mark.parametrize("lam", [1.0, 0.7])
+def test_two_float32_models_one_loop(densities: list[float], lam: float, monkeypatch) -> None:
+    # TIES over two float32 models takes the kernels' one-loop path (_pair_f32_row); an
+    # unpruned model (density 1) goes through it with no cut; inf/NaN inputs included
+    method = BY_NAME["ties"]
+    base, tensors = _inputs(SIZES["middle"], torch.float32, 2, seed=9)
+    tensors[0].view(-1)[[3, 50, 7000]] = torch.tensor([float("inf"), float("nan"), float("-inf")])
+    params = _params(method, [0.7, -0.2], densities, **{"lambda": lam})
+    if densities[0] < 1:   # the torch path's bracketed select skips NaN (see above): no NaN there
+        tensors[0].view(-1)[50] = 0.5
+    fast, ref = _both(method, base, tensors, params, monkeypatch)
+    assert torch.equal(fast.isnan(), ref.isnan())
+    keep = ~ref.isnan()
+    assert torch.equal(_bits(fast)[keep], _bits(ref)[keep])
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("n", [1, 1000, 70_000, 600_001])
 def test_kth_largest_abs_exact(dtype: torch.dtype, n: int, monkeypatch) -> None:
@@ -176,6 +205,47 @@ def test_l1_norms_match_torch(dtype: torch.dtype, keep_kind: str) -> None:
     assert before == pytest.approx(ref_before, rel=1e-12)
     assert after == pytest.approx(ref_after, rel=1e-12)
     assert np.float32(before / after) == np.float32(ref_before / ref_after)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_count_nonfinite_matches_torch(dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(4)
+    t = torch.randn(3 * _kernels.BLOCK + 11, generator=g).to(dtype)
+    assert _kernels.count_nonfinite(t) == 0
+    t[[0, 5, _kernels.BLOCK, 2 * _kernels.BLOCK + 3, t.numel() - 1]] = torch.tensor(
+        [float("inf"), float("-inf"), float("nan"), float("inf"), float("nan")], dtype=dtype)
+    assert _kernels.count_nonfinite(t) == int((~t.isfinite()).sum()) == 5
+
+
+def test_threads_split_the_blocks(kernel_threads, monkeypatch) -> None:
+    # one thread: the whole tensor on the calling thread (what several merge workers may do
+    # at once); more: ranges of whole blocks that cover the tensor once, on the caller and
+    # helper threads
+    calls = []
+    real = _kernels._combine_kernel
+
+    def spy(*args):
+        origin, n = args[-1], args[0].size
+        calls.append((origin, origin + n, threading.current_thread().name))
+        return real(*args)
+
+    monkeypatch.setattr(_kernels, "_combine_kernel", spy)
+    method = BY_NAME["dare_ties"]          # random masks: each range must hash tensor indices
+    base, tensors = _inputs(SIZES["large"], torch.bfloat16, 2)
+    params = _params(method, [0.5, 0.5], [0.5, 0.5])
+    got = method.merge(base, tensors, params, seed=0)
+    ranges = sorted((s, e) for s, e, _ in calls)
+    assert ranges[0][0] == 0 and ranges[-1][1] == base.numel()
+    assert all(a[1] == b[0] and a[1] % _kernels.BLOCK == 0 for a, b in itertools.pairwise(ranges))
+    threads = {name for _, _, name in calls}
+    if kernel_threads == 1:
+        assert len(calls) == 1 and threads == {threading.current_thread().name}
+    else:
+        assert len(calls) > 1 and all(name == threading.current_thread().name or name.startswith("brmerge-kernel")
+                                      for name in threads)
+    monkeypatch.undo()
+    with runtime.settings(threads=3 - kernel_threads):   # the other way: the same bits
+        _assert_identical(got, method.merge(base, tensors, params, seed=0))
 
 
 @pytest.mark.parametrize("offset", [0, 12345, (1 << 33) + 7])

@@ -10,9 +10,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from merge_core import provenance
 from merge_core.provenance import (
     build_provenance,
     file_sha256,
+    hash_in_background,
     sha256_file,
     source_licence,
     write_model_card,
@@ -96,6 +98,32 @@ def test_file_sha256_takes_the_lfs_blob_name_without_rehashing(tiny_zoo, tmp_pat
     # So is a plain file.
     assert file_sha256(tiny_zoo["ft_a"] / "model.safetensors") == _sha(
         tiny_zoo["ft_a"] / "model.safetensors")
+
+
+def test_sha256_file_of_an_empty_file(tmp_path):
+    empty = tmp_path / "empty.safetensors"
+    empty.write_bytes(b"")
+    assert sha256_file(empty) == hashlib.sha256(b"").hexdigest()
+
+
+def test_digests_hashed_in_background_are_taken_once(tmp_path, monkeypatch):
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    a.write_bytes(b"a" * 100_000)
+    b.write_bytes(b"b" * 5000)
+    hash_in_background([a, b, tmp_path / "missing.safetensors"])
+    for path in (a, b):
+        key = provenance._file_key(path)
+        provenance._early[key].result(timeout=30)   # finished: file_sha256 must not read again
+    real = provenance.sha256_file
+    monkeypatch.setattr(provenance, "sha256_file", lambda path: pytest.fail(f"{path} hashed again"))
+    assert file_sha256(a) == _sha(a)
+    # b changed after it was hashed (new size): its early digest is stale and not used
+    b.write_bytes(b"c" * 6000)
+    monkeypatch.setattr(provenance, "sha256_file", real)
+    assert file_sha256(b) == _sha(b)
+    # each early digest serves one file_sha256; later calls hash as usual
+    assert provenance._file_key(a) not in provenance._early
+    assert file_sha256(a) == _sha(a)
 
 
 def test_file_sha256_ignores_64_hex_names_outside_a_cache(tiny_zoo, tmp_path):
