@@ -86,8 +86,9 @@ def iter_merged(plan: MergePlan, fetch: Fetch, *, prefetch: bool = True,
         xs = [fetch(ref, name) for ref, name in tp.inputs]
         return [x.to(cast) if cast is not None and x.is_floating_point() else x for x in xs]
 
-    def merged(tp: TensorPlan) -> torch.Tensor:
-        return merge_tensor(method, tp, load(tp), out_for(tp) if out_for is not None else None)
+    def merged(tp: TensorPlan, inputs: list[torch.Tensor] | None = None) -> torch.Tensor:
+        return merge_tensor(method, tp, load(tp) if inputs is None else inputs,
+                            out_for(tp) if out_for is not None else None)
 
     if workers > 1:
         yield from _merged_on_threads(plan, merged, workers)
@@ -101,7 +102,7 @@ def iter_merged(plan: MergePlan, fetch: Fetch, *, prefetch: bool = True,
         for i, tp in enumerate(plan.tensors):
             inputs = pending.result()
             pending = pool.submit(load, plan.tensors[i + 1]) if i + 1 < len(plan.tensors) else None
-            yield tp, merge_tensor(method, tp, inputs, out_for(tp) if out_for is not None else None)
+            yield tp, merged(tp, inputs)
 
 
 def _merged_on_threads(plan: MergePlan, merged: Callable[[TensorPlan], torch.Tensor],

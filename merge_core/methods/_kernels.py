@@ -53,8 +53,9 @@ _LOW_BINS = 1 << 16
 # Keep flags, one int per model (mirror ``sparsify.Keep``).
 NOTHING, DENSE, LO, HI, RANDOM = 1, 2, 4, 8, 16
 
-# Every kernel runs over a range of blocks [b0, b1) on the calling thread, with the GIL
-# released; several threads split a tensor's blocks among them (``_spread``). No numba
+# Every kernel runs over the blocks of the arrays it is given, on the calling thread, with
+# the GIL released; several threads split a tensor into slices of whole blocks and run a
+# kernel on each (``_spread``). No numba
 # parallel regions: their static split waited on threads the OS had descheduled, their
 # pool may not be entered from two Python threads at once, and their outlined loops
 # vectorized worse (a fused combine ran 1.6x slower per thread).
@@ -96,11 +97,14 @@ _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
 
 
-def _helpers(n: int) -> ThreadPoolExecutor:
+def _helpers() -> ThreadPoolExecutor:
+    """The helper threads, one per core, shared by every caller (a caller asking for more
+    threads than cores gets no more at once: its extra requests wait in the queue and find
+    nothing left to do)."""
     global _pool
     with _pool_lock:
-        if _pool is None or _pool._max_workers < n:     # grows, never shrinks
-            _pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="brmerge-kernel")
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=cpu_cores(), thread_name_prefix="brmerge-kernel")
         return _pool
 
 
@@ -127,7 +131,7 @@ def _spread(fn: Callable[[int, int], Any], n: int, threads: int) -> list[Any]:
                 return
             results[i] = fn(bounds[i], bounds[i + 1])
 
-    helpers = [_helpers(threads - 1).submit(drain) for _ in range(threads - 1)]
+    helpers = [_helpers().submit(drain) for _ in range(threads - 1)]
     try:
         drain()
     finally:
@@ -418,34 +422,15 @@ def _abs_keys(x: np.ndarray, b: np.ndarray, s: int, e: int, kind: int) -> np.nda
     _abs_bits_row(row, keys)
     return keys
 
-@njit(**_INLINE)
-def _high_counts(x: np.ndarray, b: np.ndarray, kind: int, blk: int, h: np.ndarray) -> None:
-    """Adds block ``blk``'s counts of the top 16 bits of |x - b| (as float32 bits) to ``h``."""
-    s, e = _block(blk, x.size)
-    keys = _abs_keys(x, b, s, e, kind)
-    for j in range(e - s):
-        h[keys[j] >> np.uint32(16)] += 1
-
-
-@njit(**_INLINE)
-def _low_counts(x: np.ndarray, b: np.ndarray, kind: int, buckets: np.ndarray, blk: int, h: np.ndarray) -> None:
-    """Adds block ``blk``'s counts of the low 16 bits of |x - b|, among elements whose top
-    bits are ``buckets[t]``, to ``h[t]``."""
-    s, e = _block(blk, x.size)
-    keys = _abs_keys(x, b, s, e, kind)
-    for j in range(e - s):
-        top = keys[j] >> np.uint32(16)
-        for t in range(buckets.size):
-            if top == buckets[t]:
-                h[t, keys[j] & np.uint32(0xFFFF)] += 1
-
-
 @njit(**_KERNEL)
 def _high_histogram(x: np.ndarray, b: np.ndarray, kind: int) -> np.ndarray:
     """Counts of the top 16 bits of |x - b| (as float32 bits); (32768,) int64."""
     hist = np.zeros(_HIGH_BINS, np.int64)
     for blk in range((x.size + BLOCK - 1) // BLOCK):
-        _high_counts(x, b, kind, blk, hist)
+        s, e = _block(blk, x.size)
+        keys = _abs_keys(x, b, s, e, kind)
+        for j in range(e - s):
+            hist[keys[j] >> np.uint32(16)] += 1
     return hist
 
 
@@ -455,7 +440,13 @@ def _low_histogram(x: np.ndarray, b: np.ndarray, kind: int, buckets: np.ndarray)
     (len(buckets), 65536) int64."""
     hist = np.zeros((buckets.size, _LOW_BINS), np.int64)
     for blk in range((x.size + BLOCK - 1) // BLOCK):
-        _low_counts(x, b, kind, buckets, blk, hist)
+        s, e = _block(blk, x.size)
+        keys = _abs_keys(x, b, s, e, kind)
+        for j in range(e - s):
+            top = keys[j] >> np.uint32(16)
+            for t in range(buckets.size):
+                if top == buckets[t]:
+                    hist[t, keys[j] & np.uint32(0xFFFF)] += 1
     return hist
 
 
@@ -489,32 +480,27 @@ def kth_largest_abs(x: torch.Tensor, base: torch.Tensor, ks: Sequence[int]) -> l
 
 # ---- rescale: L1 norms before and after pruning ----
 
-@njit(**_INLINE)
-def _l1_block(x: np.ndarray, b: np.ndarray, dense: np.ndarray, kind: int, flags: int, lo: np.float32,
-              hi: np.float32, density: np.float32, seed: np.uint64, origin: int, blk: int, before: np.ndarray,
-              after: np.ndarray) -> None:
-    s, e = _block(blk, x.size)
-    row = np.empty(e - s, np.float32)
-    _delta_row(x, b, s, kind, row, e - s)
-    total = 0.0
-    for j in range(e - s):
-        total += abs(row[j])
-    before[blk] = total
-    if flags & DENSE:
-        row[:] = dense[s:e]
-    _prune_row(row, origin + s, flags & ~DENSE, lo, hi, density, seed, e - s)
-    total = 0.0
-    for j in range(e - s):
-        total += abs(row[j])
-    after[blk] = total
-
-
 @njit(**_KERNEL)
 def _l1_kernel(x: np.ndarray, b: np.ndarray, dense: np.ndarray, kind: int, flags: int, lo: np.float32,
                hi: np.float32, density: np.float32, seed: np.uint64, origin: int, before: np.ndarray,
                after: np.ndarray) -> None:
+    """Per block, the L1 norm of the delta before and after pruning, into ``before`` and
+    ``after``; origin: the tensor index of element 0 (random masks hash it)."""
     for blk in range((x.size + BLOCK - 1) // BLOCK):
-        _l1_block(x, b, dense, kind, flags, lo, hi, density, seed, origin, blk, before, after)
+        s, e = _block(blk, x.size)
+        row = np.empty(e - s, np.float32)
+        _delta_row(x, b, s, kind, row, e - s)
+        total = 0.0
+        for j in range(e - s):
+            total += abs(row[j])
+        before[blk] = total
+        if flags & DENSE:
+            row[:] = dense[s:e]
+        _prune_row(row, origin + s, flags & ~DENSE, lo, hi, density, seed, e - s)
+        total = 0.0
+        for j in range(e - s):
+            total += abs(row[j])
+        after[blk] = total
 
 
 @njit(**_KERNEL)
@@ -711,20 +697,11 @@ def combine(base: torch.Tensor, tensors: Sequence[torch.Tensor], keeps: Sequence
 _EXP = {F32: EXP_F32, BF16: EXP_BF16, F16: EXP_F16}
 
 
-@njit(**_INLINE)
-def _nonfinite_block(bits: np.ndarray, exp: np.uint32, blk: int) -> int:
-    s, e = _block(blk, bits.size)
-    c = 0
-    for j in range(s, e):
-        c += (np.uint32(bits[j]) & exp) == exp          # all exponent bits set: inf or NaN
-    return c
-
-
 @njit(**_KERNEL)
 def _nonfinite_kernel(bits: np.ndarray, exp: np.uint32) -> int:
     c = 0
-    for blk in range((bits.size + BLOCK - 1) // BLOCK):
-        c += _nonfinite_block(bits, exp, blk)
+    for j in range(bits.size):
+        c += (np.uint32(bits[j]) & exp) == exp          # all exponent bits set: inf or NaN
     return c
 
 
