@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from tests.tiny import llama_config, make_llama, make_tokenizer
+from search.demo.tiny import llama_config, make_llama, make_tokenizer
 
 
 def main(argv: list[str]) -> int:

@@ -1,6 +1,6 @@
 """Resident evaluator vs a fresh ``lm_eval.simple_evaluate`` call, per candidate.
 
-Builds a small Llama-style model with the tests/tiny.py helpers (hidden 256, 4 layers by
+Builds a small Llama-style model with the search/demo/tiny.py helpers (hidden 256, 4 layers by
 default) and a BPE tokenizer trained on the PT-BR items, so prompts have realistic token
 counts (a 4096-position window: no truncation). Then, for a few "candidates" (weights
 changed in place between them, as the merge core does), it times:
@@ -35,7 +35,7 @@ import torch  # noqa: E402
 from benchmarks_ptbr.lm_eval_tasks import TASKS_DIR  # noqa: E402
 from benchmarks_ptbr.suite import load_suite, resolve_data_dir  # noqa: E402
 from evals.harness import Evaluator  # noqa: E402
-from tests.tiny import llama_config, make_llama, make_tokenizer  # noqa: E402
+from search.demo.tiny import llama_config, make_llama, make_tokenizer  # noqa: E402
 
 
 class ForwardTimer:

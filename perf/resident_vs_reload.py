@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from merge_core.materialize import merge_to_disk  # noqa: E402
 from merge_core.recipe import Recipe  # noqa: E402
 from merge_core.resident import ResidentModels  # noqa: E402
-from tests.tiny import llama_config, make_llama, make_tokenizer  # noqa: E402
+from search.demo.tiny import llama_config, make_llama, make_tokenizer  # noqa: E402
 
 
 def candidate(base: Path, a: Path, b: Path, i: int, layers: int) -> Recipe:

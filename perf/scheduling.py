@@ -49,7 +49,7 @@ from perf._synthetic import MEDIAN_ENV, SIGMA_ENV, TRACE_ENV, SleepWorker  # noq
 from search.campaign import Campaign, parse_campaign  # noqa: E402
 from search.genome import GenomeSpace  # noqa: E402
 from search.samplers import make_sampler  # noqa: E402
-from tests.tiny import llama_config, make_llama, make_tokenizer  # noqa: E402
+from search.demo.tiny import llama_config, make_llama, make_tokenizer  # noqa: E402
 
 
 @dataclass

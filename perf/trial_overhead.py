@@ -2,7 +2,7 @@
 
 Builds a Llama-style base (hidden 256, 4 layers, vocab 4096 by default; a BPE tokenizer
 trained on the sample suite's prompts, so prompts have realistic token counts) and two
-"fine-tunes" of it with ``tests/tiny.py``, then runs a short real campaign: ``search.driver``
+"fine-tunes" of it with ``search/demo/tiny.py``, then runs a short real campaign: ``search.driver``
 with the real ``search.worker.TrialWorker`` (one worker on the CPU, resident models, the
 resident evaluator on the sample suite's dev split), SQLite study as by default.
 
@@ -48,7 +48,7 @@ import optuna  # noqa: E402
 
 from benchmarks_ptbr.suite import load_suite  # noqa: E402
 from search.campaign import parse_campaign  # noqa: E402
-from tests.tiny import llama_config, make_llama, make_tokenizer  # noqa: E402
+from search.demo.tiny import llama_config, make_llama, make_tokenizer  # noqa: E402
 
 
 @dataclass

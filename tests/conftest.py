@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.tiny import llama_config, make_llama, make_tokenizer
+from search.demo.tiny import llama_config, make_llama, make_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -11,7 +11,7 @@ HELP = ("train a tiny model zoo (cached), search its merges with a real campaign
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from search.demo import DEFAULT_DIR, DEFAULT_TRIALS
+    from search.demo.run import DEFAULT_DIR, DEFAULT_TRIALS
 
     p.add_argument("--dir", type=Path, default=DEFAULT_DIR,
                    help=f"campaign directory, replaced if an earlier demo made it (default: {DEFAULT_DIR})")
@@ -22,7 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from search.demo import run_demo
+    from search.demo.run import run_demo
 
     run_demo(directory=args.dir, trials=args.trials, seed=args.seed, progress=not args.quiet)
     return 0

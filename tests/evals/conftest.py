@@ -28,7 +28,7 @@ def long_lm(tiny_zoo, tmp_path_factory):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tests.tiny import llama_config, make_llama
+    from search.demo.tiny import llama_config, make_llama
 
     config = llama_config()
     config.max_position_embeddings = 2048

@@ -125,7 +125,7 @@ def test_accuracy_equals_lm_eval_on_shared_data(tiny_lm, data_dir):
 def test_letters_split_into_space_and_letter_tokens(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tests.tiny import llama_config, make_llama, make_tokenizer
+    from search.demo.tiny import llama_config, make_llama, make_tokenizer
 
     # 259 = 256 byte tokens + 3 specials: no merges, so " A" is two tokens (" ", "A").
     make_tokenizer(tmp_path / "tok", vocab_size=259)

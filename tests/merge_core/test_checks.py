@@ -18,7 +18,7 @@ from merge_core.checks import (
     read_tensor_infos,
 )
 from merge_core.sources import resolve_model
-from tests.tiny import llama_config, make_llama, make_tokenizer
+from search.demo.tiny import llama_config, make_llama, make_tokenizer
 
 EMBED = "model.embed_tokens.weight"
 

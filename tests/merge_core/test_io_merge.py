@@ -192,7 +192,7 @@ def test_disk_workers(monkeypatch):
 
 
 def test_incompatible_models_fail_before_any_work(tiny_zoo, tmp_path):
-    from tests.tiny import llama_config, make_llama
+    from search.demo.tiny import llama_config, make_llama
 
     wide = make_llama(tmp_path / "wide", config=llama_config(hidden=48), tokenizer_dir=tiny_zoo["tokenizer"])
     recipe = Recipe.from_dict({"merge_method": "linear", "models": [

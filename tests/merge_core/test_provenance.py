@@ -243,7 +243,7 @@ def test_hub_sources_use_repo_id_revision_and_blob_hash(tiny_zoo, tmp_path, monk
 
 
 def test_sharded_sources_list_every_file(tiny_zoo, tmp_path):
-    from tests.tiny import make_llama
+    from search.demo.tiny import make_llama
 
     sharded = make_llama(tmp_path / "sharded", seed=3, like=tiny_zoo["base"],
                          max_shard_size="40KB")

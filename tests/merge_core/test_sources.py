@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 
 from merge_core.sources import ModelSource, SourceError, hub_repo_id, resolve_model
-from tests.tiny import make_llama
+from search.demo.tiny import make_llama
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 OTHER_COMMIT = "fedcba9876543210fedcba9876543210fedcba98"

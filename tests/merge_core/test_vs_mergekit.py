@@ -180,7 +180,7 @@ def test_matches_mergekit(name: str, tiny_zoo, tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def wide_zoo(tmp_path_factory) -> dict[str, Path]:
     """Tensors large enough for the sampled top-k search and several chunks."""
-    from tests.tiny import llama_config, make_llama, make_tokenizer
+    from search.demo.tiny import llama_config, make_llama, make_tokenizer
 
     root = tmp_path_factory.mktemp("wide")
     make_tokenizer(root / "tok")

@@ -13,7 +13,7 @@ import optuna
 import pytest
 
 from search import driver as D
-from search.demo import DOMAINS, MARKER, MIN_MARGIN, NUM_FEWSHOT, DemoError, run_demo
+from search.demo.run import DOMAINS, MARKER, MIN_MARGIN, NUM_FEWSHOT, DemoError, run_demo
 from search.status import best_trials, load_study
 
 REPO = Path(__file__).resolve().parents[2]

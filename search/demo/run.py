@@ -1,6 +1,6 @@
 """``brmerge demo``: everything brmerge does, end to end on a 2-core CPU, with an honest result.
 
-1. the model zoo (``search.zoo``): a tiny base and a legal and a health specialist, cached;
+1. the model zoo (``search.demo.zoo``): a tiny base and a legal and a health specialist, cached;
 2. the three source models scored directly by the real evaluator;
 3. a real campaign: local Ray, SQLite study in the campaign directory, CMA-ES over per-layer
    TIES weights and densities, the equal-weight merge queued first;
@@ -29,7 +29,7 @@ from typing import Any
 
 import yaml
 
-from search.zoo import MODEL_NAMES, SPECIALISTS, Zoo, ZooRecipe, ensure_zoo
+from search.demo.zoo import MODEL_NAMES, SPECIALISTS, Zoo, ZooRecipe, ensure_zoo
 
 CAMPAIGN_NAME = "demo"
 DEFAULT_DIR = Path("campaigns") / CAMPAIGN_NAME
@@ -141,7 +141,7 @@ def evaluate_sources(zoo: Zoo, *, progress: bool) -> list[Row]:
 
     from evals.fitness import weighted_score
     from evals.harness import Evaluator
-    from search.zoo import progress_bar
+    from search.demo.zoo import progress_bar
 
     tokenizer = AutoTokenizer.from_pretrained(str(zoo.base))
     evaluator = Evaluator.for_suite(tokenizer, split="dev", source="sample", domains=list(DOMAINS),

@@ -17,6 +17,7 @@ once; a build is written under a temporary name and renamed when complete.
 from __future__ import annotations
 
 import hashlib
+import importlib.resources
 import json
 import math
 import os
@@ -45,106 +46,9 @@ FORMAT_DOMAINS = ("legal", "health", "enem")  # questions the base sees with ran
 MODEL_NAMES = {"base": "ptbr-tiny-base", "legal": "ptbr-tiny-legal", "health": "ptbr-tiny-health"}
 
 # Written for brmerge (not taken from any exam): general prose, so the base learns the language.
-CORPUS: tuple[str, ...] = (
-    "A Constituição Federal de 1988 organiza o Estado brasileiro e reúne os direitos e garantias "
-    "fundamentais. Ela foi chamada de Constituição Cidadã porque ampliou a participação popular e "
-    "deu força a direitos sociais como educação, saúde, trabalho, moradia e previdência.",
-    "O Brasil é uma república federativa formada pela união dos estados, dos municípios e do "
-    "Distrito Federal. Cada ente tem autonomia política, administrativa e financeira, mas todos "
-    "devem respeitar os princípios fixados na Constituição.",
-    "Os três Poderes da União são o Legislativo, o Executivo e o Judiciário. Eles são independentes "
-    "e harmônicos entre si, e cada um controla os demais para evitar abusos. O Congresso Nacional é "
-    "formado pela Câmara dos Deputados e pelo Senado Federal.",
-    "O processo legislativo começa com a apresentação de um projeto de lei. O texto passa por "
-    "comissões, é votado nas duas casas do Congresso e segue para sanção ou veto do Presidente da "
-    "República. Um veto pode ser derrubado pelo voto da maioria absoluta dos parlamentares.",
-    "No direito civil, a pessoa natural adquire personalidade ao nascer com vida. A capacidade de "
-    "exercer sozinha os atos da vida civil costuma chegar com a maioridade, aos dezoito anos, mas a "
-    "lei prevê casos de emancipação e de incapacidade relativa.",
-    "Um contrato é um acordo de vontades que cria, modifica ou extingue obrigações. Para ser válido, "
-    "exige agente capaz, objeto lícito, possível e determinado, e a forma prescrita ou não proibida "
-    "em lei. A boa-fé deve orientar as partes antes, durante e depois da execução.",
-    "A responsabilidade civil obriga quem causa dano a outra pessoa a repará-lo. Em regra, é preciso "
-    "provar a conduta, o dano e o nexo entre eles; em certas atividades de risco, a obrigação de "
-    "indenizar existe mesmo sem culpa.",
-    "O Código de Defesa do Consumidor protege quem compra produtos e contrata serviços. Ele prevê o "
-    "direito à informação clara, a proteção contra publicidade enganosa e a possibilidade de "
-    "desistir de compras feitas fora do estabelecimento comercial dentro de um prazo curto.",
-    "No direito do trabalho, a carteira de trabalho registra o vínculo de emprego. O trabalhador tem "
-    "direito a salário mínimo, descanso semanal remunerado, férias anuais com um terço a mais, "
-    "décimo terceiro salário e depósitos mensais no fundo de garantia.",
-    "O direito penal define crimes e penas. Ninguém pode ser punido por um fato que a lei não "
-    "definia como crime quando ele foi praticado, e a lei penal mais severa não pode retroagir para "
-    "prejudicar o réu. Esse é o princípio da legalidade.",
-    "O processo judicial garante o contraditório e a ampla defesa: cada parte pode conhecer as "
-    "alegações da outra, responder a elas e produzir provas. Um juiz imparcial decide, e a decisão "
-    "pode ser revista por tribunais por meio de recursos.",
-    "A advocacia é indispensável à administração da justiça. Para exercer a profissão, o bacharel "
-    "em direito precisa ser aprovado no exame da Ordem dos Advogados do Brasil, que cobra ética "
-    "profissional e conhecimentos das principais áreas do direito.",
-    "O Sistema Único de Saúde foi criado para garantir atendimento universal, integral e gratuito. "
-    "Seus princípios incluem a equidade, a descentralização e a participação da comunidade por meio "
-    "dos conselhos e das conferências de saúde.",
-    "A atenção primária é a porta de entrada do sistema de saúde. Nas unidades básicas, equipes de "
-    "saúde da família acompanham gestantes, crianças, idosos e pessoas com doenças crônicas, e "
-    "encaminham os casos mais complexos para serviços especializados.",
-    "A vacinação é uma das medidas mais eficazes de saúde pública. O calendário nacional oferece "
-    "vacinas gratuitas desde o nascimento, e a alta cobertura protege também quem não pode ser "
-    "vacinado, porque reduz a circulação dos agentes infecciosos.",
-    "Doenças transmitidas por mosquitos, como dengue, zika e chikungunya, crescem nos meses quentes "
-    "e chuvosos. Eliminar água parada em pneus, vasos e caixas abertas é a forma mais simples de "
-    "impedir que os mosquitos se reproduzam perto das casas.",
-    "A hipertensão arterial costuma não causar sintomas, por isso a pressão deve ser medida com "
-    "regularidade. Alimentação com pouco sal, atividade física, controle do peso e uso correto dos "
-    "remédios reduzem o risco de infarto e de acidente vascular cerebral.",
-    "O diabetes é uma doença em que o açúcar do sangue fica elevado por muito tempo. O cuidado "
-    "envolve dieta equilibrada, exercícios, acompanhamento dos pés e dos olhos e, quando necessário, "
-    "medicamentos orais ou insulina.",
-    "A lavagem correta das mãos com água e sabão remove microrganismos e previne diarreias e "
-    "infecções respiratórias. Em hospitais, a higiene das mãos dos profissionais é a principal "
-    "medida contra infecções relacionadas à assistência.",
-    "O aleitamento materno exclusivo é recomendado até os seis meses de vida. O leite materno "
-    "fornece nutrientes e anticorpos, fortalece o vínculo entre mãe e bebê e reduz o risco de "
-    "infecções e de internações na infância.",
-    "Em uma emergência, o primeiro passo é garantir a segurança do local e chamar ajuda pelo número "
-    "do serviço de atendimento móvel de urgência. Em uma parada cardíaca, as compressões torácicas "
-    "fortes e rápidas devem começar o quanto antes.",
-    "A saúde mental faz parte da saúde. Ansiedade e depressão são comuns e têm tratamento; a rede "
-    "de atenção psicossocial oferece acolhimento nos centros de atenção psicossocial, sem a "
-    "necessidade de internações longas.",
-    "O Exame Nacional do Ensino Médio avalia o desempenho dos estudantes ao fim da educação básica. "
-    "A nota é usada para ingressar em universidades públicas e privadas e para programas de bolsas "
-    "e de financiamento estudantil.",
-    "A prova do ENEM tem quatro áreas: linguagens, ciências humanas, ciências da natureza e "
-    "matemática, além de uma redação dissertativo-argumentativa. As questões partem de textos, "
-    "gráficos e situações do cotidiano e pedem interpretação mais do que memorização.",
-    "Na redação, o candidato defende um ponto de vista sobre um tema social e propõe uma "
-    "intervenção para o problema discutido, respeitando os direitos humanos. A coesão entre os "
-    "parágrafos e o domínio da norma padrão também contam pontos.",
-    "A fotossíntese é o processo pelo qual plantas e algas usam a energia da luz para transformar "
-    "gás carbônico e água em glicose, liberando oxigênio. Ela sustenta quase todas as cadeias "
-    "alimentares do planeta.",
-    "O ciclo da água envolve evaporação, condensação e precipitação. As florestas participam desse "
-    "ciclo ao devolver umidade para a atmosfera, e o desmatamento pode alterar o regime de chuvas "
-    "em regiões distantes.",
-    "A Revolução Industrial mudou a forma de produzir e de viver. As fábricas atraíram trabalhadores "
-    "para as cidades, surgiram novas classes sociais e as jornadas longas motivaram as primeiras "
-    "leis de proteção ao trabalho.",
-    "A abolição da escravidão no Brasil, em 1888, não veio acompanhada de políticas de inclusão "
-    "para a população liberta. Muitas desigualdades sociais e raciais de hoje têm raízes nesse "
-    "período da história do país.",
-    "Em matemática, uma porcentagem representa uma razão com denominador cem. Calcular descontos, "
-    "juros e variações de preços exige transformar porcentagens em frações ou números decimais e "
-    "aplicá-las ao valor de referência.",
-    "Na física, a velocidade média é a distância percorrida dividida pelo tempo gasto. Se um ônibus "
-    "percorre cento e vinte quilômetros em duas horas, sua velocidade média é de sessenta "
-    "quilômetros por hora, mesmo que tenha parado no caminho.",
-    "A química estuda a matéria e suas transformações. Numa reação química, os átomos dos reagentes "
-    "se reorganizam para formar os produtos, e a massa total se conserva, como observou Lavoisier.",
-    "As variedades linguísticas mostram que a língua muda conforme a região, a idade e a situação "
-    "de comunicação. Não existe um jeito errado de falar, mas há usos mais adequados a cada "
-    "contexto, como a norma padrão em textos formais.",
-)
+# Package data (``corpus.json``) so the text can be read and edited apart from the code.
+CORPUS: tuple[str, ...] = tuple(json.loads(
+    (importlib.resources.files(__package__) / "corpus.json").read_text(encoding="utf-8")))
 
 
 @dataclass(frozen=True)
@@ -375,7 +279,7 @@ def _build(recipe: ZooRecipe, folder: Path, *, progress: bool, log: Callable[[st
     import torch
     from transformers import LlamaForCausalLM
 
-    from tests.tiny import make_tokenizer
+    from search.demo.tiny import make_tokenizer
 
     torch.manual_seed(recipe.seed)
     tokenizer = make_tokenizer(folder / "tokenizer", vocab_size=recipe.vocab_size,
