@@ -15,7 +15,13 @@ from typing import Any
 from benchmarks_ptbr.items import DataError
 
 SKIP_MIRRORED = "in_other_mirror"  # skip reason: already loaded from another hub dataset
-from benchmarks_ptbr.sources import DATA_SOURCES, DomainItems, Source, classify
+from benchmarks_ptbr.sources import (
+    DATA_SOURCES,
+    DomainItems,
+    Source,
+    classify,
+    drop_repeated_content,
+)
 
 LETTERS = "ABCDE"
 
@@ -132,6 +138,7 @@ def load_hub(domain: str, *, paths: dict[str, str] | None = None) -> DomainItems
     for hub, source in specs:
         classify(_skip_mirrored(_hub_rows(hub, path=(paths or {}).get(hub.dataset_id)),
                                 hub, source, out, origin), source, out, seen=seen)
+    drop_repeated_content(out)
     return out
 
 

@@ -10,10 +10,13 @@ caller, never dropped silently.
 from __future__ import annotations
 
 import json
+import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from merge_core.errors import BrmergeError
 
 # Why an item is not scored. Each skipped item is counted under the first reason that applies.
 SKIP_ANNULLED = "annulled"
@@ -22,12 +25,35 @@ SKIP_NOT_TEXT_ONLY = "not_text_only"
 SKIP_OTHER_TRACK = "other_language_track"  # ENEM Spanish variants (the English track is kept)
 SKIP_OUTSIDE_SPLITS = "year_outside_splits"
 SKIP_FEWSHOT = "fewshot"  # used as a few-shot example of this task, so never scored
+# Content guards (any data directory): the same normalized question and options as an earlier
+# item of the split (it would weigh twice), or the same content under different keys (no
+# answer is right). A ``problem`` field of the data says the same thing: ``duplicate_of:<id>``
+# counts as ``duplicate``; any other problem (``conflicting_keys``, ``missing_context``,
+# ``duplicate_options``, ...) is its own reason.
+SKIP_DUPLICATE = "duplicate"
+SKIP_CONFLICTING = "conflicting_keys"
 SKIP_REASONS = (SKIP_ANNULLED, SKIP_NO_KEY, SKIP_NOT_TEXT_ONLY, SKIP_OTHER_TRACK,
-                SKIP_OUTSIDE_SPLITS, SKIP_FEWSHOT)
+                SKIP_OUTSIDE_SPLITS, SKIP_FEWSHOT, SKIP_DUPLICATE, SKIP_CONFLICTING)
 
 
-class DataError(ValueError):
+class DataError(BrmergeError):
     """A data file is malformed; the message names the file, the line and the fix."""
+
+
+def problem_reason(value: Any, *, at: str) -> str:
+    """The skip reason a ``problem`` field gives: ``duplicate_of:<id>`` is ``duplicate``, any
+    other value is its part before the first colon (``missing_context``, ...)."""
+    if not isinstance(value, str) or not value.strip() or not value.split(":")[0].strip():
+        raise DataError(f"{at}: field 'problem' = {value!r} is not a reason; write e.g. "
+                        "'duplicate_of:<id>' or 'missing_context', or drop the field")
+    reason = value.split(":")[0].strip()
+    return SKIP_DUPLICATE if reason == "duplicate_of" else reason
+
+
+def normalize_text(text: str) -> str:
+    """Text as compared by the content guards: NFKC, case-folded, whitespace collapsed, and
+    no final punctuation (transcriptions of the same option differ by a closing period)."""
+    return " ".join(unicodedata.normalize("NFKC", text).casefold().split()).rstrip(" .;:,")
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,8 @@ from typing import Any
 
 from benchmarks_ptbr.items import (
     SKIP_ANNULLED,
+    SKIP_CONFLICTING,
+    SKIP_DUPLICATE,
     SKIP_NO_KEY,
     SKIP_NOT_TEXT_ONLY,
     SKIP_OTHER_TRACK,
@@ -24,7 +26,9 @@ from benchmarks_ptbr.items import (
     Item,
     as_bool,
     check_key,
+    normalize_text,
     parse_choices,
+    problem_reason,
     read_jsonl,
     row_id,
     row_year,
@@ -108,6 +112,9 @@ def _skip_reason(row: dict[str, Any], *, at: str) -> str | None:
     if row.get("language") == "espanhol":
         # ENEM questions 1-5 come in English and Spanish variants; we keep the English track.
         return SKIP_OTHER_TRACK
+    if row.get("problem") is not None:
+        # The data's own review says why (these rows also carry usable_text_only: false).
+        return problem_reason(row["problem"], at=at)
     if "usable_text_only" in row and not as_bool(row["usable_text_only"],
                                                  field="usable_text_only", at=at):
         return SKIP_NOT_TEXT_ONLY
@@ -177,6 +184,37 @@ def classify(rows: Iterable[tuple[str, dict[str, Any]]], source: Source,
         ))
 
 
+def _content_key(item: Item) -> tuple[str, tuple[str, ...]]:
+    # Options sorted: the same question with its options reordered is still the same question.
+    return normalize_text(item.question), tuple(sorted(normalize_text(t) for t in item.texts))
+
+
+def drop_repeated_content(into: DomainItems) -> None:
+    """Skip items whose normalized question and options repeat another item of the split.
+
+    Same content and the same answer text: the first item is kept, later ones are counted as
+    ``duplicate`` (an item must not weigh twice). Same content with different answers: every
+    copy is counted as ``conflicting_keys`` (no answer can be right). Works on any data.
+    """
+    for split in SPLITS:
+        groups: dict[tuple[str, tuple[str, ...]], list[Item]] = {}
+        for item in into.items[split]:
+            groups.setdefault(_content_key(item), []).append(item)
+        drop: dict[str, str] = {}
+        for members in groups.values():
+            if len(members) < 2:
+                continue
+            answers = {normalize_text(m.texts[m.labels.index(m.answer)]) for m in members}
+            if len(answers) > 1:
+                drop.update((m.id, SKIP_CONFLICTING) for m in members)
+            else:
+                drop.update((m.id, SKIP_DUPLICATE) for m in members[1:])
+        if drop:
+            into.items[split] = [i for i in into.items[split] if i.id not in drop]
+            for reason in drop.values():
+                into.skipped[split][reason] += 1
+
+
 def _jsonl_rows(path: Path) -> Iterable[tuple[str, dict[str, Any]]]:
     for line, row in read_jsonl(path):
         yield f"{path}:{line}", row
@@ -202,6 +240,7 @@ def load_data_dir(domain: str, data_dir: Path) -> DomainItems:
                              if s.domain == domain)
         raise FileNotFoundError(f"no {domain} data under {data_dir} (expected {expected}); "
                                 "point --data-dir / BRMERGE_DATA_DIR at the PT-BR data folder")
+    drop_repeated_content(out)
     return out
 
 
@@ -212,4 +251,5 @@ def load_sample(domain: str, sample_dir: Path = SAMPLE_DIR) -> DomainItems:
                          f"choose from {', '.join(SAMPLE_DOMAINS)}")
     out = DomainItems(domain)
     classify(_jsonl_rows(sample_dir / f"{domain}.jsonl"), SAMPLE_SOURCE_FOR[domain], out, seen={})
+    drop_repeated_content(out)
     return out
