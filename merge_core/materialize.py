@@ -33,12 +33,11 @@ from merge_core.plan import MergePlan, TensorPlan, build_plan
 from merge_core.provenance import build_provenance, write_model_card
 from merge_core.recipe import Recipe
 from merge_core.sources import ModelSource, resolve_model
+from merge_core.tokenizers import tokenizer_files
 
 WORKERS_ENV = "BRMERGE_MERGE_WORKERS"
 FEW_CORES = 4            # up to this many cores, a CPU disk merge runs one tensor per core
 DEFAULT_SHARD_SIZE = "5GB"   # Hugging Face's own default for save_pretrained shards
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
 
 Fetch = Callable[[str, str], torch.Tensor]
 
@@ -263,12 +262,9 @@ def merge_to_disk(recipe: Recipe, out_dir: str | Path, *, device: str = "auto",
                         seconds=time.perf_counter() - start, device=str(dev))
 
 
-def _copy_side_files(plan: MergePlan, sources: Mapping[str, ModelSource]) -> dict[str, Path]:
-    files: dict[str, Path] = {}
-    tok_dir = sources[plan.tokenizer_source].path
-    for name in TOKENIZER_FILES:
-        if (tok_dir / name).is_file():
-            files[name] = tok_dir / name
+def _copy_side_files(plan: MergePlan, sources: Mapping[str, ModelSource]) -> dict[str, Path | str]:
+    files: dict[str, Path | str] = tokenizer_files(sources[plan.tokenizer_source].path,
+                                                   chat_template=plan.chat_template, sources=sources)
     gen = sources[plan.config_source].path / "generation_config.json"
     if gen.is_file():
         files["generation_config.json"] = gen

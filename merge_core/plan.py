@@ -70,6 +70,7 @@ class MergePlan:
     config_source: str                  # model whose config.json the output copies
     tokenizer_source: str
     num_layers: int
+    chat_template: str | None = None    # the recipe's value: a name, "auto" or a Jinja string
 
 
 _ST_TO_NAME = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
@@ -186,4 +187,5 @@ def build_plan(recipe: Recipe, *, infos: Mapping[str, Mapping[str, HasShape]],
     tok = recipe.tokenizer_source
     tokenizer_source = reference if tok in (None, "base") else tok
     return MergePlan(method=method.name, tensors=tuple(plans), compute_dtype=recipe.dtype,
-                     config_source=reference, tokenizer_source=tokenizer_source, num_layers=out_layer)
+                     config_source=reference, tokenizer_source=tokenizer_source, num_layers=out_layer,
+                     chat_template=recipe.chat_template)

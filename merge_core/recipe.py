@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from merge_core import methods
+from merge_core import chat_templates, methods
 from merge_core.errors import RecipeError
 from merge_core.methods.base import BasePolicy, Scope
 
@@ -149,6 +149,17 @@ class Recipe:
         tok = data.get("tokenizer_source")
         if tok == "union":
             errors.append("tokenizer_source: union is not supported: use base or a model reference")
+        elif tok is not None and not isinstance(tok, str):
+            errors.append(f"tokenizer_source must be base or a model reference, got {tok!r}")
+        template = data.get("chat_template")
+        if template is not None:
+            if not isinstance(template, str):
+                errors.append(f"chat_template must be a template name or a Jinja string, got {template!r}")
+            else:
+                try:
+                    chat_templates.resolve(template)
+                except ValueError as exc:
+                    errors.append(str(exc))
         seed = data.get("seed", 0)
         if isinstance(seed, bool) or not isinstance(seed, int):
             errors.append(f"seed must be an integer, got {seed!r}")
@@ -260,6 +271,11 @@ class Recipe:
             check_params(s.parameters, f"slices[{i}]", per_model=False)
             for j, src in enumerate(s.sources):
                 check_params(src.parameters, f"slices[{i}].sources[{j}] ({src.model})", per_model=True)
+
+        tok = self.tokenizer_source
+        if tok not in (None, "base", "union") and tok not in self.referenced_models():
+            errors.append(f"tokenizer_source {tok!r} is not a model of this recipe: use base, or one of "
+                          + ", ".join(repr(r) for r in self.referenced_models()))
 
         groups = [(list(m.model for m in self.models), self.base_model, "models")] if self.models else [
             ([src.model for src in s.sources], s.base_model or self.base_model, f"slices[{i}]")
