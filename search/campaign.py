@@ -54,7 +54,8 @@ budget: {trials: 200, timeout: null}   # timeout in seconds; the trial count inc
 
 workers: {count: auto, gpus_per_worker: 1}   # auto: one per GPU, else one per 2 CPUs
 ray: {address: null}          # null: a local Ray; "auto" or host:port: an existing cluster
-storage: null                 # null: SQLite in the campaign directory; or any Optuna RDB URL
+storage: null                 # null: SQLite in the campaign directory; or any Optuna RDB URL, e.g.
+# storage: {url: postgresql+psycopg://user@db-host/brmerge, password_env: BRMERGE_DB_PASSWORD}
 seed: 0
 """
 
@@ -106,6 +107,7 @@ class Campaign:
     seed: int
     source_file: str | None = None
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
+    storage_password_env: str | None = None  # storage: {url, password_env}: the password's variable
 
     @property
     def block_size(self) -> int | None:
@@ -116,6 +118,7 @@ class Campaign:
         return self.sampler == "nsga2"
 
     def storage_url(self, directory: Path) -> str:
+        """The URL as written (no password from the environment: see ``search.storage.resolve``)."""
         return self.storage or f"sqlite:///{(directory / 'study.db').resolve()}"
 
 
@@ -266,9 +269,23 @@ def parse_campaign(data: Any, *, source: str = "campaign") -> Campaign:
     seed = d.get("seed")
     if isinstance(seed, bool) or not isinstance(seed, int):
         errors.append(f"seed {seed!r} must be an integer")
-    storage = d.get("storage")
+    storage, password_env = d.get("storage"), None
+    if isinstance(storage, Mapping):
+        extra = sorted(set(storage) - {"url", "password_env"})
+        password_env = storage.get("password_env")
+        storage = storage.get("url")
+        if extra:
+            errors.append(f"storage has unknown keys {extra}: give url and, optionally, password_env")
+        if password_env is not None and not (isinstance(password_env, str)
+                                             and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", password_env)):
+            errors.append(f"storage.password_env {password_env!r} must be the name of an environment "
+                          "variable, e.g. BRMERGE_DB_PASSWORD")
+        elif password_env and isinstance(storage, str) and re.match(r"^[^:/]+://[^/@]*:[^/@]*@", storage):
+            errors.append("storage.url has a password and storage.password_env names one too: "
+                          "remove the password from the url")
     if storage is not None and not (isinstance(storage, str) and "://" in storage):
-        errors.append(f"storage {storage!r} must be an Optuna storage URL (sqlite:///..., postgresql://...) or null")
+        errors.append(f"storage {storage!r} must be an Optuna storage URL (sqlite:///..., "
+                      "postgresql+psycopg://...), {url: URL, password_env: VAR}, or null")
 
     if errors:
         raise CampaignError(f"{source}: " + "; ".join(errors))
@@ -280,6 +297,7 @@ def parse_campaign(data: Any, *, source: str = "campaign") -> Campaign:
         num_fewshot=int(ev.get("num_fewshot", 3)), trials=trials,
         timeout=float(timeout) if timeout else None, workers=count, gpus_per_worker=float(gpw),
         ray_address=d["ray"].get("address"), storage=storage, seed=seed, source_file=source, raw=dict(data),
+        storage_password_env=password_env or None,
     )
 
 

@@ -8,42 +8,16 @@ from typing import Any
 import optuna
 
 from search import driver as D
-from search.campaign import Campaign, load_campaign
+from search.campaign import Campaign
+from search.storage import open_campaign_storage, sqlite_file  # noqa: F401 (sqlite_file: re-export)
 
 STATES = ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")
 
 
-def sqlite_file(url: str) -> Path | None:
-    """The database file of a ``sqlite:///`` URL (None for other storages)."""
-    prefix = "sqlite:///"
-    return Path(url[len(prefix):]) if url.startswith(prefix) and url != "sqlite:///:memory:" else None
-
-
 def open_storage(directory: Path) -> tuple[Campaign, optuna.storages.RDBStorage, int]:
-    """A campaign directory's campaign, its study storage and the study's id, checked to exist.
-
-    The SQLite file is checked first because Optuna would create a missing one, empty.
-    """
-    directory = Path(directory)
-    cfg = directory / "campaign.yaml"
-    if not cfg.is_file():
-        raise FileNotFoundError(f"{directory} is not a campaign directory (no campaign.yaml): "
-                                "give the --dir used with `brmerge search`")
-    campaign = load_campaign(cfg)
-    url = campaign.storage_url(directory)
-    db = sqlite_file(url)
-    if db is not None and not db.is_file():
-        raise FileNotFoundError(f"{directory} has no study yet ({db} is missing): "
-                                f"run `brmerge search {cfg} --dir {directory}` first")
-    # a search may be writing to the same SQLite file: wait for its locks rather than fail
-    kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-    storage = optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
-    try:
-        study_id = storage.get_study_id_from_name(campaign.name)
-    except KeyError:
-        raise ValueError(f"no study named {campaign.name!r} in {url}: the campaign's name changed "
-                         "since the search, or it never ran; run `brmerge search` first") from None
-    return campaign, storage, study_id
+    """A campaign directory's campaign, its study storage and the study's id, checked to exist
+    (see ``search.storage.open_campaign_storage``; errors show the storage URL masked)."""
+    return open_campaign_storage(directory)
 
 
 def load_campaign_study(directory: Path) -> tuple[Campaign, optuna.Study]:
