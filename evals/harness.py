@@ -12,7 +12,10 @@ token, so one forward pass over the shared part scores them all from its last po
 Two more savings, both exact up to float rounding: batches are left-padded with explicit
 positions and only the last position's logits are computed (``logits_to_keep=1``); and
 the tokens every item of a task starts with (description and few-shot examples, most of
-each prompt) are run once per task and candidate, then reused through the KV cache.
+each prompt) are run once per task and candidate, then reused through the KV cache
+(:mod:`evals.kv`, the only code that touches transformers' cache). Where a cached prefix
+would not be exact (a sliding window or attention chunk shorter than the prompt, or layers
+that are not attention), the task runs full sequences instead, by itself.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import torch
 from benchmarks_ptbr.fewshot import DEFAULT_NUM_FEWSHOT
 from benchmarks_ptbr.prompts import TARGET_DELIMITER
 from benchmarks_ptbr.suite import Suite, load_suite
+from evals import kv
 from evals.results import EvalResult, ItemResult, summarize
 
 PURPOSES = ("search", "report")
@@ -79,6 +83,8 @@ class _Group:
     """The batches of one task; ``prefix`` holds the tokens every item of the task starts with
     (description and shots), computed once per candidate and reused through the KV cache."""
 
+    task: str
+    indices: list[int]           # request indices of the task
     prefix: torch.Tensor | None  # [1, P], or None to run full sequences
     batches: list[_Batch]
 
@@ -156,6 +162,8 @@ class Evaluator:
         self.share_prefix = share_prefix
         self._groups: dict[tuple[str, int], list[_Group]] = {}
         self._forward_params: dict[type, set[str]] = {}
+        # task -> whether the last evaluate() reused a cached prefix for it (see evals.kv)
+        self.shared_prefix: dict[str, bool] = {}
 
     @classmethod
     def for_suite(cls, tokenizer: Any, *, split: str = "dev", source: str = "sample",
@@ -175,21 +183,36 @@ class Evaluator:
 
     # -- batches ----------------------------------------------------------------------------
 
-    def _build_groups(self, device: torch.device, max_length: int) -> list[_Group]:
+    def _build_groups(self, model: torch.nn.Module, device: torch.device,
+                      max_length: int) -> list[_Group]:
         by_task: dict[str, list[int]] = {}
         for index, request in enumerate(self.requests):
             by_task.setdefault(request.task, []).append(index)
-        return [self._build_group(indices, device, max_length) for indices in by_task.values()]
+        return [self._build_group(task, indices, device, max_length,
+                                  share=self.share_prefix and self._shareable(model, indices))
+                for task, indices in by_task.items()]
 
-    def _build_group(self, indices: list[int], device: torch.device, max_length: int) -> _Group:
+    def _common_prefix(self, indices: list[int]) -> int:
+        """Longest common token prefix, leaving each item at least its last token to score."""
+        prefixes = [self.requests[i].prefix for i in indices]
+        first = prefixes[0]
+        shared = min(len(p) for p in prefixes) - 1
+        for p in prefixes:
+            shared = next((k for k in range(shared) if p[k] != first[k]), shared)
+        return shared
+
+    def _shareable(self, model: torch.nn.Module, indices: list[int]) -> bool:
+        longest = max(len(self.requests[i].prefix) for i in indices)
+        # Sharing holds the rows' padding between prefix and tail: the span a forward sees is
+        # the shared prefix plus the longest tail, i.e. the longest prefix.
+        return kv.can_share_prefix(model, longest)
+
+    def _build_group(self, task: str, indices: list[int], device: torch.device,
+                     max_length: int, *, share: bool) -> _Group:
         prefixes = {i: self.requests[i].prefix for i in indices}
         shared = 0
-        if self.share_prefix and all(len(p) <= max_length for p in prefixes.values()):
-            # Longest common token prefix, leaving each item at least its last token to score.
-            first = prefixes[indices[0]]
-            shared = min(len(p) for p in prefixes.values()) - 1
-            for p in prefixes.values():
-                shared = next((k for k in range(shared) if p[k] != first[k]), shared)
+        if share and all(len(p) <= max_length for p in prefixes.values()):
+            shared = self._common_prefix(indices)
         else:
             # lm-eval keeps the last ``max_length`` tokens of context + continuation minus the
             # scored token, i.e. the last ``max_length`` tokens of the prefix.
@@ -225,13 +248,13 @@ class Evaluator:
                 letters=letters.to(device), valid=valid.to(device), gold=gold.to(device)))
         prefix = (torch.tensor([prefixes[indices[0]][:shared]], device=device)
                   if shared > 0 else None)
-        return _Group(prefix=prefix, batches=batches)
+        return _Group(task=task, indices=indices, prefix=prefix, batches=batches)
 
     def _groups_for(self, model: torch.nn.Module, device: torch.device) -> list[_Group]:
         max_length = self.max_length or resolve_max_length(model, self.tokenizer)
-        key = (str(device), max_length)
+        key = (str(device), max_length, kv.attention_window(model), type(model))
         if key not in self._groups:
-            self._groups[key] = self._build_groups(device, max_length)
+            self._groups[key] = self._build_groups(model, device, max_length)
         return self._groups[key]
 
     # -- scoring ----------------------------------------------------------------------------
@@ -249,29 +272,25 @@ class Evaluator:
         # transformers 5 names the KV-cache argument ``cache``; 4.x ``past_key_values``.
         return "cache" if "cache" in self._params(model) else "past_key_values"
 
-    def _prefix_cache(self, model: torch.nn.Module, prefix: torch.Tensor):
-        """KV of the shared prefix as per-layer (keys, values) [1, H, P, D], or None when the
-        model's cache is not a plain per-layer cache (sliding windows and the like)."""
-        from transformers.cache_utils import DynamicCache, DynamicLayer
-
-        out = model(input_ids=prefix, use_cache=True, **self._extra(model))
-        cache = out.get("cache") if "cache" in out else out.get("past_key_values")
-        if not isinstance(cache, DynamicCache) or any(type(layer) is not DynamicLayer
-                                                      for layer in cache.layers):
+    def _group_cache(self, model: torch.nn.Module, groups: list[_Group], at: int,
+                     device: torch.device, max_length: int) -> Any | None:
+        """The group's shared-prefix cache, or None to run its full sequences. A model that
+        returns no widenable cache gets the group rebuilt unshared, once (never an error)."""
+        group = groups[at]
+        if group.prefix is None:
             return None
-        return [(layer.keys, layer.values) for layer in cache.layers]
+        cache = kv.prefix_cache(model, group.prefix, **self._extra(model))
+        if cache is None:
+            groups[at] = self._build_group(group.task, group.indices, device, max_length,
+                                           share=False)
+        return cache
 
-    def _forward_last(self, model: torch.nn.Module, batch: _Batch, kv: Any) -> torch.Tensor:
+    def _forward_last(self, model: torch.nn.Module, batch: _Batch, cache: Any) -> torch.Tensor:
         extra = self._extra(model)
-        if kv is not None:
-            from transformers.cache_utils import DynamicCache
-
-            rows = batch.input_ids.shape[0]
-            # A fresh cache per batch: the forward appends this batch's keys to it.
-            extra[self._cache_arg(model)] = DynamicCache(ddp_cache_data=[
-                (k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in kv])
+        if cache is not None:
+            extra[self._cache_arg(model)] = kv.widen(cache, batch.input_ids.shape[0])
         out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                    position_ids=batch.position_ids, use_cache=kv is not None, **extra)
+                    position_ids=batch.position_ids, use_cache=cache is not None, **extra)
         return out.logits[:, -1, :]  # [B, V]
 
     def evaluate(self, model: torch.nn.Module, *, progress: bool = False) -> EvalResult:
@@ -279,6 +298,7 @@ class Evaluator:
         if not self.requests:
             return EvalResult(tasks={}, items=[], skipped=self.suite.skipped)
         device = next(model.parameters()).device
+        max_length = self.max_length or resolve_max_length(model, self.tokenizer)
         groups = self._groups_for(model, device)
         n = len(self.requests)
         pred = torch.empty(n, dtype=torch.long, device=device)
@@ -292,14 +312,12 @@ class Evaluator:
         model.eval()
         try:
             with torch.inference_mode():
-                for group in groups:
-                    kv = None if group.prefix is None else self._prefix_cache(model, group.prefix)
-                    if group.prefix is not None and kv is None:
-                        raise RuntimeError(
-                            f"{type(model).__name__} does not return a plain per-layer KV cache; "
-                            "build the Evaluator with share_prefix=False for this model")
+                for at in range(len(groups)):
+                    cache = self._group_cache(model, groups, at, device, max_length)
+                    group = groups[at]
+                    self.shared_prefix[group.task] = cache is not None
                     for batch in group.batches:
-                        logits = self._forward_last(model, batch, kv).float()   # [B, V]
+                        logits = self._forward_last(model, batch, cache).float()  # [B, V]
                         ll = logits.log_softmax(-1).gather(1, batch.letters)    # [B, K]
                         ll = ll.masked_fill(~batch.valid, float("-inf"))
                         pred[batch.rows] = ll.argmax(-1)  # first maximum on ties, as np.argmax

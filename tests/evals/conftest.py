@@ -36,3 +36,26 @@ def long_lm(tiny_zoo, tmp_path_factory):
                       tokenizer_dir=tiny_zoo["tokenizer"])
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
     return model.eval(), AutoTokenizer.from_pretrained(str(path))
+
+
+@pytest.fixture(scope="session")
+def mistral_tokenizer(tmp_path_factory):
+    """``mistral_tokenizer(file)``: a real Mistral SentencePiece tokenizer shipped in the
+    mistral-common package (``data/<file>``), as transformers loads it (adds BOS)."""
+    import shutil
+    from pathlib import Path
+
+    mistral_common = pytest.importorskip("mistral_common")
+    from transformers import LlamaTokenizer
+
+    data = Path(mistral_common.__file__).parent / "data"
+    cache = {}
+
+    def load(name: str):
+        if name not in cache:
+            folder = tmp_path_factory.mktemp("mistral_tok")
+            shutil.copy(data / name, folder / "tokenizer.model")
+            cache[name] = LlamaTokenizer.from_pretrained(str(folder), add_bos_token=True)
+        return cache[name]
+
+    return load

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks_ptbr.lm_eval_tasks import TASKS_DIR
 from benchmarks_ptbr.suite import load_suite
 from evals.harness import Evaluator
+from tests.evals.parity import check_parity, lm_eval_run
 
 
 def _probs(result):
@@ -75,43 +75,11 @@ def test_search_evaluator_refuses_test_split(tiny_lm):
         Evaluator(tok, suite, purpose="tune")
 
 
-def _lm_eval_run(model, tok, suite, *, metadata):
-    import lm_eval
-    from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
-
-    # lm-eval scores the task's full item list; ``samples`` picks the evaluator's subset.
-    full = load_suite(split=suite.split, source=suite.source, data_dir=suite.data_dir,
-                      domains=[t.domain for t in suite.tasks])
-    samples = {}
-    for task in suite.tasks:
-        ids = [i.id for i in full.task(task.name).items]
-        samples[task.name] = [ids.index(i.id) for i in task.items]
-    tm = TaskManager(include_path=str(TASKS_DIR), include_defaults=False, metadata=metadata)
-    lm = HFLM(pretrained=model, tokenizer=tok, batch_size=4)
-    return lm_eval.simple_evaluate(model=lm, tasks=list(samples), task_manager=tm,
-                                   samples=samples, log_samples=True, verbosity="ERROR")
-
-
-def _check_parity(ours, theirs):
-    for name, metrics in ours.tasks.items():
-        assert theirs["results"][name]["acc,none"] == pytest.approx(metrics.acc)
-        by_id = {i.id: i for i in ours.items if i.task == name}
-        assert len(theirs["samples"][name]) == metrics.n
-        for sample in theirs["samples"][name]:
-            lls = np.array([float(r[0]) for r in sample["filtered_resps"]])
-            mine = by_id[sample["doc"]["id"]]
-            assert sample["doc"]["choices"][int(np.argmax(lls))] == mine.pred
-            gold = sample["doc"]["choices"].index(sample["doc"]["answer"])
-            probs = np.exp(lls - lls.max()) / np.exp(lls - lls.max()).sum()
-            assert probs[gold] == pytest.approx(mine.gold_prob, abs=1e-4)
-
-
 def test_accuracy_equals_lm_eval_on_sample(long_lm):
     model, tok = long_lm  # untruncated prompts: the shared-prefix path
     suite = load_suite(split="dev", source="sample", domains=["legal", "enem"], limit=4)
     ours = Evaluator(tok, suite).evaluate(model)
-    _check_parity(ours, _lm_eval_run(model, tok, suite, metadata={}))
+    check_parity(ours, lm_eval_run(model, tok, suite, metadata={}))
 
 
 def test_accuracy_equals_lm_eval_on_shared_data(tiny_lm, data_dir):
@@ -119,7 +87,7 @@ def test_accuracy_equals_lm_eval_on_shared_data(tiny_lm, data_dir):
     suite = load_suite(split="test", source="data", data_dir=data_dir,
                        domains=["health", "healthbench"], limit=3)
     ours = Evaluator(tok, suite, purpose="report").evaluate(model)
-    _check_parity(ours, _lm_eval_run(model, tok, suite, metadata={"data_dir": str(data_dir)}))
+    check_parity(ours, lm_eval_run(model, tok, suite, metadata={"data_dir": str(data_dir)}))
 
 
 def test_letters_split_into_space_and_letter_tokens(tmp_path):
