@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from merge_core.dtypes import to_safetensors
+from merge_core.plan import tied_input
 from merge_core.sources import ModelSource, SourceError, read_safetensors_header
 
 
@@ -105,8 +107,9 @@ def _check_architecture(ref: ModelSource, src: ModelSource) -> None:
 
 def _check_names(ref: ModelSource, ref_infos: Mapping[str, TensorInfo], src: ModelSource,
                  src_infos: Mapping[str, TensorInfo]) -> None:
-    missing = sorted(ref_infos.keys() - src_infos.keys())
-    extra = sorted(src_infos.keys() - ref_infos.keys())
+    # A head one side saved and the other ties to its embedding is merged as mergekit does.
+    missing = sorted(n for n in ref_infos.keys() - src_infos.keys() if tied_input(n, src_infos) is None)
+    extra = sorted(n for n in src_infos.keys() - ref_infos.keys() if tied_input(n, ref_infos) is None)
     if not missing and not extra:
         return
     others = len(missing) + len(extra) - 1
@@ -198,17 +201,11 @@ def _is_vocab_tensor(name: str) -> bool:
 def _pickle_infos(file: Path, *, ref: str) -> dict[str, TensorInfo]:
     import torch
 
-    names = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16",
-             torch.bfloat16: "BF16", torch.int64: "I64", torch.int32: "I32", torch.int16: "I16",
-             torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
-    for attr, name in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2")):
-        if hasattr(torch, attr):
-            names[getattr(torch, attr)] = name
     try:
         # mmap + weights_only: only the pickle's structure is read and no code can run.
         state = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:  # torch raises several unrelated types for unreadable checkpoints
         raise SourceError(f"model '{ref}': cannot read {file.name} as plain tensors ({e}): "
                           "convert the checkpoint to safetensors") from e
-    return {k: TensorInfo(shape=tuple(v.shape), dtype=names.get(v.dtype, str(v.dtype)))
+    return {k: TensorInfo(shape=tuple(v.shape), dtype=to_safetensors(v.dtype))
             for k, v in state.items() if isinstance(v, torch.Tensor)}

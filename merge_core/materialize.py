@@ -18,6 +18,7 @@ import torch
 
 from merge_core import methods
 from merge_core.checks import check_compatible, read_tensor_infos
+from merge_core.configs import stacked_config
 from merge_core.devices import cpu_cores, resolve_device
 from merge_core.errors import MergeError
 from merge_core.io import (
@@ -187,8 +188,8 @@ def prepare(recipe: Recipe, sources: Mapping[str, ModelSource]) -> MergePlan:
 
 
 def output_config(plan: MergePlan, sources: Mapping[str, ModelSource]) -> dict[str, Any]:
-    config = dict(sources[plan.config_source].config)
-    config["num_hidden_layers"] = plan.num_layers
+    config = stacked_config(sources[plan.config_source].config, num_layers=plan.num_layers,
+                            layer_sources=[(sources[ref].config, i) for ref, i in plan.layer_sources])
     dtypes = {t.out_dtype for t in plan.tensors}
     if len(dtypes) == 1:
         config["dtype"] = dtypes.pop()

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from merge_core import rng
+from merge_core.dtypes import recipe_dtype_of
 from merge_core.errors import MergeError, RecipeError
 from merge_core.methods.base import BasePolicy, Scope
 from merge_core.recipe import FrozenMap, Recipe, evaluate_setting
@@ -71,16 +72,40 @@ class MergePlan:
     tokenizer_source: str
     num_layers: int
     chat_template: str | None = None    # the recipe's value: a name, "auto" or a Jinja string
+    # With ``slices``: output layer i is layer layer_sources[i][1] of model layer_sources[i][0]
+    # (the slice's first source), for the config's per-layer settings. Empty otherwise.
+    layer_sources: tuple[tuple[str, int], ...] = ()
 
 
-_ST_TO_NAME = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+
+
+# An output head tied to the token embedding: a model that did not save the head (its config
+# ties them) gives its embedding instead, as mergekit reads a tied weight. Families whose
+# mergekit architecture has no separate head (Gemma 1 and 2 always tie) drop a saved head.
+TIED_HEADS: dict[str, tuple[str, ...]] = {
+    "lm_head.weight": ("model.embed_tokens.weight", "transformer.wte.weight",
+                       "model.language_model.embed_tokens.weight"),
+}
+_NO_HEAD_TYPES = ("gemma", "gemma2")
+
+
+def tied_input(name: str, names: Mapping[str, Any] | Sequence[str]) -> str | None:
+    """The tensor a model gives for ``name``: itself, else the embedding a head is tied to."""
+    if name in names:
+        return name
+    return next((e for e in TIED_HEADS.get(name, ()) if e in names), None)
+
+
+# Input-side tensors outside the layers (token and position embeddings): taken from the first
+# slice of a stack, as mergekit's pre-weights are; everything else outside the layers comes last.
+_INPUT_SIDE = ("embed", "wte", "wpe", "word_embeddings", "position_embeddings")
 
 
 def _sort_key(name: str) -> tuple[int, int, str]:
     layer = layer_of(name)
     if layer is not None:
         return (1, layer, name)
-    return (0 if "embed" in name or "wte" in name else 2, 0, name)
+    return (0 if any(k in name for k in _INPUT_SIDE) else 2, 0, name)
 
 
 def build_plan(recipe: Recipe, *, infos: Mapping[str, Mapping[str, HasShape]],
@@ -130,7 +155,13 @@ def build_plan(recipe: Recipe, *, infos: Mapping[str, Mapping[str, HasShape]],
                            length, s.base_model or recipe.base_model, s.parameters))
 
     reference = recipe.base_model or slices[0][0][0][0]
-    ref_names = sorted(infos[reference], key=_sort_key)
+    names = set(infos[reference])
+    for head in TIED_HEADS:
+        if configs.get(reference, {}).get("model_type") in _NO_HEAD_TYPES:
+            names.discard(head)
+        elif any(head in infos[r] for r in recipe.referenced_models()):
+            names.add(head)
+    ref_names = sorted(names, key=_sort_key)
     layer_names = [n for n in ref_names if layer_of(n) == 0]  # template of one layer
     pre = [n for n in ref_names if layer_of(n) is None and _sort_key(n)[0] == 0]
     post = [n for n in ref_names if layer_of(n) is None and _sort_key(n)[0] == 2]
@@ -145,6 +176,7 @@ def build_plan(recipe: Recipe, *, infos: Mapping[str, Mapping[str, HasShape]],
         inputs = []
         models = []
         for ref, in_name, params in sources:
+            in_name = tied_input(in_name, infos[ref]) or in_name
             info = infos[ref].get(in_name)
             if info is None:
                 raise MergeError(f"model {ref!r} has no tensor {in_name!r} (needed for {out_name}): "
@@ -159,9 +191,9 @@ def build_plan(recipe: Recipe, *, infos: Mapping[str, Mapping[str, HasShape]],
                                   where=f"model {ref!r}"))
         if method.base is BasePolicy.REQUIRED and base_index is None:
             raise MergeError(f"base model {base!r} is not among the inputs of {out_name}")
-        ref_info = infos[sources[0][0]][sources[0][1]]
+        ref_info = infos[inputs[0][0]][inputs[0][1]]
         shape = tuple(ref_info.shape)
-        out_dtype = out_dtype_name or _ST_TO_NAME.get(ref_info.dtype, "float32")
+        out_dtype = out_dtype_name or (recipe_dtype_of(ref_info.dtype) or "float32")
         shared = resolve((slice_params, recipe.parameters), tensor=out_name, t=t, names=shared_names,
                          where="parameters")
         plans.append(TensorPlan(name=out_name, shape=shape, out_dtype=out_dtype, inputs=tuple(inputs),
@@ -172,8 +204,10 @@ def build_plan(recipe: Recipe, *, infos: Mapping[str, Mapping[str, HasShape]],
     for name in pre:
         plan_tensor(name, [(r, name, p) for r, _, p in first_sources], first_base, first_params, 0.0, None)
     out_layer = 0
+    layer_sources: list[tuple[str, int]] = []
     for sources, length, base, slice_params in slices:
         for offset in range(length):
+            layer_sources.append((sources[0][0], sources[0][1] + offset))
             t = offset / (length - 1) if length > 1 else 1.0
             for template in layer_names:
                 out_name = with_layer(template, out_layer)
@@ -188,4 +222,5 @@ def build_plan(recipe: Recipe, *, infos: Mapping[str, Mapping[str, HasShape]],
     tokenizer_source = reference if tok in (None, "base") else tok
     return MergePlan(method=method.name, tensors=tuple(plans), compute_dtype=recipe.dtype,
                      config_source=reference, tokenizer_source=tokenizer_source, num_layers=out_layer,
-                     chat_template=recipe.chat_template)
+                     chat_template=recipe.chat_template,
+                     layer_sources=tuple(layer_sources) if recipe.slices else ())
