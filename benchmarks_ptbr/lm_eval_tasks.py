@@ -12,13 +12,17 @@ import json
 from pathlib import Path
 
 from benchmarks_ptbr.fewshot import DEFAULT_NUM_FEWSHOT
-from benchmarks_ptbr.prompts import DESCRIPTIONS, FEWSHOT_DELIMITER, TARGET_DELIMITER
+from benchmarks_ptbr.prompts import (
+    DESCRIPTIONS,
+    FEWSHOT_DELIMITER,
+    GEN_MAX_TOKENS,
+    GEN_UNTIL,
+    TARGET_DELIMITER,
+)
 from benchmarks_ptbr.sources import DOMAINS, SAMPLE_DOMAINS, SPLITS
 from benchmarks_ptbr.suite import task_name
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
-GEN_MAX_TOKENS = 32     # the Leaderboard's OAB setting; enough for "Resposta: X" and some slack
-GEN_UNTIL = ("\n\n",)   # the Leaderboard stops at the few-shot delimiter
 VERSION = 1.0
 
 

@@ -15,6 +15,8 @@ from benchmarks_ptbr.items import Item
 
 TARGET_DELIMITER = " "      # between "Resposta correta:" and the letter (lm-eval's default)
 FEWSHOT_DELIMITER = "\n\n"  # after each answered shot (lm-eval's default)
+GEN_MAX_TOKENS = 32     # the Leaderboard's OAB setting; enough for "Resposta: X" and some slack
+GEN_UNTIL = ("\n\n",)   # the Leaderboard stops at the few-shot delimiter
 
 _RESPONDA = "Selecione a única alternativa correta e responda apenas com a letra correspondente."
 DESCRIPTIONS: dict[str, str] = {
@@ -39,10 +41,25 @@ def format_query(item: Item, domain: str) -> str:
     return f"{header}\n{item.question}\nAlternativas:\n{options}\nResposta correta:"
 
 
-def build_context(domain: str, shots: Sequence[Item], item: Item) -> str:
+def build_context(domain: str, shots: Sequence[Item], item: Item, *,
+                  description: str | None = None) -> str:
     """Description, answered shots, then the unanswered question (lm-eval's plain-text form)."""
-    parts = [DESCRIPTIONS[domain]]
+    parts = [DESCRIPTIONS[domain] if description is None else description]
     for shot in shots:
         parts.append(format_query(shot, domain) + TARGET_DELIMITER + shot.answer + FEWSHOT_DELIMITER)
     parts.append(format_query(item, domain))
     return "".join(parts)
+
+
+def build_messages(domain: str, shots: Sequence[Item], item: Item, *,
+                   description: str | None = None) -> list[dict[str, str]]:
+    """The same prompt as chat turns, as lm-eval builds it for ``--apply_chat_template
+    --fewshot_as_multiturn``: the description is the system turn, each shot a user turn (the
+    question) and an assistant turn (its letter), then the question as the last user turn."""
+    text = DESCRIPTIONS[domain] if description is None else description
+    messages = [{"role": "system", "content": text}] if text else []
+    for shot in shots:
+        messages.append({"role": "user", "content": format_query(shot, domain)})
+        messages.append({"role": "assistant", "content": shot.answer})
+    messages.append({"role": "user", "content": format_query(item, domain)})
+    return messages

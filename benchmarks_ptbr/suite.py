@@ -17,7 +17,7 @@ from benchmarks_ptbr.fewshot import (
     select_shots,
 )
 from benchmarks_ptbr.items import SKIP_FEWSHOT, Item
-from benchmarks_ptbr.prompts import DESCRIPTIONS, build_context
+from benchmarks_ptbr.prompts import DESCRIPTIONS, GEN_MAX_TOKENS, build_context, build_messages
 from benchmarks_ptbr.sources import (
     DOMAINS,
     SAMPLE_DOMAINS,
@@ -57,6 +57,10 @@ class Task:
     items: tuple[Item, ...]
     skipped: dict[str, int]
     n_available: int  # scorable items before ``limit``
+    prompt: str | None = None  # task description; None: the domain's (prompts.DESCRIPTIONS)
+    max_gen_toks: int = GEN_MAX_TOKENS  # generation budget of the task's ``_gen`` form
+    dev_overlap: int = 0  # scored items that are also in the dev split (leaderboard suite)
+    indices: tuple[int, ...] = ()  # positions of ``items`` among the task's items before limit
 
     @property
     def chance(self) -> float:
@@ -64,11 +68,16 @@ class Task:
         return sum(1 / len(i.labels) for i in self.items) / max(len(self.items), 1)
 
     def context(self, item: Item) -> str:
-        return build_context(self.domain, self.shots, item)
+        """The plain-text prompt (no chat template), as the lm-eval task renders it."""
+        return build_context(self.domain, self.shots, item, description=self.prompt)
+
+    def messages(self, item: Item) -> list[dict[str, str]]:
+        """The prompt as chat turns (system, shots as user/assistant turns, question)."""
+        return build_messages(self.domain, self.shots, item, description=self.prompt)
 
     @property
     def description(self) -> str:
-        return DESCRIPTIONS[self.domain]
+        return DESCRIPTIONS[self.domain] if self.prompt is None else self.prompt
 
 
 @dataclass(frozen=True)
@@ -119,6 +128,13 @@ def stratified_limit(items: Sequence[Item], limit: int | None) -> tuple[Item, ..
     for exam, members in by_exam.items():
         keep.update(i.id for i in sorted(members, key=lambda i: _stable(i.id))[: counts[exam]])
     return tuple(i for i in items if i.id in keep)
+
+
+def positions(items: Sequence[Item], kept: Sequence[Item]) -> tuple[int, ...]:
+    """Where each kept item sits in ``items``: the dataset indices lm-eval's ``--samples``
+    takes to score the same subset."""
+    where = {item.id: index for index, item in enumerate(items)}
+    return tuple(where[item.id] for item in kept)
 
 
 def _domain_items(domain: str, *, source: str, data_dir: Path | None,
@@ -180,10 +196,11 @@ def load_suite(*, split: str, source: str = "sample", domains: Sequence[str] | N
         if not scorable:
             raise ValueError(f"no scorable {domain} items in the {split} split of the {source} "
                              "suite; check the data directory and the split years")
+        kept = stratified_limit(scorable, limit)
         tasks.append(Task(
             name=task_name(domain, split, source=source), domain=domain, split=split,
-            source=source, shots=tuple(shots), items=stratified_limit(scorable, limit),
-            skipped=skipped, n_available=len(scorable),
+            source=source, shots=tuple(shots), items=kept, skipped=skipped,
+            n_available=len(scorable), indices=positions(scorable, kept),
         ))
     return Suite(source=source, split=split, tasks=tuple(tasks), limit=limit,
                  num_fewshot=num_fewshot, data_dir=resolved)

@@ -1,9 +1,13 @@
-"""Greedy generation with the Leaderboard's answer extraction (``brmerge eval --gen``).
+"""Greedy generation with the Leaderboard's answer extraction (``brmerge eval --gen`` and the
+``leaderboard`` suite).
 
-Our own loop over the same contexts as the ``ptbr_*_gen`` lm-eval tasks: greedy decoding
-of at most ``GEN_MAX_TOKENS`` tokens, cut at the first blank line (the few-shot delimiter),
-then :func:`benchmarks_ptbr.extract.extract_letter`. Contexts are left-truncated to
-``max_length - GEN_MAX_TOKENS`` tokens, as lm-eval does. Slower than the log-likelihood
+Our own loop over the same contexts as the lm-eval ``generate_until`` tasks (``ptbr_*_gen``,
+``ptbr_enem_challenge``, ``ptbr_oab_exams``): greedy decoding of at most the task's
+``max_gen_toks`` tokens, cut at the first blank line (the few-shot delimiter), then
+:func:`benchmarks_ptbr.extract.extract_letter`. Contexts are left-truncated to
+``max_length - max_gen_toks`` tokens, as lm-eval does. With ``chat_template=True`` the
+prompt is the chat-template rendering of the task's turns, as ``lm_eval
+--apply_chat_template --fewshot_as_multiturn`` builds it. Slower than the log-likelihood
 evaluator and meant for reports comparable with published numbers, not for search.
 """
 
@@ -14,24 +18,41 @@ from typing import Any
 import torch
 
 from benchmarks_ptbr.extract import extract_letter
-from benchmarks_ptbr.lm_eval_tasks import GEN_MAX_TOKENS, GEN_UNTIL
+from benchmarks_ptbr.prompts import GEN_UNTIL
 from benchmarks_ptbr.suite import Suite
-from evals.harness import resolve_max_length
-from evals.results import EvalResult, ItemResult, summarize
+from evals import chat
+from evals.harness import resolve_max_length, task_contexts
+from evals.results import EvalResult, ItemResult, suite_meta, summarize
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    # lm-eval's tok_batch_encode: no special tokens when the text starts with the BOS string.
+    bos = getattr(tokenizer, "bos_token", None)
+    kwargs = {"add_special_tokens": False} if bos and text.startswith(bos) else {}
+    return list(tokenizer(text, **kwargs)["input_ids"])
 
 
 def evaluate_generation(model: torch.nn.Module, tokenizer: Any, suite: Suite, *,
                         batch_size: int = 8, max_length: int | None = None,
-                        progress: bool = False) -> EvalResult:
+                        chat_template: bool = False, progress: bool = False) -> EvalResult:
+    if chat_template:
+        chat.require_chat_template(tokenizer)
     device = next(model.parameters()).device
     max_length = max_length or resolve_max_length(model, tokenizer)
-    keep = max(1, max_length - GEN_MAX_TOKENS)
-    work = [(task, item, tokenizer(task.context(item))["input_ids"][-keep:])
-            for task in suite.tasks for item in task.items]
-    order = sorted(range(len(work)), key=lambda i: -len(work[i][2]))
+    work = []
+    for task, item, context in task_contexts(suite, tokenizer, chat_template=chat_template):
+        keep = max(1, max_length - task.max_gen_toks)
+        work.append((task, item, _encode(tokenizer, context)[-keep:]))
+    # Batches hold one task each (one generation budget), longest first.
+    order = sorted(range(len(work)), key=lambda i: (work[i][0].name, -len(work[i][2])))
+    chunks: list[list[int]] = []
+    for i in order:
+        if chunks and len(chunks[-1]) < batch_size and work[chunks[-1][0]][0] is work[i][0]:
+            chunks[-1].append(i)
+        else:
+            chunks.append([i])
     texts: dict[int, str] = {}
     pad = next(t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if t is not None)
-    chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     if progress:
         from tqdm.auto import tqdm
 
@@ -49,8 +70,8 @@ def evaluate_generation(model: torch.nn.Module, tokenizer: Any, suite: Suite, *,
                     ids[row, longest - len(tokens):] = torch.tensor(tokens)
                     mask[row, longest - len(tokens):] = 1
                 out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                     max_new_tokens=GEN_MAX_TOKENS, do_sample=False,
-                                     pad_token_id=pad)
+                                     max_new_tokens=work[chunk[0]][0].max_gen_toks,
+                                     do_sample=False, pad_token_id=pad)
                 for row, i in enumerate(chunk):
                     text = tokenizer.decode(out[row, longest:], skip_special_tokens=True)
                     for stop in GEN_UNTIL:
@@ -68,4 +89,5 @@ def evaluate_generation(model: torch.nn.Module, tokenizer: Any, suite: Suite, *,
     return EvalResult(tasks=tasks, items=[i for t in suite.tasks for i in per_task[t.name]],
                       skipped=suite.skipped,
                       meta={"source": suite.source, "split": suite.split, "limit": suite.limit,
-                            "num_fewshot": suite.num_fewshot, "mode": "generation"})
+                            "num_fewshot": suite.num_fewshot, "mode": "generation",
+                            "chat_template": chat_template, **suite_meta(suite)})

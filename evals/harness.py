@@ -31,8 +31,8 @@ import torch
 from benchmarks_ptbr.fewshot import DEFAULT_NUM_FEWSHOT
 from benchmarks_ptbr.prompts import TARGET_DELIMITER
 from benchmarks_ptbr.suite import Suite, load_suite
-from evals import kv
-from evals.results import EvalResult, ItemResult, summarize
+from evals import chat, kv
+from evals.results import EvalResult, ItemResult, suite_meta, summarize
 
 PURPOSES = ("search", "report")
 DEFAULT_BATCH_TOKENS = 16384  # tokens per forward (rows x padded length): fits small GPUs/CPUs
@@ -89,23 +89,35 @@ class _Group:
     batches: list[_Batch]
 
 
-def _tokenize_requests(tokenizer: Any, suite: Suite) -> list[_Request]:
-    contexts: list[str] = []
-    meta = []
+def task_contexts(suite: Suite, tokenizer: Any, *, chat_template: bool) -> list[tuple[Any, Any, str]]:
+    """``(task, item, context)`` per scored item: the plain-text prompt, or the chat-template
+    rendering of its turns (as lm-eval's ``--apply_chat_template --fewshot_as_multiturn``)."""
+    out = []
     for task in suite.tasks:
         for item in task.items:
-            context = task.context(item)
-            # lm-eval moves trailing whitespace of the context into the continuation.
-            stripped = context.rstrip()
-            moved = context[len(stripped):]
-            contexts.append(stripped)
-            meta.append((task.name, item, [moved + TARGET_DELIMITER + lab for lab in item.labels]))
+            context = (chat.render(tokenizer, task.messages(item)) if chat_template
+                       else task.context(item))
+            out.append((task, item, context))
+    return out
+
+
+def _tokenize_requests(tokenizer: Any, suite: Suite, *, chat_template: bool) -> list[_Request]:
+    contexts: list[str] = []
+    meta = []
+    # lm-eval puts no delimiter before the answer after a chat template's generation prompt.
+    delimiter = "" if chat_template else TARGET_DELIMITER
+    for task, item, context in task_contexts(suite, tokenizer, chat_template=chat_template):
+        # lm-eval moves trailing whitespace of the context into the continuation.
+        stripped = context.rstrip()
+        moved = context[len(stripped):]
+        contexts.append(stripped)
+        meta.append((task.name, item, [moved + delimiter + lab for lab in item.labels]))
     if not contexts:
         return []
-    # Default special tokens, as lm-eval's HFLM encodes with add_bos_token unset.
-    context_ids = tokenizer(contexts)["input_ids"]
+    # Special tokens as lm-eval's HFLM encodes them (add_bos_token unset): see chat.encode.
+    context_ids = chat.encode(tokenizer, contexts)
     wholes = [c + cont for c, (_, _, conts) in zip(contexts, meta) for cont in conts]
-    whole_ids = iter(tokenizer(wholes)["input_ids"])
+    whole_ids = iter(chat.encode(tokenizer, wholes))
     requests = []
     for ctx, (task_name, item, conts) in zip(context_ids, meta):
         continuations = [next(whole_ids)[len(ctx):] for _ in conts]
@@ -141,7 +153,7 @@ class Evaluator:
     def __init__(self, tokenizer: Any, suite: Suite, *, purpose: str = "search",
                  allow_test: bool = False, max_length: int | None = None,
                  batch_tokens: int = DEFAULT_BATCH_TOKENS, max_batch: int = DEFAULT_MAX_BATCH,
-                 share_prefix: bool = True):
+                 share_prefix: bool = True, chat_template: bool = False):
         if purpose not in PURPOSES:
             raise ValueError(f"purpose={purpose!r}; choose 'search' or 'report'")
         if purpose == "search" and suite.split == "test" and not allow_test:
@@ -156,7 +168,10 @@ class Evaluator:
         self.max_length = max_length
         self.batch_tokens = batch_tokens
         self.max_batch = max_batch
-        self.requests = _tokenize_requests(tokenizer, suite)
+        if chat_template:
+            chat.require_chat_template(tokenizer)
+        self.chat_template = chat_template
+        self.requests = _tokenize_requests(tokenizer, suite, chat_template=chat_template)
         self.pad_id = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0)
                             if t is not None))
         self.share_prefix = share_prefix
@@ -343,4 +358,5 @@ class Evaluator:
         return EvalResult(tasks=tasks, items=items, skipped=self.suite.skipped,
                           meta={"source": self.suite.source, "split": self.suite.split,
                                 "limit": self.suite.limit, "num_fewshot": self.suite.num_fewshot,
-                                "mode": "loglikelihood"})
+                                "mode": "loglikelihood", "chat_template": self.chat_template,
+                                **suite_meta(self.suite)})

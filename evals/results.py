@@ -42,12 +42,23 @@ class EvalResult:
         return out
 
     def to_json(self) -> dict[str, Any]:
+        """The ``--json`` form; each task carries the dataset indices it scored (``indices``:
+        positions in the lm-eval task's item list, what ``lm_eval --samples`` takes)."""
+        indices = self.meta.get("indices", {})
+        overlap = self.meta.get("dev_overlap", {})
+        meta = {k: v for k, v in self.meta.items() if k not in ("indices", "dev_overlap")}
+        tasks = {}
+        for name, m in self.tasks.items():
+            entry = {k: v for k, v in asdict(m).items() if v is not None}
+            if name in overlap:
+                entry["dev_overlap"] = overlap[name]
+            entry["indices"] = list(indices.get(name, []))
+            tasks[name] = entry
         return {
-            "tasks": {name: {k: v for k, v in asdict(m).items() if v is not None}
-                      for name, m in self.tasks.items()},
+            "tasks": tasks,
             "items": [{k: v for k, v in asdict(i).items() if v is not None} for i in self.items],
             "skipped": self.skipped,
-            "meta": self.meta,
+            "meta": meta,
         }
 
 
@@ -57,3 +68,13 @@ def summarize(task: str, domain: str, chance: float, items: list[ItemResult],
     acc = sum(i.correct for i in items) / n if n else 0.0
     gold_prob = (sum(i.gold_prob or 0.0 for i in items) / n if n else 0.0) if smooth else None
     return TaskMetrics(domain=domain, acc=acc, n=n, chance=chance, gold_prob=gold_prob)
+
+
+def suite_meta(suite: Any) -> dict[str, Any]:
+    """What a result must carry about its suite: per task, the dataset indices scored, and
+    (leaderboard suite) how many scored items are also in the dev split."""
+    meta: dict[str, Any] = {"indices": {t.name: list(t.indices) for t in suite.tasks}}
+    overlap = {t.name: t.dev_overlap for t in suite.tasks if t.dev_overlap}
+    if overlap:
+        meta["dev_overlap"] = overlap
+    return meta

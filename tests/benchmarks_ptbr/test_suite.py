@@ -95,6 +95,10 @@ def test_prompt_layout():
 @pytest.mark.parametrize("text,expected", [
     (" B", "B"), ("Resposta: C, porque", "C"), ("A alternativa correta é a letra D.", "D"),
     ("Letra E", "E"), ("nenhuma", INVALID), (" (b)", INVALID), ("Opção: A", "A"),
+    # The Leaderboard's keyword pattern: only a word's first letter is case-insensitive, so
+    # "LETRA B" falls through to the later patterns (here: the final bare "A").
+    ("letra C", "C"), ("LETRA B, nao A", "A"), ("letra B, nao A", "B"), ("RESPOSTA:\n\tD", "D"), ("  e  ", INVALID),
+    ("E", "E"), ("alternativa\ncorreta: B", "B"),
 ])
 def test_extract_letter(text, expected):
     assert extract_letter(text, "ABCDE") == expected

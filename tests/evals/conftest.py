@@ -59,3 +59,32 @@ def mistral_tokenizer(tmp_path_factory):
         return cache[name]
 
     return load
+
+
+# Two chat templates in the shapes real models ship: Mistral's (BOS, system prompt block,
+# [INST] turns, answers closed by EOS, no generation prompt) and Gemma's (no system role: it
+# raises, and lm-eval then drops the system turn; the generation prompt ends in a newline).
+MISTRAL_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}"
+    "[SYSTEM_PROMPT]{{ m['content'] }}[/SYSTEM_PROMPT]{% elif m['role'] == 'user' %}"
+    "[INST]{{ m['content'] }}[/INST]{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}"
+    "{% endfor %}")
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}"
+    "{{ raise_exception('System role not supported') }}{% endif %}"
+    "<start_of_turn>{{ 'model' if m['role'] == 'assistant' else 'user' }}\n"
+    "{{ m['content'] | trim }}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+
+
+@pytest.fixture(scope="session")
+def chat_tokenizer(mistral_tokenizer):
+    """``chat_tokenizer(kind)``: Mistral's v7 SentencePiece tokenizer with a chat template."""
+    import copy
+
+    def load(kind: str):
+        tok = copy.deepcopy(mistral_tokenizer("mistral_instruct_tokenizer_241114.model.v7"))
+        tok.chat_template = {"mistral": MISTRAL_TEMPLATE, "gemma": GEMMA_TEMPLATE}[kind]
+        return tok
+
+    return load
