@@ -137,7 +137,12 @@ class _Lease:
         with guard(self.url, doing="open"):
             self.engine = sa.create_engine(self.url, **kwargs)
             self.table = _table()
-            self.table.metadata.create_all(self.engine, checkfirst=True)
+            try:
+                self.table.metadata.create_all(self.engine, checkfirst=True)
+            except sa.exc.SQLAlchemyError:
+                # two drivers creating the table at once: the loser's CREATE fails; fine if it exists
+                if not sa.inspect(self.engine).has_table(LEASE_TABLE):
+                    raise
 
     def _row(self, conn: Any) -> Holder | None:
         import sqlalchemy as sa

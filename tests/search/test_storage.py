@@ -128,3 +128,27 @@ def test_public_storage_refuses_writes_and_masks_reads():
     assert [s.study_name for s in inner.get_all_studies()] == ["s"]
     S.PublicStorage(inner, writable=True).delete_study(inner.get_study_id_from_name("s"))
     assert inner.get_all_studies() == []
+
+
+def test_disk_full_while_writing_is_one_line_with_the_fix(tmp_path):
+    import sqlite3
+
+    db = tmp_path / "full.db"
+    url = f"sqlite:///{db}"
+    study = optuna.create_study(study_name="s", storage=S.open_rdb(url))
+    pages = sqlite3.connect(db).execute("PRAGMA page_count").fetchone()[0]
+
+    def small_disk() -> sqlite3.Connection:  # SQLite's own "database or disk is full" (SQLITE_FULL)
+        conn = sqlite3.connect(db, check_same_thread=False)
+        conn.execute(f"PRAGMA max_page_count = {pages + 2}")
+        return conn
+
+    full = optuna.load_study(study_name="s", storage=optuna.storages.RDBStorage(
+        url, engine_kwargs={"creator": small_disk}))
+    with pytest.raises(S.StorageError) as err, S.guard(url):
+        for i in range(1000):
+            full.set_user_attr(f"k{i}", "x" * 4000)
+    msg = str(err.value)
+    assert msg.startswith(f"cannot write to study storage {url}: ") and "\n" not in msg
+    assert "full" in msg and "free disk space" in msg
+    assert len(study.user_attrs) < 1000
