@@ -19,6 +19,9 @@ _FAMILIES = (
     "merge_core.methods.task_arithmetic",
     "merge_core.methods.model_stock",
     "merge_core.methods.passthrough",
+    "merge_core.methods.hypersphere",
+    "merge_core.methods.consensus",
+    "merge_core.methods.selective",
 )
 
 _REGISTRY: dict[str, MergeMethod] = {}

@@ -68,7 +68,29 @@ def test_identity_cases(method):
         out = method.merge(base, [other, other], _params(method, 2))
         torch.testing.assert_close(out, other, rtol=1e-5, atol=1e-6)  # colinear: cos = 1, t = 1
         return
-    if method.base is BasePolicy.IGNORED:  # linear, passthrough
+    if method.name == "multislerp":
+        out = method.merge(base, [other], _params(method, 1, weight=1.0))
+        torch.testing.assert_close(out, other)
+        out = method.merge(base, [other, other], _params(method, 2, weight=0.5))
+        torch.testing.assert_close(out, other, rtol=1e-5, atol=1e-6)
+        return
+    if method.name in ("sce", "ram", "ramplus_tl"):
+        params = _params(method, 1, **({"epsilon": 0.0} if "ram" in method.name else {}))
+        torch.testing.assert_close(method.merge(base, [other], params), other, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(method.merge(base, [other, other], _params(method, 2, **(
+            {"epsilon": 0.0} if "ram" in method.name else {}))), other, rtol=1e-6, atol=1e-6)
+        return
+    if method.name == "nearswap":
+        torch.testing.assert_close(method.merge(base, [other], _params(method, 1, t=1e6)), other)
+        torch.testing.assert_close(method.merge(base, [other], _params(method, 1, t=0.0)), base)
+        return
+    if method.name == "arcee_fusion":
+        torch.testing.assert_close(method.merge(base, [base.clone()], _params(method, 1)), base)
+        out = method.merge(base, [other], _params(method, 1))
+        took = out == other
+        assert torch.all(took | (out == base)) and 0 < int(took.sum()) < took.numel()
+        return
+    if method.base is BasePolicy.IGNORED:  # linear, passthrough, karcher
         out = method.merge(None, [other], _params(method, 1, **({"weight": 1.0} if "weight" in names else {})))
         torch.testing.assert_close(out, other)
         return
@@ -100,7 +122,8 @@ def test_unknown_method_names_closest_and_known():
 def test_registry_has_every_mainstream_method():
     assert set(methods.names()) >= {"linear", "slerp", "nuslerp", "task_arithmetic", "ties", "dare_ties",
                                     "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear",
-                                    "model_stock", "passthrough"}
+                                    "model_stock", "passthrough", "multislerp", "karcher", "sce", "ram",
+                                    "ramplus_tl", "nearswap", "arcee_fusion"}
 
 
 @pytest.mark.parametrize("n", [10, 1000, 70_000, 300_001])
@@ -177,3 +200,33 @@ def test_inputs_are_not_modified(method):
     method.merge(base, tensors, params, seed=1)
     after = list(tensors) + ([base] if base is not None else [])
     assert all(torch.equal(a, b) for a, b in zip(before, after))
+
+
+def test_multislerp_refuses_cancelling_directions():
+    from merge_core.errors import MergeError
+
+    method = methods.get("multislerp")
+    x = torch.randn(8, 8, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(MergeError, match="cancel out"):
+        method.merge(None, [x, -x, x.clone()], MergeParams(shared={"normalize_weights": False, "eps": 1e-8},
+                                                           models=[{"weight": 1.0}, {"weight": 2.0}, {"weight": 1.0}]))
+    # two antipodal tensors fall back to the linear mix, as mergekit does
+    out = method.merge(None, [x, -x], MergeParams(shared={"normalize_weights": True, "eps": 1e-8},
+                                                  models=[{"weight": 0.5}, {"weight": 0.5}]))
+    torch.testing.assert_close(out, torch.zeros_like(x))
+
+
+def test_sce_select_topk_keeps_the_most_varied_entries():
+    method = methods.get("sce")
+    base = torch.zeros(4)
+    tvs = [torch.tensor([0.2, 1.0, 0.1, 0.3]), torch.tensor([0.4, -1.0, 0.1, 0.3]),
+           torch.tensor([0.3, 0.5, 0.1, 0.3])]
+
+    def run(topk: float) -> torch.Tensor:
+        return method.merge(base, tvs, MergeParams(shared={"select_topk": topk, "int8_mask": False},
+                                                   models=[{}, {}, {}]))
+
+    full, half = run(1.0), run(0.5)
+    assert bool((full != 0).all())           # every entry merged
+    # entries 0 and 1 vary across models, 1 the most: the top half of them is entry 1 alone
+    assert half[1] != 0 and half[0] == 0 and half[2] == 0 and half[3] == 0

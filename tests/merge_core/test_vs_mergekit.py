@@ -142,7 +142,97 @@ slices:
 merge_method: linear
 dtype: float32
 """,
+    "multislerp": """
+models:
+  - {model: "{a}", parameters: {weight: 0.2}}
+  - {model: "{b}", parameters: {weight: [0.7, 0.3]}}
+  - {model: "{c}", parameters: {weight: 0.5}}
+merge_method: multislerp
+dtype: float32
+""",
+    "multislerp_base": """
+models:
+  - {model: "{a}", parameters: {weight: 0.6}}
+  - {model: "{b}", parameters: {weight: 0.4}}
+merge_method: multislerp
+base_model: "{base}"
+parameters: {normalize_weights: false}
+dtype: float32
+""",
+    "karcher": """
+models:
+  - {model: "{a}"}
+  - {model: "{b}"}
+  - {model: "{c}"}
+merge_method: karcher
+parameters: {max_iter: 20, tol: 1.0e-6}
+dtype: float32
+""",
+    "karcher_base": """
+models:
+  - {model: "{a}"}
+  - {model: "{b}"}
+merge_method: karcher
+base_model: "{base}"
+dtype: float32
+""",
+    "sce": """
+models:
+  - {model: "{a}"}
+  - {model: "{b}"}
+  - {model: "{c}"}
+merge_method: sce
+base_model: "{base}"
+dtype: float32
+""",
+    "sce_topk": """
+models:
+  - {model: "{a}"}
+  - {model: "{b}"}
+  - {model: "{c}"}
+merge_method: sce
+base_model: "{base}"
+parameters: {select_topk: [0.3, 0.8]}
+dtype: float32
+""",
+    "ram": """
+models:
+  - {model: "{a}"}
+  - {model: "{b}"}
+  - {model: "{c}"}
+merge_method: ram
+base_model: "{base}"
+parameters: {epsilon: 0.015}
+dtype: float32
+""",
+    "ramplus_tl": """
+models:
+  - {model: "{a}"}
+  - {model: "{b}"}
+merge_method: ramplus_tl
+base_model: "{base}"
+parameters: {epsilon: 0.02, r: 0.3, alpha: 0.5}
+dtype: float32
+""",
+    "nearswap": """
+models:
+  - {model: "{base}"}
+  - {model: "{a}"}
+merge_method: nearswap
+base_model: "{base}"
+parameters: {t: [0.001, 0.03]}
+dtype: float32
+""",
+    "arcee_fusion": """
+models:
+  - {model: "{base}"}
+  - {model: "{a}"}
+merge_method: arcee_fusion
+base_model: "{base}"
+dtype: float32
+""",
 }
+NEW_METHODS = ("multislerp", "karcher", "sce", "ram", "ramplus_tl", "nearswap", "arcee_fusion")
 
 
 def _fill(text: str, zoo: dict[str, Path]) -> str:
@@ -218,7 +308,8 @@ def test_matches_mergekit_on_large_tensors(name: str, wide_zoo, tmp_path: Path) 
 
 # Recipes run on every family; MoE outputs are compared after loading (mergekit writes
 # transformers' fused expert tensors, brmerge the hub's per-expert ones).
-FAMILY_RECIPES = ("linear", "slerp", "nuslerp", "ties", "task_arithmetic", "model_stock", "passthrough_slices")
+FAMILY_RECIPES = ("linear", "slerp", "nuslerp", "ties", "task_arithmetic", "model_stock", "passthrough_slices",
+                  *NEW_METHODS)
 # mergekit 0.1.5 writes a config transformers refuses when it stacks these (layer_types keeps
 # the source depth); brmerge's stacked outputs are checked in test_families.py.
 _MERGEKIT_STACK_FAILS = ("qwen3", "gemma2", "gemma3_text")
