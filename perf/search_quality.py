@@ -1,0 +1,279 @@
+"""Which sampler finds good merges in fewest trials: cmaes, tpe, gp and random on the demo's zoo.
+
+The objective is exactly the demo campaign's (``search.demo.run.campaign_dict``): TIES over the
+legal and health specialists of the tiny zoo, per-layer weight and density, every dev item of
+the sample suite at 0 shots, fitness = mean over the two domains of 0.9 x accuracy + 0.1 x
+gold-letter probability. Each run is one in-memory Optuna study driven by ask/tell, seeded as a
+campaign is (the three baselines enqueued first; CMA-ES starts at the uniform merge), one
+trial at a time; no Ray, no driver, no SQLite. One ``ResidentModels`` and one ``Evaluator``
+serve every run, and scores are cached by recipe digest across runs (the objective is
+deterministic), so a genome seen before costs nothing.
+
+For each sampler it prints the best dev score reached after 10, 20, 40 and 60 trials (mean and
+standard deviation over seeds, then min-max), and how many trials each seed needed to reach the
+final best of ``random`` (the median over random's seeds).
+
+    python perf/search_quality.py                                   # 4 samplers x 3 seeds x 60
+    python perf/search_quality.py --trials 12 --seeds 1 --samplers cmaes,random   # a quick look
+    python perf/search_quality.py --json out.json --cache scores.json
+
+Caveats, printed with the table too: 36 dev items in all; a difference of one item moves the
+score by 0.9/18/2 = 0.025. "Best dev score" is the maximum over the trials of a noisy score,
+so it is an optimistic estimate of the chosen merge's quality (see docs/campaigns.md,
+"Reading results honestly").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # run as a script from a checkout
+
+SAMPLERS = ("cmaes", "tpe", "gp", "random")
+CHECKPOINTS = (10, 20, 40, 60)
+REFERENCE = "random"   # the sampler whose final best the others race to
+
+
+@dataclass
+class Run:
+    sampler: str
+    seed: int
+    scores: list[float | None]          # per trial in order; None: a failed trial
+    ask_seconds: float = 0.0            # time in the sampler (ask + tell)
+    eval_seconds: float = 0.0           # materialize + evaluate (cache misses only)
+    evaluated: int = 0                  # cache misses
+    baselines: dict[str, float] = field(default_factory=dict)
+
+    def best_after(self, n: int) -> float:
+        seen = [s for s in self.scores[:n] if s is not None]
+        return max(seen) if seen else float("nan")
+
+    def trials_to_reach(self, target: float) -> int | None:
+        best = float("-inf")
+        for i, s in enumerate(self.scores, 1):
+            if s is not None:
+                best = max(best, s)
+            if best >= target:
+                return i
+        return None
+
+
+class Objective:
+    """The demo campaign's trial, in process: materialize in place, evaluate, weighted score."""
+
+    def __init__(self, *, threads: int, cache: dict[str, float | None]):
+        import torch
+
+        torch.set_num_threads(threads)
+        from transformers import AutoTokenizer
+
+        from evals.harness import Evaluator
+        from merge_core.plan import num_layers
+        from merge_core.resident import ResidentModels
+        from search.campaign import parse_campaign
+        from search.demo.run import DOMAINS, NUM_FEWSHOT, campaign_dict
+        from search.demo.zoo import ensure_zoo
+
+        zoo = ensure_zoo(progress=False, log=lambda m: None)
+        self.campaign = parse_campaign(campaign_dict(zoo, trials=max(CHECKPOINTS), seed=0, workers=1),
+                                       source="search.demo.run.campaign_dict")
+        c = self.campaign
+        assert c.suite == "sample" and not c.stage1 and not c.multi_objective, "the demo's campaign changed"
+        self.resident = ResidentModels(c.base_model, list(c.models), device="cpu")
+        self.model = self.resident.load_module()
+        src = self.resident.sources[c.base_model]
+        self.num_layers = num_layers(src.config, list(src.tensor_files()))
+        tokenizer = AutoTokenizer.from_pretrained(str(src.path))
+        # the same evaluator as search/worker.py builds for this campaign
+        self.evaluator = Evaluator.for_suite(tokenizer, split="dev", source="sample", data_dir=c.data_dir,
+                                             domains=[d for d, w in c.objectives.items() if w > 0],
+                                             limit=c.limit, num_fewshot=c.num_fewshot, purpose="search")
+        assert c.num_fewshot == NUM_FEWSHOT and set(c.objectives) == set(DOMAINS)
+        self.weights = {d: w for d, w in c.objectives.items() if w > 0}
+        self.items = {t.name: len(t.items) for t in self.evaluator.suite.tasks}
+        self.cache = cache
+
+    def __call__(self, recipe) -> tuple[float | None, bool]:
+        """(score or None for a non-finite candidate, whether it was evaluated now)."""
+        from evals.fitness import weighted_score
+
+        digest = recipe.digest()
+        if digest in self.cache:
+            return self.cache[digest], False
+        if self.resident.materialize(recipe, self.model):
+            score = None
+        else:
+            score = weighted_score(self.evaluator.evaluate(self.model), weights=self.weights)
+        self.cache[digest] = score
+        return score, True
+
+
+def run_one(objective: Objective, sampler_name: str, seed: int, trials: int) -> Run:
+    import optuna
+
+    from search.genome import GenomeSpace
+    from search.samplers import make_sampler
+
+    space = GenomeSpace(objective.campaign, objective.num_layers)
+    baselines = space.baselines()
+    sampler = make_sampler(sampler_name, seed=seed, x0=baselines[0][1], n_baselines=len(baselines))
+    study = optuna.create_study(direction="maximize", sampler=sampler)
+    for name, params in baselines:
+        study.enqueue_trial(params, user_attrs={"baseline": name})
+    run = Run(sampler=sampler_name, seed=seed, scores=[])
+    distributions = space.distributions()
+    for _ in range(trials):
+        t0 = time.perf_counter()
+        trial = study.ask(distributions)
+        t1 = time.perf_counter()
+        score, evaluated = objective(space.to_recipe(trial.params))
+        t2 = time.perf_counter()
+        if evaluated:
+            run.eval_seconds += t2 - t1
+            run.evaluated += 1
+        if score is None:
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        else:
+            study.tell(trial, score)
+        run.ask_seconds += (t1 - t0) + (time.perf_counter() - t2)
+        run.scores.append(score)
+        name = trial.user_attrs.get("baseline")
+        if name is not None and score is not None:
+            run.baselines[name.rsplit("/", 1)[-1]] = score   # "model:/path/ptbr-tiny-legal" -> the folder
+    return run
+
+
+# -- the table ----------------------------------------------------------------------------------
+
+def _mean_sd(values: Sequence[float]) -> str:
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.fmean(values):.4f} ± {sd:.4f}"
+
+
+def summarize(runs: list[Run], *, trials: int) -> dict[str, Any]:
+    checkpoints = [n for n in CHECKPOINTS if n < trials] + [trials]
+    by: dict[str, list[Run]] = {}
+    for r in runs:
+        by.setdefault(r.sampler, []).append(r)
+    ref_runs = by.get(REFERENCE)
+    target = statistics.median(r.best_after(trials) for r in ref_runs) if ref_runs else None
+    out: dict[str, Any] = {"trials": trials, "checkpoints": checkpoints, "target": target, "samplers": {}}
+    for name, rs in by.items():
+        out["samplers"][name] = {
+            "seeds": [r.seed for r in rs],
+            "best_after": {n: [r.best_after(n) for r in rs] for n in checkpoints},
+            "trials_to_target": [r.trials_to_reach(target) for r in rs] if target is not None else None,
+            "ask_seconds_per_trial": sum(r.ask_seconds for r in rs) / sum(len(r.scores) for r in rs),
+            "eval_seconds_per_evaluation": (sum(r.eval_seconds for r in rs) / max(1, sum(r.evaluated for r in rs))),
+            "evaluated": sum(r.evaluated for r in rs),
+            "failed": sum(s is None for r in rs for s in r.scores),
+        }
+    return out
+
+
+def format_summary(summary: dict[str, Any], baselines: dict[str, float]) -> list[str]:
+    cps = summary["checkpoints"]
+    lines = ["best dev score after N trials (mean ± sd over seeds; min-max below)", ""]
+    head = f"{'sampler':8}" + "".join(f"{f'N={n}':>20}" for n in cps) + f"{'to reach target':>20}"
+    lines += [head, "-" * len(head)]
+    target = summary["target"]
+    for name, s in summary["samplers"].items():
+        cells = "".join(f"{_mean_sd(s['best_after'][n]):>20}" for n in cps)
+        reach = s["trials_to_target"]
+        reach_text = ", ".join(str(x) if x is not None else f">{summary['trials']}" for x in reach) \
+            if reach is not None else "-"
+        lines.append(f"{name:8}{cells}{reach_text:>20}")
+        ranges = "".join(f"{min(v):.4f}-{max(v):.4f}".rjust(20) for v in (s["best_after"][n] for n in cps))
+        lines.append(f"{'':8}{ranges}")
+    lines.append("")
+    if target is not None:
+        lines.append(f"target: the median over seeds of {REFERENCE}'s best after {summary['trials']} trials "
+                     f"= {target:.4f}; 'to reach target' = trials each seed needed (> budget: never)")
+    lines.append("baselines (trials 1-3 of every run): "
+                 + ", ".join(f"{k} {v:.4f}" for k, v in baselines.items()))
+    lines.append("sampler cost: " + ", ".join(
+        f"{n} {s['ask_seconds_per_trial'] * 1000:.0f} ms/trial" for n, s in summary["samplers"].items())
+        + "; evaluation " + ", ".join(
+        f"{n} {s['eval_seconds_per_evaluation']:.2f} s" for n, s in summary["samplers"].items()))
+    lines.append("tpe and gp draw their first trials with the same seeded random sampler as random, so runs "
+                 "of one seed share their start-up genomes (and scores, from the cache)")
+    lines.append("fresh evaluations (the rest came from the recipe cache): " + ", ".join(
+        f"{n} {s['evaluated']}" for n, s in summary["samplers"].items())
+        + "; failed trials: " + str(sum(s["failed"] for s in summary["samplers"].values())))
+    return lines
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--trials", type=int, default=max(CHECKPOINTS), help="trials per run (default 60)")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per sampler: 0..N-1 (default 3)")
+    parser.add_argument("--samplers", default=",".join(SAMPLERS),
+                        help=f"comma-separated, from {', '.join(SAMPLERS)} (default: all)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--cache", type=Path, default=None,
+                        help="JSON file of scores by recipe digest, read first and written at the end")
+    parser.add_argument("--json", type=Path, default=None, help="also write the runs and summary here")
+    args = parser.parse_args(argv)
+    names = [s.strip() for s in args.samplers.split(",") if s.strip()]
+    bad = [s for s in names if s not in SAMPLERS]
+    if bad or not names:
+        parser.error(f"--samplers {args.samplers!r}: choose from {', '.join(SAMPLERS)}")
+    if args.trials < 4 or args.seeds < 1:
+        parser.error("--trials must be >= 4 (three baselines come first) and --seeds >= 1")
+
+    import optuna
+    from transformers.utils import logging as hf_logging
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    hf_logging.disable_progress_bar()
+
+    cache: dict[str, float | None] = {}
+    if args.cache is not None and args.cache.is_file():
+        cache = json.loads(args.cache.read_text())
+    start = time.perf_counter()
+    objective = Objective(threads=args.threads, cache=cache)
+    setup = time.perf_counter() - start
+    runs: list[Run] = []
+    for name in names:
+        for seed in range(args.seeds):
+            t0 = time.perf_counter()
+            run = run_one(objective, name, seed, args.trials)
+            runs.append(run)
+            print(f"{name:7} seed {seed}: best {run.best_after(args.trials):.4f} "
+                  f"({run.evaluated} evaluated, {time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+    wall = time.perf_counter() - start
+    summary = summarize(runs, trials=args.trials)
+    print(f"search quality on the demo zoo: {', '.join(names)}; {args.seeds} seeds x {args.trials} trials; "
+          f"{objective.num_layers} layers x 2 models x 2 params = "
+          f"{2 * 2 * objective.num_layers} coefficients; dev items "
+          + ", ".join(f"{k} {v}" for k, v in objective.items.items()))
+    print()
+    for line in format_summary(summary, runs[0].baselines):
+        print(line)
+    load = os.getloadavg()
+    print(f"wall time {wall:.0f} s (set-up {setup:.0f} s) on {os.cpu_count()} CPUs, "
+          f"load average at the end {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    print("note: one item moves a domain's score by 0.05 (0.025 combined); the best of N noisy trials "
+          "is optimistic, and dev items are the ones the search chose on")
+    if args.cache is not None:
+        args.cache.write_text(json.dumps(cache))
+    if args.json is not None:
+        args.json.write_text(json.dumps({"summary": summary, "wall_seconds": wall, "load_average": load,
+                                         "runs": [r.__dict__ for r in runs]}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
