@@ -24,7 +24,7 @@ from merge_core.methods.base import BasePolicy, Scope
 
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 _TOP_KEYS = ("models", "slices", "base_model", "merge_method", "parameters", "dtype", "out_dtype",
-             "tokenizer_source", "chat_template", "seed", "name")
+             "tokenizer_source", "tokenizer", "chat_template", "seed", "name")
 
 
 class FrozenMap(Mapping[str, Any]):
@@ -104,6 +104,7 @@ class Recipe:
     dtype: str | None = None
     out_dtype: str | None = None
     tokenizer_source: str | None = None
+    tokenizer: FrozenMap | None = None          # mergekit's block: source, tokens, pad_to_multiple_of
     chat_template: str | None = None
     seed: int = 0
 
@@ -132,8 +133,8 @@ class Recipe:
         errors: list[str] = []
         for key in data:
             if key not in _TOP_KEYS:
-                if key in ("modules", "tokenizer"):
-                    errors.append(f"{key!r} is not supported by brmerge yet: use models/slices and tokenizer_source")
+                if key == "modules":
+                    errors.append(f"{key!r} is not supported by brmerge yet: use models or slices")
                 else:
                     errors.append(f"unknown key {key!r}{_did_you_mean(key, _TOP_KEYS)}")
         method_name = data.get("merge_method")
@@ -147,10 +148,11 @@ class Recipe:
             if data.get(key) is not None and data[key] not in DTYPES:
                 errors.append(f"{key} {data[key]!r} is not one of {', '.join(DTYPES)}")
         tok = data.get("tokenizer_source")
-        if tok == "union":
-            errors.append("tokenizer_source: union is not supported: use base or a model reference")
-        elif tok is not None and not isinstance(tok, str):
-            errors.append(f"tokenizer_source must be base or a model reference, got {tok!r}")
+        if tok is not None and not isinstance(tok, str):
+            errors.append(f"tokenizer_source must be base, union or a model reference, got {tok!r}")
+        tokenizer = _tokenizer_block(data.get("tokenizer"), errors)
+        if tok is not None and tokenizer is not None:
+            errors.append("give tokenizer_source or a tokenizer block, not both (tokenizer.source sets the source)")
         template = data.get("chat_template")
         if template is not None:
             if not isinstance(template, str):
@@ -177,6 +179,7 @@ class Recipe:
             dtype=data.get("dtype") if data.get("dtype") in DTYPES else None,
             out_dtype=data.get("out_dtype") if data.get("out_dtype") in DTYPES else None,
             tokenizer_source=_ref(tok),
+            tokenizer=tokenizer,
             chat_template=data.get("chat_template"),
             seed=int(seed),
         )
@@ -214,6 +217,8 @@ class Recipe:
             out["base_model"] = self.base_model
         if self.parameters:
             out["parameters"] = thaw(self.parameters)
+        if self.tokenizer is not None:
+            out["tokenizer"] = thaw(self.tokenizer)
         for key in ("dtype", "out_dtype", "tokenizer_source", "chat_template"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
@@ -239,6 +244,13 @@ class Recipe:
             if ref and ref not in refs:
                 refs.append(ref)
         return refs
+
+    def vocabulary_source(self) -> str | None:
+        """base, union or a model: where the output vocabulary comes from when embedding rows
+        are aligned by token (``tokenizer_source`` or ``tokenizer.source``); None: no alignment."""
+        if self.tokenizer is not None:
+            return str(self.tokenizer.get("source", "union"))
+        return self.tokenizer_source
 
     def method(self):
         return methods.get(self.merge_method)
@@ -272,10 +284,18 @@ class Recipe:
             for j, src in enumerate(s.sources):
                 check_params(src.parameters, f"slices[{i}].sources[{j}] ({src.model})", per_model=True)
 
-        tok = self.tokenizer_source
-        if tok not in (None, "base", "union") and tok not in self.referenced_models():
-            errors.append(f"tokenizer_source {tok!r} is not a model of this recipe: use base, or one of "
-                          + ", ".join(repr(r) for r in self.referenced_models()))
+        refs = self.referenced_models()
+        tok = self.vocabulary_source()
+        where = "tokenizer.source" if self.tokenizer is not None else "tokenizer_source"
+        if tok not in (None, "base", "union") and tok not in refs:
+            errors.append(f"{where} {tok!r} is not a model of this recipe: use base, union, or one of "
+                          + ", ".join(repr(r) for r in refs))
+        for token, cfg in ((self.tokenizer or {}).get("tokens") or {}).items():
+            src = cfg.get("source")
+            model = src.get("model") if isinstance(src, Mapping) else src
+            if model is not None and model not in refs:
+                errors.append(f"tokenizer.tokens[{token!r}].source: model {model!r} is not a model of this "
+                              "recipe: name one of " + ", ".join(repr(r) for r in refs))
 
         groups = [(list(m.model for m in self.models), self.base_model, "models")] if self.models else [
             ([src.model for src in s.sources], s.base_model or self.base_model, f"slices[{i}]")
@@ -355,6 +375,43 @@ def _output_slice(item: Any, i: int, errors: list[str]) -> OutputSlice:
         errors.append(f"slices[{i}]: every source must span the same number of layers, got {sorted(lengths)}")
     return OutputSlice(sources=tuple(sources), base_model=_ref(item.get("base_model")),
                        parameters=FrozenMap(item.get("parameters") or {}))
+
+
+def _tokenizer_block(item: Any, errors: list[str]) -> FrozenMap | None:
+    """mergekit's ``tokenizer:`` block: source (default union), tokens, pad_to_multiple_of."""
+    if item is None:
+        return None
+    if not isinstance(item, Mapping):
+        errors.append("tokenizer must be a mapping with source, tokens and/or pad_to_multiple_of")
+        return None
+    for key in set(item) - {"source", "tokens", "pad_to_multiple_of"}:
+        errors.append(f"tokenizer.{key} is not a tokenizer setting{_did_you_mean(key, ('source', 'tokens', 'pad_to_multiple_of'))}")
+    if not isinstance(item.get("source", "union"), str):
+        errors.append(f"tokenizer.source must be base, union or a model reference, got {item['source']!r}")
+    pad = item.get("pad_to_multiple_of")
+    if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int) or pad < 1):
+        errors.append(f"tokenizer.pad_to_multiple_of must be a positive whole number, got {pad!r}")
+    tokens = item.get("tokens") or {}
+    if not isinstance(tokens, Mapping):
+        errors.append("tokenizer.tokens must map each token to {source: ..., force: ...}")
+        tokens = {}
+    for token, cfg in tokens.items():
+        where = f"tokenizer.tokens[{token!r}]"
+        if not isinstance(cfg, Mapping) or set(cfg) - {"source", "force"}:
+            errors.append(f"{where} must be a mapping with source and/or force")
+            continue
+        if not isinstance(cfg.get("force", False), bool):
+            errors.append(f"{where}.force must be true or false")
+        src = cfg.get("source")
+        if src is None or isinstance(src, str):
+            continue
+        if not isinstance(src, Mapping) or src.get("kind") not in ("zero", "model_token"):
+            errors.append(f"{where}.source must be a model, {{kind: zero}} or "
+                          "{kind: model_token, model: ..., token: ... | token_id: ...}")
+        elif src["kind"] == "model_token" and (not src.get("model")
+                                               or ("token" in src) == ("token_id" in src)):
+            errors.append(f"{where}.source: a model_token source needs model and exactly one of token, token_id")
+    return FrozenMap(item)
 
 
 def _check_setting(setting: Any, where: str, errors: list[str]) -> None:

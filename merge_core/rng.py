@@ -12,15 +12,20 @@ import hashlib
 
 import torch
 
-_MASK62 = (1 << 62) - 1
-_MUL1 = 0x3F58476D1CE4E5B9 & _MASK62  # splitmix64-style odd constants, kept below 2**62
-_MUL2 = 0x14D049BB133111EB & _MASK62
+# The hash, shared with the CPU kernels (``methods.kernels.scalars``), which compute it
+# one element at a time.
+MASK62 = (1 << 62) - 1
+MUL1 = 0x3F58476D1CE4E5B9 & MASK62  # splitmix64-style odd constants, kept below 2**62
+MUL2 = 0x14D049BB133111EB & MASK62
+ROUNDS = ((31, MUL1), (29, MUL2), (32, MUL1))   # xor-shift, then multiply, in this order
+FINAL_SHIFT = 29                                # one last xor-shift
+BITS = 24                                       # bits kept: exactly representable in float32
 
 
 def derive_seed(seed: int, *parts: object) -> int:
     """A stable 62-bit seed for (seed, tensor name, model, ...), independent of order."""
     text = "\x1f".join([str(int(seed))] + [str(p) for p in parts])
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") & _MASK62
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") & MASK62
 
 
 def uniform(shape: torch.Size | tuple[int, ...], *, seed: int, device: torch.device | str = "cpu",
@@ -34,11 +39,11 @@ def uniform(shape: torch.Size | tuple[int, ...], *, seed: int, device: torch.dev
     for s in shape:
         numel *= int(s)
     x = torch.arange(offset, offset + numel, dtype=torch.int64, device=device)
-    x.add_(seed).bitwise_and_(_MASK62)
+    x.add_(seed).bitwise_and_(MASK62)
     # Three xor-shift-multiply rounds; products wrap modulo 2**64 identically on every
     # backend, and the mask keeps values non-negative so shifts stay logical.
-    for shift, mul in ((31, _MUL1), (29, _MUL2), (32, _MUL1)):
-        x.bitwise_xor_(x >> shift).mul_(mul).bitwise_and_(_MASK62)
-    x.bitwise_xor_(x >> 29)
-    x >>= 62 - 24  # keep 24 bits: exactly representable in float32
-    return x.to(dtype).mul_(1.0 / (1 << 24)).reshape(shape)
+    for shift, mul in ROUNDS:
+        x.bitwise_xor_(x >> shift).mul_(mul).bitwise_and_(MASK62)
+    x.bitwise_xor_(x >> FINAL_SHIFT)
+    x >>= 62 - BITS
+    return x.to(dtype).mul_(1.0 / (1 << BITS)).reshape(shape)

@@ -11,7 +11,7 @@ factor) and then applied chunk by chunk, so a large tensor is never expanded int
 several full-size float32 temporaries.
 
 The torch code here is the reference (and the CUDA path); on CPU the threshold search
-and the rescale norms run in the fused numba kernels of ``_kernels`` when they apply
+and the rescale norms run in the fused numba kernels of ``kernels`` when they apply
 (see ``kernels_for``), with the same results.
 """
 
@@ -41,9 +41,9 @@ def kernels_for(*tensors: torch.Tensor) -> ModuleType | None:
     float32/bfloat16/float16, not disabled by ``BRMERGE_KERNELS=torch``), else None."""
     if any(t.device.type != "cpu" for t in tensors):
         return None                                      # CUDA never imports numba
-    from merge_core.methods import _kernels
+    from merge_core.methods import kernels
 
-    return _kernels if _kernels.supports(*tensors) else None
+    return kernels if kernels.supports(*tensors) else None
 
 
 class Delta:

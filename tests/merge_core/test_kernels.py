@@ -24,7 +24,8 @@ import pytest
 import torch
 
 from merge_core import rng
-from merge_core.methods import _kernels, runtime, sparsify
+from merge_core.methods import kernels, runtime, sparsify
+from merge_core.methods.kernels import fused
 from merge_core.methods.base import MergeParams, Scope
 from merge_core.methods.task_arithmetic import METHODS
 
@@ -81,11 +82,11 @@ def _params(method, weights: list[float], densities: list[float], **shared) -> M
 
 
 def _both(method, base, tensors, params, monkeypatch, seed: int = 7) -> tuple[torch.Tensor, torch.Tensor]:
-    monkeypatch.delenv(_kernels.ENV_VAR, raising=False)
+    monkeypatch.delenv(kernels.ENV_VAR, raising=False)
     fast = method.merge(base, tensors, params, seed=seed)
-    monkeypatch.setenv(_kernels.ENV_VAR, "torch")
+    monkeypatch.setenv(kernels.ENV_VAR, "torch")
     ref = method.merge(base, tensors, params, seed=seed)
-    monkeypatch.delenv(_kernels.ENV_VAR)
+    monkeypatch.delenv(kernels.ENV_VAR)
     return fast, ref
 
 
@@ -180,7 +181,7 @@ def test_kth_largest_abs_exact(dtype: torch.dtype, n: int, monkeypatch) -> None:
     ks = sorted({1, max(1, n // 3), max(1, n // 2), n})
     delta = sparsify.Delta(x, base, torch.float32)
     fast = sparsify.kth_largest_abs(delta, ks)
-    monkeypatch.setenv(_kernels.ENV_VAR, "torch")
+    monkeypatch.setenv(kernels.ENV_VAR, "torch")
     ref = sparsify.kth_largest_abs(delta, ks)
     exact = torch.sort(x.float().abs(), descending=True).values
     for k, a, b in zip(ks, fast, ref):
@@ -198,7 +199,7 @@ def test_l1_norms_match_torch(dtype: torch.dtype, keep_kind: str) -> None:
         keep = sparsify.random_drop(delta, 0.3, seed=99)
     else:
         keep = sparsify.della_magprune(delta, 0.5, 0.1, seed=99, shape=base.shape)
-    before, after = _kernels.l1_norms(x, base, keep)
+    before, after = kernels.l1_norms(x, base, keep)
     d = delta.full()
     ref_before = d.abs().sum(dtype=torch.float64).item()
     ref_after = sparsify.prune(d, keep).abs().sum(dtype=torch.float64).item()
@@ -210,11 +211,11 @@ def test_l1_norms_match_torch(dtype: torch.dtype, keep_kind: str) -> None:
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_count_nonfinite_matches_torch(dtype: torch.dtype) -> None:
     g = torch.Generator().manual_seed(4)
-    t = torch.randn(3 * _kernels.BLOCK + 11, generator=g).to(dtype)
-    assert _kernels.count_nonfinite(t) == 0
-    t[[0, 5, _kernels.BLOCK, 2 * _kernels.BLOCK + 3, t.numel() - 1]] = torch.tensor(
+    t = torch.randn(3 * kernels.BLOCK + 11, generator=g).to(dtype)
+    assert kernels.count_nonfinite(t) == 0
+    t[[0, 5, kernels.BLOCK, 2 * kernels.BLOCK + 3, t.numel() - 1]] = torch.tensor(
         [float("inf"), float("-inf"), float("nan"), float("inf"), float("nan")], dtype=dtype)
-    assert _kernels.count_nonfinite(t) == int((~t.isfinite()).sum()) == 5
+    assert kernels.count_nonfinite(t) == int((~t.isfinite()).sum()) == 5
 
 
 def test_threads_split_the_blocks(kernel_threads, monkeypatch) -> None:
@@ -222,21 +223,21 @@ def test_threads_split_the_blocks(kernel_threads, monkeypatch) -> None:
     # at once); more: ranges of whole blocks that cover the tensor once, on the caller and
     # helper threads
     calls = []
-    real = _kernels._combine_kernel
+    real = fused.combine_kernel
 
-    def spy(*args):
-        origin, n = args[-1], args[0].size
+    def spy(inputs, *args):
+        origin, n = inputs.origin, inputs.base.size
         calls.append((origin, origin + n, threading.current_thread().name))
-        return real(*args)
+        return real(inputs, *args)
 
-    monkeypatch.setattr(_kernels, "_combine_kernel", spy)
+    monkeypatch.setattr(fused, "combine_kernel", spy)
     method = BY_NAME["dare_ties"]          # random masks: each range must hash tensor indices
     base, tensors = _inputs(SIZES["large"], torch.bfloat16, 2)
     params = _params(method, [0.5, 0.5], [0.5, 0.5])
     got = method.merge(base, tensors, params, seed=0)
     ranges = sorted((s, e) for s, e, _ in calls)
     assert ranges[0][0] == 0 and ranges[-1][1] == base.numel()
-    assert all(a[1] == b[0] and a[1] % _kernels.BLOCK == 0 for a, b in itertools.pairwise(ranges))
+    assert all(a[1] == b[0] and a[1] % kernels.BLOCK == 0 for a, b in itertools.pairwise(ranges))
     threads = {name for _, _, name in calls}
     if kernel_threads == 1:
         assert len(calls) == 1 and threads == {threading.current_thread().name}
@@ -253,7 +254,7 @@ def test_threads_split_the_blocks(kernel_threads, monkeypatch) -> None:
 def test_uniform_bit_identical_to_rng(seed: int, offset: int) -> None:
     n = 100_003
     ref = rng.uniform((n,), seed=seed, offset=offset).numpy()
-    got = _kernels.uniform(n, seed=seed, offset=offset)
+    got = kernels.uniform(n, seed=seed, offset=offset)
     assert np.array_equal(got.view(np.uint32), ref.view(np.uint32))
 
 
@@ -267,12 +268,12 @@ def test_rounding_and_widening_match_torch(dtype: torch.dtype) -> None:
     values = torch.cat([bits.view(torch.float32), specials, torch.randn(1 << 16, generator=g),
                         torch.randn(1 << 16, generator=g) * 1e-6])
     ref = values.to(dtype)
-    got = torch.from_numpy(_kernels.round_to(values.numpy(), dtype).view(np.int16))
+    got = torch.from_numpy(kernels.round_to(values.numpy(), dtype).view(np.int16))
     finite = ~ref.isnan()
     assert torch.equal(got[finite], ref.view(torch.int16)[finite])
     assert torch.equal(got.view(dtype).isnan(), ref.isnan())
     every = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16)
-    wide = torch.from_numpy(_kernels.widen(every.numpy().view(np.uint16), dtype))
+    wide = torch.from_numpy(kernels.widen(every.numpy().view(np.uint16), dtype))
     ref_wide = every.view(dtype).float()
     keep = ~ref_wide.isnan()
     assert torch.equal(wide.view(torch.int32)[keep], ref_wide.view(torch.int32)[keep])
@@ -281,10 +282,10 @@ def test_rounding_and_widening_match_torch(dtype: torch.dtype) -> None:
 
 def test_switch_forces_torch(monkeypatch) -> None:
     t = torch.zeros(4)
-    assert sparsify.kernels_for(t, t) is _kernels
-    monkeypatch.setenv(_kernels.ENV_VAR, "torch")
+    assert sparsify.kernels_for(t, t) is kernels
+    monkeypatch.setenv(kernels.ENV_VAR, "torch")
     assert sparsify.kernels_for(t, t) is None
-    monkeypatch.delenv(_kernels.ENV_VAR)
+    monkeypatch.delenv(kernels.ENV_VAR)
     assert sparsify.kernels_for(t, t.double()) is None          # mixed dtypes: torch path
     assert sparsify.kernels_for(t.double(), t.double()) is None  # float64: torch path
 
