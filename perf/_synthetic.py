@@ -63,7 +63,7 @@ class SleepWorker:
             with open(self.trace, "a", encoding="utf-8") as fh:
                 fh.write(json.dumps({"worker": self.worker_id, **entry}) + "\n")
 
-    def run(self, recipe_yaml: str, *, stage: int) -> dict[str, Any]:
+    def run(self, recipe_yaml: str, *, stage: int):
         start = time.time()
         duration = self.median * math.exp(self.rng.gauss(0.0, self.sigma))
         if self.stage1 and stage == 1:
@@ -74,7 +74,11 @@ class SleepWorker:
         # a score that varies with the genome, so samplers and the pruner see a landscape
         score = (zlib.crc32(recipe_yaml.encode()) % 10_000) / 10_000  # hash() is salted per process
         final = stage == 2 or not self.stage1
-        return {"score": score, "objectives": [score] * len(self.objective_names),
-                "domains": {d: {"acc": score, "gold_prob": score, "n": 1} for d in self.domains},
-                "final": final, "materialize_seconds": 0.0, "eval_seconds": end - start,
-                "worker": self.worker_id, "stage": stage, "pid": os.getpid()}
+        from search.trials import StageResult
+
+        return StageResult(worker=self.worker_id, stage=stage, final=final, score=score,
+                           objectives=tuple([score] * len(self.objective_names)),
+                           domains={d: {"acc": score, "gold_prob": score, "n": 1} for d in self.domains},
+                           items={d: (score >= 0.5,) for d in self.domains},
+                           item_ids={d: ("synthetic",) for d in self.domains},
+                           eval_seconds=end - start)

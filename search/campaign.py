@@ -16,9 +16,12 @@ from typing import Any
 
 import yaml
 
-SAMPLERS = ("cmaes", "tpe", "nsga2", "gp", "random")
+from benchmarks_ptbr.sources import DOMAINS
+from merge_core.errors import BrmergeError
+from search.samplers import MULTI_OBJECTIVE, SAMPLERS
+
 SUITES = ("sample", "dev", "test")
-DOMAINS = ("legal", "health", "enem", "healthbench")
+DEFAULT_PRUNE_ALPHA = 0.05   # the pruning test's level: a candidate stops on evidence at 5%
 # Ranges a search may set; which of them a method uses is the method's decision.
 SEARCHABLE = ("weight", "density", "epsilon", "gamma", "t", "lambda")
 
@@ -47,8 +50,10 @@ sampler: cmaes                # cmaes | tpe | nsga2 | gp | random
 objectives: {legal: 1.0, health: 1.0, enem: 1.0}
 
 # Search scores the dev split only. suite: sample (ships with brmerge) or dev (data_dir or
-# $BRMERGE_DATA_DIR). stage1: items per task scored first; clearly worse candidates stop there.
-eval: {suite: dev, limit: 200, stage1: 50, data_dir: null}
+# $BRMERGE_DATA_DIR). stage1: items per task scored first (null: a quarter of limit; false: off);
+# a candidate stops there only if it is in the bottom quarter of the stage-1 scores so far AND
+# significantly worse than the best trial on the same items (exact McNemar, prune_alpha).
+eval: {suite: dev, limit: 200, stage1: 50, prune_alpha: 0.05, data_dir: null}
 
 budget: {trials: 200, timeout: null}   # timeout in seconds; the trial count includes baselines
 
@@ -67,7 +72,8 @@ DEFAULTS: dict[str, Any] = {
     "sampler": "cmaes",                     # continuous, correlated parameters: CMA-ES' home ground
     "objectives": {"legal": 1.0, "health": 1.0, "enem": 1.0},
     "eval": {"suite": "dev", "limit": 200,  # ~200 items per task: stable enough, cheap enough
-             "stage1": None,                # None: a quarter of limit
+             "stage1": None,                # null: a quarter of limit (at least the test's minimum); false: off
+             "prune_alpha": DEFAULT_PRUNE_ALPHA,
              "data_dir": None, "allow_test": False, "num_fewshot": 3},
     "budget": {"trials": 200, "timeout": None},
     "workers": {"count": "auto", "gpus_per_worker": 1},
@@ -77,7 +83,7 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-class CampaignError(ValueError):
+class CampaignError(BrmergeError):
     """The campaign file is invalid; the message lists every problem, each with its fix."""
 
 
@@ -94,7 +100,7 @@ class Campaign:
     objectives: Mapping[str, float]
     suite: str
     limit: int | None
-    stage1: int | None
+    stage1: int | None                      # items per task of stage 1; None: no staging
     data_dir: str | None
     allow_test: bool
     num_fewshot: int
@@ -108,6 +114,7 @@ class Campaign:
     source_file: str | None = None
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
     storage_password_env: str | None = None  # storage: {url, password_env}: the password's variable
+    prune_alpha: float = DEFAULT_PRUNE_ALPHA
 
     @property
     def block_size(self) -> int | None:
@@ -115,11 +122,28 @@ class Campaign:
 
     @property
     def multi_objective(self) -> bool:
-        return self.sampler == "nsga2"
+        return self.sampler in MULTI_OBJECTIVE
 
     def storage_url(self, directory: Path) -> str:
         """The URL as written (no password from the environment: see ``search.storage.resolve``)."""
         return self.storage or f"sqlite:///{(directory / 'study.db').resolve()}"
+
+
+def min_stage1(alpha: float, n_domains: int) -> int:
+    """Fewest stage-1 items per task on which the pruning test can fire at all: its items are
+    pooled over the scored domains (see ``search.pruning``)."""
+    from evals.stats import min_items_for_significance
+
+    return -(-min_items_for_significance(alpha) // n_domains)
+
+
+def stage1_default(limit: int | None, floor: int) -> int | None:
+    """``stage1: null``: a quarter of ``limit``, at least ``floor``; no staging when that would
+    not leave a larger full stage, or when every item is scored (``limit: null``)."""
+    if not isinstance(limit, int) or isinstance(limit, bool):
+        return None
+    size = max(limit // 4, floor)
+    return size if size < limit else None
 
 
 def _merge_defaults(data: Mapping[str, Any]) -> dict[str, Any]:
@@ -243,13 +267,24 @@ def parse_campaign(data: Any, *, source: str = "campaign") -> Campaign:
     limit = ev.get("limit")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         errors.append(f"eval.limit {limit!r} must be a positive number of items per task, or null for all")
+    alpha = ev.get("prune_alpha")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha <= 0.5:
+        errors.append(f"eval.prune_alpha {alpha!r} must be a significance level in (0, 0.5], e.g. 0.05")
+        alpha = DEFAULT_PRUNE_ALPHA
+    n_domains = max(1, sum(1 for w in objectives.values() if isinstance(w, (int, float)) and w > 0))
+    floor = min_stage1(float(alpha), n_domains)
     stage1 = ev.get("stage1")
-    if stage1 is not None and (isinstance(stage1, bool) or not isinstance(stage1, int) or stage1 < 1):
-        errors.append(f"eval.stage1 {stage1!r} must be a positive number of items, or null")
-    elif stage1 is not None and isinstance(limit, int) and stage1 >= limit:
-        errors.append(f"eval.stage1 ({stage1}) must be smaller than eval.limit ({limit}), or null")
-    if stage1 is None and isinstance(limit, int) and limit >= 8:
-        stage1 = max(4, limit // 4)
+    if stage1 is False:
+        stage1 = None
+    elif stage1 is None:
+        stage1 = stage1_default(limit, floor)
+    elif isinstance(stage1, bool) or not isinstance(stage1, int) or stage1 < 1:
+        errors.append(f"eval.stage1 {stage1!r} must be a number of items per task, null (automatic) or false (off)")
+    elif isinstance(limit, int) and stage1 >= limit:
+        errors.append(f"eval.stage1 ({stage1}) must be smaller than eval.limit ({limit}), or false")
+    elif stage1 < floor:
+        errors.append(f"eval.stage1 {stage1}: the pruning test can never fire on fewer than {floor} items per "
+                      f"task at prune_alpha {alpha}; give at least {floor}, or false to turn staging off")
 
     budget = d["budget"]
     trials = budget.get("trials")
@@ -293,7 +328,7 @@ def parse_campaign(data: Any, *, source: str = "campaign") -> Campaign:
         name=name, base_model=base, models=tuple(models), method=str(method_name),
         granularity=gran, params=params, split_attn_mlp=bool(split), sampler=str(sampler),
         objectives={k: float(v) for k, v in objectives.items()}, suite=ev["suite"], limit=limit,
-        stage1=stage1, data_dir=ev.get("data_dir"), allow_test=bool(ev.get("allow_test")),
+        stage1=stage1, prune_alpha=float(alpha), data_dir=ev.get("data_dir"), allow_test=bool(ev.get("allow_test")),
         num_fewshot=int(ev.get("num_fewshot", 3)), trials=trials,
         timeout=float(timeout) if timeout else None, workers=count, gpus_per_worker=float(gpw),
         ray_address=d["ray"].get("address"), storage=storage, seed=seed, source_file=source, raw=dict(data),

@@ -2,17 +2,16 @@
 
 Each subcommand lives in ``search/commands/<name>.py`` and exposes ``HELP``,
 ``add_arguments(parser)`` and ``run(args) -> int``; adding a command is one file plus
-one line in ``COMMANDS``. User errors (``ValueError``/``OSError`` raised with a message
-naming the problem and the fix) print as one line and exit with status 2; anything else
-is a bug and keeps its traceback.
+one line in ``COMMANDS``. User errors (``merge_core.errors.BrmergeError``, raised with a
+message naming the problem and the fix, and file-system errors on a path) print as one line
+and exit with status 2; anything else, a plain ``ValueError`` included, is a bug and keeps
+its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import logging
-import os
 import sys
 from collections.abc import Sequence
 
@@ -40,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
         module = importlib.import_module(f"search.commands.{module_name}")
         cmd = sub.add_parser(name, help=module.HELP, description=module.HELP)
         module.add_arguments(cmd)
-        cmd.set_defaults(_run=module.run, _exit_at_once=getattr(module, "EXIT_AT_ONCE", False))
+        cmd.set_defaults(_run=module.run)
     return parser
 
 
@@ -54,27 +53,25 @@ def _run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("brmerge: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, OSError) as exc:
+    except Exception as exc:
+        if not user_error(exc):
+            raise    # a bug: keep its traceback
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         print(f"brmerge {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 
-def entry() -> None:
-    """The ``brmerge`` console script: ``main`` in a process of its own.
+def user_error(exc: BaseException) -> bool:
+    """A ``BrmergeError`` (bad input, with its fix), or a file-system error on a path (a file
+    the user named is missing, unreadable, in the way); anything else is a bug."""
+    from merge_core.errors import BrmergeError
 
-    A command that sets ``EXIT_AT_ONCE`` (``merge``: everything it makes is written and
-    closed when it returns) ends the process without tearing down the interpreter, which
-    with torch loaded takes about a second; output streams and logging are flushed first.
-    """
-    args = build_parser().parse_args()
-    code = _run(args)
-    if args._exit_at_once:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        logging.shutdown()
-        os._exit(code)
-    sys.exit(code)
+    return isinstance(exc, BrmergeError) or (isinstance(exc, OSError) and exc.filename is not None)
+
+
+def entry() -> None:
+    """The ``brmerge`` console script: ``main`` in a process of its own."""
+    sys.exit(main())
 
 
 if __name__ == "__main__":  # pragma: no cover

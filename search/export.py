@@ -17,12 +17,15 @@ from typing import Any
 
 import optuna
 
-from search import driver as D
+from search import scoring
+from search import trials as T
+from search.errors import SearchError
 from search.campaign import Campaign, load_campaign
-from search.status import baselines, best_trials, load_study, scalar
+from search.storage import load_study
+from search.trials import baselines, best_trials, scalar
 
 
-class ExportError(ValueError):
+class ExportError(SearchError):
     pass
 
 
@@ -51,25 +54,11 @@ def pick_trial(study: optuna.Study, number: int | None) -> optuna.trial.FrozenTr
     return t
 
 
-def _evaluators(campaign: Campaign, tokenizer: Any):
-    from evals.harness import Evaluator
-
-    source = "sample" if campaign.suite == "sample" else "data"
-    domains = [d for d, w in campaign.objectives.items() if w > 0] if not campaign.multi_objective \
-        else list(campaign.objectives)
-    common = dict(source=source, data_dir=campaign.data_dir, domains=domains,
-                  num_fewshot=campaign.num_fewshot, limit=campaign.limit)
-    dev = Evaluator.for_suite(tokenizer, split="dev", purpose="search", **common)
-    test = Evaluator.for_suite(tokenizer, split="test", purpose="report", **common)
-    return dev, test
-
-
-def _score(evaluator, model, campaign: Campaign) -> tuple[float, dict[str, float]]:
-    from evals.fitness import weighted_score
-
+def _score(evaluator, model, campaign: Campaign):
+    """(score, {domain: acc}, {domain: per-item correctness}) of ``model``."""
     res = evaluator.evaluate(model)
-    weights = {d: w for d, w in campaign.objectives.items() if w > 0}
-    return weighted_score(res, weights=weights), {m.domain: m.acc for m in res.tasks.values()}
+    return (scoring.score(campaign, res), {m.domain: m.acc for m in res.tasks.values()},
+            scoring.per_item(res)[0])
 
 
 def export_trial(directory: Path, *, out: Path, trial: int | None = None, device: str = "auto",
@@ -90,10 +79,15 @@ def export_trial(directory: Path, *, out: Path, trial: int | None = None, device
     study = load_study(directory)
     campaign = load_campaign(directory / "campaign.yaml")
     chosen = pick_trial(study, trial)
-    recipe_yaml = chosen.user_attrs.get(D.A_RECIPE)
+    recipe_yaml = chosen.user_attrs.get(T.A_RECIPE)
     if not recipe_yaml:
         raise ExportError(f"trial {chosen.number} has no recipe attribute: was it written by brmerge search?")
     recipe = Recipe.from_yaml(recipe_yaml)
+    from merge_core.io import check_output, replace_output
+
+    # --overwrite replaces an earlier brmerge output only: never the campaign or a local source
+    protected = (directory, *(r for r in recipe.referenced_models() if Path(r).expanduser().exists()))
+    check_output(out, overwrite=overwrite, protected=protected)
     dev_device = resolve_device(device)
 
     staging = out.parent / f".{out.name}.export-{os.getpid()}"
@@ -105,15 +99,16 @@ def export_trial(directory: Path, *, out: Path, trial: int | None = None, device
         tokenizer = AutoTokenizer.from_pretrained(str(staging))
         # the workers score a float32 module; so does the proof
         model = AutoModelForCausalLM.from_pretrained(str(staging), dtype=torch.float32).to(dev_device).eval()
-        dev_eval, test_eval = _evaluators(campaign, tokenizer)
-        dev, dev_domains = _score(dev_eval, model, campaign)
-        expected = float(chosen.user_attrs.get(D.A_SCORE, chosen.values[0]))
+        dev_eval = scoring.evaluator(campaign, tokenizer, split=scoring.search_split(campaign))
+        test_eval = scoring.evaluator(campaign, tokenizer, split="test", purpose="report")
+        dev, dev_domains, dev_items = _score(dev_eval, model, campaign)
+        expected = float(chosen.user_attrs.get(T.A_SCORE, chosen.values[0]))
         if dev != expected:
             raise ExportError(f"re-scoring the exported model on dev gave {dev!r}, the trial scored {expected!r}: "
                               "the export does not reproduce the searched model (different device type or "
                               "library versions?); nothing was exported")
         log(f"dev re-score {dev:.6f} equals trial {chosen.number}'s score: the export is the searched model")
-        test, test_domains = _score(test_eval, model, campaign)
+        test, test_domains, test_items = _score(test_eval, model, campaign)
         rows = [{"name": f"exported (trial {chosen.number})", "trial": chosen.number, "dev": dev,
                  "test": test, "dev_domains": dev_domains, "test_domains": test_domains}]
         del model
@@ -122,15 +117,13 @@ def export_trial(directory: Path, *, out: Path, trial: int | None = None, device
             resident = ResidentModels(campaign.base_model, list(campaign.models), device=dev_device)
             live = resident.load_module()
             for name, t in base_trials.items():
-                resident.materialize(Recipe.from_yaml(t.user_attrs[D.A_RECIPE]), live)
-                b_test, b_test_domains = _score(test_eval, live, campaign)
+                resident.materialize(Recipe.from_yaml(t.user_attrs[T.A_RECIPE]), live)
+                b_test, b_test_domains, b_test_items = _score(test_eval, live, campaign)
                 rows.append({"name": name, "trial": t.number, "dev": scalar(t), "test": b_test,
-                             "dev_domains": {d: v["acc"] for d, v in t.user_attrs.get(D.A_DOMAINS, {}).items()},
+                             "dev_domains": {d: v["acc"] for d, v in t.user_attrs.get(T.A_DOMAINS, {}).items()},
                              "test_domains": b_test_domains})
         _write_card(staging, campaign, study, chosen, rows)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staging, out)
+        replace_output(staging, out, overwrite=overwrite, protected=protected)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     record = {"trial": chosen.number, "out": str(out), "rows": rows, "time": time.time()}
@@ -145,7 +138,7 @@ def _write_card(folder: Path, campaign: Campaign, study: optuna.Study, chosen: o
     from merge_core.provenance import PROVENANCE_FILE, write_model_card
 
     prov = json.loads((folder / PROVENANCE_FILE).read_text())
-    finished = len(D.finished_trials(study))
+    finished = len(T.finished_trials(study))
     search = {"campaign": campaign.name, "trial": chosen.number, "method": campaign.method,
               "sampler": campaign.sampler, "granularity": campaign.granularity,
               "budget_trials": campaign.trials, "trials_finished": finished,

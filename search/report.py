@@ -28,10 +28,12 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from search import driver as D
+from search import trials as T
+from search.errors import SearchError
 from search.campaign import Campaign
 from search.genome import GenomeSpace
-from search.status import baselines, best_trials, load_campaign_study, scalar
+from search.storage import load_campaign_study
+from search.trials import baselines, best_trials, scalar
 
 TrialState = optuna.trial.TrialState
 Grid = dict[str, list[tuple[str, list[float]]]]     # {param: [(row label, one value per layer)]}
@@ -103,7 +105,7 @@ def completed_baselines(study: optuna.Study) -> list[Baseline]:
 
 def counted(trials: Sequence[optuna.trial.FrozenTrial], state: TrialState) -> list[optuna.trial.FrozenTrial]:
     """Trials in ``state`` that count toward the budget (interrupted ones were re-run)."""
-    return [t for t in trials if t.state == state and not t.user_attrs.get(D.A_INTERRUPTED)]
+    return [t for t in trials if t.state == state and not t.user_attrs.get(T.A_INTERRUPTED)]
 
 
 def is_multi_objective(study: optuna.Study) -> bool:
@@ -118,13 +120,13 @@ def objective_names(study: optuna.Study) -> list[str]:
 
 def domain_order(campaign: Campaign, trials: Sequence[optuna.trial.FrozenTrial]) -> list[str]:
     """The campaign's objectives first, in its order, then any other domain a trial scored."""
-    seen = {d for t in trials for d in (t.user_attrs.get(D.A_DOMAINS) or {})}
+    seen = {d for t in trials for d in (t.user_attrs.get(T.A_DOMAINS) or {})}
     first = [d for d in campaign.objectives if d in seen]
     return first + sorted(seen - set(first))
 
 
 def stage1_value(t: optuna.trial.FrozenTrial) -> float | None:
-    value = t.user_attrs.get(D.A_STAGE1)
+    value = t.user_attrs.get(T.A_STAGE1)
     if value is None and t.intermediate_values:
         value = t.intermediate_values[max(t.intermediate_values)]
     return None if value is None else float(value)
@@ -137,7 +139,7 @@ def history_figure(study: optuna.Study) -> Figure:
     complete = [t for t in trials if scalar(t) is not None]
     fig = Figure(figsize=(10, 5), dpi=DPI, layout="constrained")
     ax = fig.add_subplot()
-    searched = [t for t in complete if D.A_BASELINE not in t.user_attrs]
+    searched = [t for t in complete if T.A_BASELINE not in t.user_attrs]
     ax.scatter([t.number for t in searched], [scalar(t) for t in searched], s=20, color="tab:blue",
                zorder=3, label="complete trial")
     best, running = [], -math.inf
@@ -258,7 +260,7 @@ def domains_figure(entries: Sequence[Entry], domains: Sequence[str]) -> Figure:
     width = 0.8 / len(entries)
     top = 0.0
     for i, (label, t, colour) in enumerate(entries):
-        doms = t.user_attrs.get(D.A_DOMAINS) or {}
+        doms = t.user_attrs.get(T.A_DOMAINS) or {}
         accs = [float(doms[d]["acc"]) if d in doms else math.nan for d in domains]
         bars = ax.bar(x + (i - (len(entries) - 1) / 2) * width, accs, width, label=label, color=colour,
                       edgecolor="black" if i == 0 else None)
@@ -268,7 +270,7 @@ def domains_figure(entries: Sequence[Entry], domains: Sequence[str]) -> Figure:
         top = max([top, *[a for a in accs if not math.isnan(a)]])
     n_items = {}
     for _, t, _ in entries:
-        for d, v in (t.user_attrs.get(D.A_DOMAINS) or {}).items():
+        for d, v in (t.user_attrs.get(T.A_DOMAINS) or {}).items():
             n_items.setdefault(d, v.get("n"))
     ax.set_xticks(x, [f"{d}\n(n={n_items[d]})" if n_items.get(d) else d for d in domains])
     ax.set_ylabel("dev accuracy")
@@ -304,15 +306,15 @@ def trial_table(study: optuna.Study, campaign: Campaign, *, top: int) -> str:
     out = ["<table>", "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"]
     for t in sorted(rows.values(), key=lambda t: -scalar(t)):
         attrs = t.user_attrs
-        doms = attrs.get(D.A_DOMAINS) or {}
-        kind = f"baseline {attrs[D.A_BASELINE]}" if D.A_BASELINE in attrs else "search"
+        doms = attrs.get(T.A_DOMAINS) or {}
+        kind = f"baseline {attrs[T.A_BASELINE]}" if T.A_BASELINE in attrs else "search"
         cells = [_td(f"#{t.number}"), _td(kind), _td(f"{scalar(t):.4f}", num=True)]
         cells += [_td(f"{doms[d]['acc']:.3f}" if d in doms else "-", num=True) for d in domains]
         cells += [_td("yes" if t.number in front else "")] if multi else []
-        seconds = attrs.get(D.A_EVAL)
+        seconds = attrs.get(T.A_EVAL)
         cells += [_td(f"{seconds:.1f}" if isinstance(seconds, (int, float)) else "-", num=True),
-                  _td(attrs.get(D.A_WORKER, "-")),
-                  _td(f"same recipe as #{attrs[D.A_CACHED]}" if attrs.get(D.A_CACHED) is not None else "")]
+                  _td(attrs.get(T.A_WORKER, "-")),
+                  _td(f"same recipe as #{attrs[T.A_CACHED]}" if attrs.get(T.A_CACHED) is not None else "")]
         out.append("<tr>" + "".join(cells) + "</tr>")
     out.append("</table>")
     return "\n".join(out)
@@ -322,7 +324,7 @@ def failures_table(study: optuna.Study, *, limit: int = 20) -> str:
     failed = counted(study.get_trials(deepcopy=False), TrialState.FAIL)
     if not failed:
         return ""
-    rows = [f"<tr>{_td(f'#{t.number}')}{_td(t.user_attrs.get(D.A_ERROR, 'no reason recorded'))}</tr>"
+    rows = [f"<tr>{_td(f'#{t.number}')}{_td(t.user_attrs.get(T.A_ERROR, 'no reason recorded'))}</tr>"
             for t in failed[-limit:]]
     more = f"<p>{len(failed) - limit} earlier failures not shown.</p>" if len(failed) > limit else ""
     return more + "<table><tr><th>trial</th><th>error</th></tr>" + "".join(rows) + "</table>"
@@ -330,8 +332,8 @@ def failures_table(study: optuna.Study, *, limit: int = 20) -> str:
 
 def campaign_facts(study: optuna.Study, campaign: Campaign) -> list[tuple[str, str]]:
     trials = study.get_trials(deepcopy=False)
-    done = D.finished_trials(study)
-    interrupted = sum(bool(t.user_attrs.get(D.A_INTERRUPTED)) for t in trials)
+    done = T.finished_trials(study)
+    interrupted = sum(bool(t.user_attrs.get(T.A_INTERRUPTED)) for t in trials)
     running = sum(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials)
     facts = [
         ("campaign", campaign.name),
@@ -356,7 +358,7 @@ def campaign_facts(study: optuna.Study, campaign: Campaign) -> list[tuple[str, s
         facts.append(("interrupted", f"{interrupted} (queued again; not counted)"))
     if running:
         facts.append(("running or queued", str(running)))
-    times = [(t.user_attrs.get(D.A_START), t.user_attrs.get(D.A_END)) for t in trials]
+    times = [(t.user_attrs.get(T.A_START), t.user_attrs.get(T.A_END)) for t in trials]
     times = [(a, b) for a, b in times if isinstance(a, (int, float)) and isinstance(b, (int, float))]
     if times:
         span = max(b for _, b in times) - min(a for a, _ in times)
@@ -456,7 +458,7 @@ def _pareto_section(study: optuna.Study, out: Path) -> Section:
 def write_report(directory: Path, *, out: Path | None = None, top: int = TOP) -> Report:
     """Write the figures and ``report.html`` for the campaign in ``directory``."""
     if top < 1:
-        raise ValueError(f"--top {top}: the table needs at least one trial; give a positive number")
+        raise SearchError(f"--top {top}: the table needs at least one trial; give a positive number")
     campaign, study = load_campaign_study(Path(directory))
     out = Path(out) if out is not None else Path(directory) / "report"
     out.mkdir(parents=True, exist_ok=True)

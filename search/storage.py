@@ -236,11 +236,13 @@ def study_directions(campaign: Campaign) -> list[str]:
 def open_study(campaign: Campaign, directory: Path, *, resume: bool,
                sampler: optuna.samplers.BaseSampler | None = None,
                pruner: optuna.pruners.BasePruner | None = None,
-               location: StorageLocation | None = None) -> optuna.Study:
+               location: StorageLocation | None = None,
+               rdb: optuna.storages.BaseStorage | None = None) -> optuna.Study:
     """The campaign's study: created (``resume=False``, refused if it exists) or continued
-    (``resume=True``, refused if it does not)."""
+    (``resume=True``, refused if it does not). ``rdb``: a storage the caller opened on
+    ``location`` and keeps (the scheduler marks interrupted trials through it)."""
     loc = location or resolve(campaign, directory)
-    storage = open_rdb(loc, wal=True)
+    storage = rdb if rdb is not None else open_rdb(loc, wal=True)
     with guard(loc, doing="open"):
         existing = {s.study_name for s in storage.get_all_studies()}
         if campaign.name in existing and not resume:
@@ -261,13 +263,13 @@ def open_campaign_storage(directory: Path) -> tuple[Campaign, optuna.storages.RD
     directory = Path(directory)
     cfg = directory / "campaign.yaml"
     if not cfg.is_file():
-        raise FileNotFoundError(f"{directory} is not a campaign directory (no campaign.yaml): "
+        raise StorageError(f"{directory} is not a campaign directory (no campaign.yaml): "
                            "give the --dir used with `brmerge search`")
     campaign = load_campaign(cfg)
     loc = resolve(campaign, directory)
     db = sqlite_file(loc.url)
     if db is not None and not db.is_file():
-        raise FileNotFoundError(f"{directory} has no study yet ({db} is missing): "
+        raise StorageError(f"{directory} has no study yet ({db} is missing): "
                            f"run `brmerge search {cfg} --dir {directory}` first")
     storage = open_rdb(loc)
     with guard(loc, doing="read"):
@@ -277,6 +279,17 @@ def open_campaign_storage(directory: Path) -> tuple[Campaign, optuna.storages.RD
             raise StorageError(f"no study named {campaign.name!r} in {loc}: the campaign's name changed "
                                "since the search, or it never ran; run `brmerge search` first") from None
     return campaign, storage, study_id
+
+
+def load_campaign_study(directory: Path) -> tuple[Campaign, optuna.Study]:
+    """A campaign directory's campaign and study, for the readers (status, report, export)."""
+    campaign, storage, _ = open_campaign_storage(directory)
+    return campaign, optuna.load_study(study_name=campaign.name, storage=storage)
+
+
+def load_study(directory: Path) -> optuna.Study:
+    """The study of a campaign directory (its campaign.yaml names the storage)."""
+    return load_campaign_study(directory)[1]
 
 
 # -- a storage for readers outside brmerge (the dashboard) ------------------------------------

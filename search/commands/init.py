@@ -18,7 +18,9 @@ def run(args: argparse.Namespace) -> int:
     from search.campaign import TEMPLATE
 
     if args.path.exists() and not args.force:
-        raise FileExistsError(f"{args.path} exists: pass --force to overwrite it, or give another path")
+        from merge_core.errors import BrmergeError
+
+        raise BrmergeError(f"{args.path} exists: pass --force to overwrite it, or give another path")
     args.path.write_text(TEMPLATE, encoding="utf-8")
     print(f"wrote {args.path}: set base_model and models, then run `brmerge search {args.path}`")
     return 0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import shutil
 from pathlib import Path
 
 HELP = "run a merge-search campaign (Optuna trials on a Ray cluster); --resume continues one"
@@ -23,16 +22,17 @@ def campaign_dir(name: str, given: Path | None) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
+    from merge_core.errors import BrmergeError
     from search.campaign import load_campaign
-    from search.driver import finished_trials, run_campaign
+    from search.driver import run_campaign
     from search.status import summary_lines
+    from search.trials import finished_trials
 
+    if args.workers is not None and args.workers < 1:
+        raise BrmergeError(f"--workers {args.workers}: give a positive number of workers, or leave it out "
+                           "for workers.count")
     campaign = load_campaign(args.campaign)
     directory = campaign_dir(campaign.name, args.dir)
-    directory.mkdir(parents=True, exist_ok=True)
-    copy = directory / "campaign.yaml"
-    if args.campaign.resolve() != copy.resolve():
-        shutil.copyfile(args.campaign, copy)
     log = None if args.quiet else (lambda m: print(m, flush=True))
     try:
         study = run_campaign(campaign, directory, resume=args.resume, n_workers=args.workers,

@@ -16,7 +16,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from search.status import load_study, status_dict, summary_lines
+    from search.status import status_dict, summary_lines
+    from search.storage import load_study
 
     study = load_study(args.dir)
     if args.json:

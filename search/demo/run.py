@@ -29,6 +29,8 @@ from typing import Any
 
 import yaml
 
+from merge_core.errors import BrmergeError
+
 from search.demo.zoo import MODEL_NAMES, SPECIALISTS, Zoo, ZooRecipe, ensure_zoo
 
 CAMPAIGN_NAME = "demo"
@@ -49,7 +51,7 @@ HONESTY = ("The specialists were fine-tuned on the dev questions of the sample s
            "held-out test scores in the model card stay near chance).")
 
 
-class DemoError(ValueError):
+class DemoError(BrmergeError):
     pass
 
 
@@ -178,7 +180,7 @@ def campaign_dict(zoo: Zoo, *, trials: int, seed: int, workers: int) -> dict[str
         "sampler": "cmaes",
         "objectives": {d: 1.0 for d in DOMAINS},
         # every dev item (18 a domain at 0 shots), one stage: scoring them all is cheap here
-        "eval": {"suite": "sample", "limit": None, "stage1": None, "num_fewshot": NUM_FEWSHOT},
+        "eval": {"suite": "sample", "limit": None, "stage1": False, "num_fewshot": NUM_FEWSHOT},
         "budget": {"trials": trials},
         "workers": {"count": workers, "gpus_per_worker": 0},
         "seed": seed,
@@ -187,15 +189,10 @@ def campaign_dict(zoo: Zoo, *, trials: int, seed: int, workers: int) -> dict[str
 
 def _start_ray(*, progress: bool) -> bool:
     """A private local Ray on loopback; False when one was already running (keep it)."""
-    import ray
+    from search.executor import start_ray
 
-    if ray.is_initialized():
-        return False
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a loopback-only cluster of this process
     with _ticking("starting Ray", enabled=progress):
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, _node_ip_address="127.0.0.1",
-                 log_to_driver=False)
-    return True
+        return start_ray()
 
 
 def run_search(directory: Path, campaign: Mapping[str, Any], *, progress: bool):
@@ -216,25 +213,25 @@ def run_search(directory: Path, campaign: Mapping[str, Any], *, progress: bool):
 
 
 def trial_row(t, *, key: str, name: str) -> Row:
-    from search import driver as D
-    from search.status import scalar
+    from search import trials as T
+    from search.trials import scalar
 
     domains = {d: _domain_entry(v["acc"], v["gold_prob"], v["n"])
-               for d, v in t.user_attrs.get(D.A_DOMAINS, {}).items()}
+               for d, v in t.user_attrs.get(T.A_DOMAINS, {}).items()}
     return Row(key=key, name=name, source="study trial", domains=domains, combined=scalar(t), trial=t.number,
-               baseline=t.user_attrs.get(D.A_BASELINE))
+               baseline=t.user_attrs.get(T.A_BASELINE))
 
 
 def study_rows(study) -> list[Row]:
-    from search import driver as D
-    from search.status import baselines, best_trials
+    from search import trials as T
+    from search.trials import baselines, best_trials
 
     found = baselines(study)
     if "uniform" not in found or not best_trials(study, 1):
         raise DemoError("the campaign finished without a completed uniform-merge trial: see campaign.log")
     uniform = found["uniform"]
     best = best_trials(study, 1)[0]
-    base = best.user_attrs.get(D.A_BASELINE)
+    base = best.user_attrs.get(T.A_BASELINE)
     name = f"best merge (trial {best.number}: {base})" if base else f"best searched merge (trial {best.number})"
     return [trial_row(uniform, key="uniform", name=f"uniform merge (trial {uniform.number})"),
             trial_row(best, key="best", name=name)]
@@ -317,7 +314,7 @@ def run_demo(*, directory: Path = DEFAULT_DIR, trials: int = DEFAULT_TRIALS, see
     study = run_search(directory, campaign_dict(zoo, trials=trials, seed=seed, workers=workers),
                        progress=progress)
     t = step("search", t)
-    from search.driver import finished_trials
+    from search.trials import finished_trials
 
     rows = sources + study_rows(study)
     verdict = claim(rows)

@@ -12,9 +12,10 @@ from pathlib import Path
 import optuna
 import pytest
 
-from search import driver as D
+from search import trials as T
 from search.demo.run import DOMAINS, MARKER, MIN_MARGIN, NUM_FEWSHOT, DemoError, run_demo
-from search.status import best_trials, load_study
+from search.storage import load_study
+from search.trials import best_trials
 
 REPO = Path(__file__).resolve().parents[2]
 TRIALS = 12  # CI budget; the claim needs the default 80 to hold with room on every seed tried
@@ -41,7 +42,7 @@ def _rows(summary: dict) -> dict[str, dict]:
 
 
 def _same_domains(row: dict, trial: optuna.trial.FrozenTrial) -> None:
-    stored = trial.user_attrs[D.A_DOMAINS]
+    stored = trial.user_attrs[T.A_DOMAINS]
     assert set(row["domains"]) == set(stored) == set(DOMAINS)
     for d in DOMAINS:
         for key in ("acc", "gold_prob", "n"):
@@ -51,7 +52,7 @@ def _same_domains(row: dict, trial: optuna.trial.FrozenTrial) -> None:
 def test_trial_count_and_rows(demo_run):
     directory, summary = demo_run
     study = load_study(directory)
-    assert summary["trials"] == len(D.finished_trials(study)) == summary["budget_trials"] == TRIALS
+    assert summary["trials"] == len(T.finished_trials(study)) == summary["budget_trials"] == TRIALS
     assert [r["key"] for r in summary["rows"]] == ["base", "legal", "health", "uniform", "best"]
     assert summary["wall_seconds"] > 0 and "memorized" in summary["note"]
 
@@ -61,8 +62,8 @@ def test_uniform_row_is_the_uniform_baseline_trial_queued_first(demo_run):
     study = load_study(directory)
     row = _rows(summary)["uniform"]
     trial = study.trials[row["trial"]]
-    assert trial.number == 0 and trial.user_attrs[D.A_BASELINE] == "uniform"
-    assert row["combined"] == trial.value == trial.user_attrs[D.A_SCORE]
+    assert trial.number == 0 and trial.user_attrs[T.A_BASELINE] == "uniform"
+    assert row["combined"] == trial.value == trial.user_attrs[T.A_SCORE]
     _same_domains(row, trial)
 
 
@@ -72,7 +73,7 @@ def test_best_row_is_the_studys_best_trial(demo_run):
     row = _rows(summary)["best"]
     best = best_trials(study, 1)[0]
     assert row["trial"] == best.number and row["combined"] == study.best_value == best.value
-    assert row["baseline"] == best.user_attrs.get(D.A_BASELINE)
+    assert row["baseline"] == best.user_attrs.get(T.A_BASELINE)
     _same_domains(row, best)
 
 
@@ -89,7 +90,7 @@ def test_source_rows_are_the_evaluators_scores_and_match_their_baseline_trials(d
     tokenizer = AutoTokenizer.from_pretrained(rows["base"]["model"])
     evaluator = Evaluator.for_suite(tokenizer, split="dev", source="sample", domains=list(DOMAINS),
                                     num_fewshot=NUM_FEWSHOT)
-    alone = {t.user_attrs[D.A_BASELINE]: t for t in study.trials if D.A_BASELINE in t.user_attrs}
+    alone = {t.user_attrs[T.A_BASELINE]: t for t in study.trials if T.A_BASELINE in t.user_attrs}
     for key in ("base", *DOMAINS):
         row = rows[key]
         model = AutoModelForCausalLM.from_pretrained(row["model"], dtype=torch.float32).eval()
@@ -103,7 +104,7 @@ def test_source_rows_are_the_evaluators_scores_and_match_their_baseline_trials(d
             trial = alone[f"model:{row['model']}"]
             assert trial.value == pytest.approx(row["combined"], abs=1e-6)
             for d in DOMAINS:
-                assert trial.user_attrs[D.A_DOMAINS][d]["acc"] == row["domains"][d]["acc"]
+                assert trial.user_attrs[T.A_DOMAINS][d]["acc"] == row["domains"][d]["acc"]
 
 
 def test_claim_is_what_the_rows_say(demo_run):

@@ -15,10 +15,12 @@ import optuna
 import pytest
 import yaml
 
-from search import driver as D
+from search import trials as T
 from search.campaign import load_campaign
-from search.driver import finished_trials, run_campaign
-from search.status import load_study, summary_lines
+from search.driver import run_campaign
+from search.trials import finished_trials
+from search.status import summary_lines
+from search.storage import load_study
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -29,7 +31,9 @@ def ray_cluster(tmp_path_factory):
     ray = pytest.importorskip("ray")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ["BRMERGE_TEST_KILL_MARKER"] = str(tmp_path_factory.mktemp("marker") / "killed")
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    from search.executor import start_ray
+
+    start_ray(num_cpus=2)
     yield ray
     ray.shutdown()
 
@@ -63,14 +67,14 @@ def test_short_campaign_then_repeat_and_export(ray_cluster, tiny_zoo, tmp_path):
     study = _run(cfg, tmp_path / "camp")
     done = finished_trials(study)
     assert len(done) == 6
-    names = {t.user_attrs.get(D.A_BASELINE) for t in done}
+    names = {t.user_attrs.get(T.A_BASELINE) for t in done}
     assert {"uniform", f"model:{tiny_zoo['ft_a']}", f"model:{tiny_zoo['ft_b']}"} <= names
-    assert study.trials[0].user_attrs[D.A_BASELINE] == "uniform"  # queued first
+    assert study.trials[0].user_attrs[T.A_BASELINE] == "uniform"  # queued first
     complete = [t for t in done if t.state == optuna.trial.TrialState.COMPLETE]
     for t in complete:
-        assert set(t.user_attrs[D.A_DOMAINS]) == {"legal", "health"}
-        assert t.user_attrs[D.A_EVAL] > 0 and t.user_attrs[D.A_MATERIALIZE] > 0
-        assert t.values[0] == t.user_attrs[D.A_SCORE]
+        assert set(t.user_attrs[T.A_DOMAINS]) == {"legal", "health"}
+        assert t.user_attrs[T.A_EVAL] > 0 and t.user_attrs[T.A_MATERIALIZE] > 0
+        assert t.values[0] == t.user_attrs[T.A_SCORE]
     assert any("uniform" in line for line in summary_lines(study))
 
     # A repeated genome is told the cached values, not evaluated again.
@@ -78,8 +82,8 @@ def test_short_campaign_then_repeat_and_export(ray_cluster, tiny_zoo, tmp_path):
     _write_campaign(cfg, tiny_zoo, budget={"trials": 7})
     study = _run(cfg, tmp_path / "camp", resume=True)
     last = study.trials[-1]
-    assert last.user_attrs[D.A_CACHED] == 0 and last.values == study.trials[0].values
-    assert D.A_EVAL not in last.user_attrs
+    assert last.user_attrs[T.A_CACHED] == 0 and last.values == study.trials[0].values
+    assert T.A_EVAL not in last.user_attrs
     assert len(finished_trials(study)) == 7
 
     # Export the best trial: re-scored on dev, equal to the trial; reloadable; card with scores.
@@ -111,7 +115,7 @@ def test_worker_killed_mid_trial_is_replaced_and_trial_rerun(ray_cluster, tiny_z
     done = finished_trials(study)
     assert len(done) == 4
     first = study.trials[0]
-    assert first.state == optuna.trial.TrialState.COMPLETE and first.user_attrs[D.A_ATTEMPTS] == 2
+    assert first.state == optuna.trial.TrialState.COMPLETE and first.user_attrs[T.A_ATTEMPTS] == 2
     assert "died" in (tmp_path / "camp" / "campaign.log").read_text()
 
 
@@ -123,7 +127,7 @@ def test_non_finite_candidates_fail_with_reason_and_campaign_goes_on(ray_cluster
     done = finished_trials(study)
     assert len(done) == 4
     assert all(t.state == optuna.trial.TrialState.FAIL for t in done)
-    assert all("non-finite" in t.user_attrs[D.A_ERROR] for t in done)
+    assert all("non-finite" in t.user_attrs[T.A_ERROR] for t in done)
 
 
 def test_driver_killed_with_sigkill_resumes_without_losing_or_repeating(tiny_zoo, tmp_path):
@@ -167,7 +171,7 @@ def test_driver_killed_with_sigkill_resumes_without_losing_or_repeating(tiny_zoo
     trials = study.get_trials(deepcopy=False)
     for number, (state, values) in completed_before.items():
         assert (trials[number].state.name, tuple(trials[number].values or ())) == (state, values)
-    interrupted = [t for t in trials if t.user_attrs.get(D.A_INTERRUPTED)]
+    interrupted = [t for t in trials if t.user_attrs.get(T.A_INTERRUPTED)]
     assert interrupted and all(t.state == optuna.trial.TrialState.FAIL for t in interrupted)
     assert len(finished_trials(study)) == 7  # the same budget, interrupted trials not counted
     # each interrupted trial with a complete genome was queued again and re-run with the same
@@ -177,8 +181,8 @@ def test_driver_killed_with_sigkill_resumes_without_losing_or_repeating(tiny_zoo
         if len(t.params) < 8:
             continue
         assert any(o.params == t.params and o.number > t.number and o.state.is_finished()
-                   and not o.user_attrs.get(D.A_INTERRUPTED) for o in trials)
+                   and not o.user_attrs.get(T.A_INTERRUPTED) for o in trials)
     # nothing completed was evaluated twice: every evaluated recipe appears once among non-cached trials
-    digests = [t.user_attrs[D.A_DIGEST] for t in trials
-               if t.state == optuna.trial.TrialState.COMPLETE and D.A_CACHED not in t.user_attrs]
+    digests = [t.user_attrs[T.A_DIGEST] for t in trials
+               if t.state == optuna.trial.TrialState.COMPLETE and T.A_CACHED not in t.user_attrs]
     assert len(digests) == len(set(digests))

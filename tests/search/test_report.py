@@ -22,7 +22,8 @@ import pytest
 import yaml
 from matplotlib.image import imread
 
-from search import driver as D
+from search import trials as T
+from search.storage import StorageError, study_directions
 from search.campaign import load_campaign
 from search.commands import dashboard as dashboard_cmd
 from search.commands import report as report_cmd
@@ -55,8 +56,8 @@ def _domains(rng: np.random.Generator) -> dict[str, dict[str, float]]:
 
 def _attrs(rng: np.random.Generator, number: int, **extra) -> dict:
     start = 1_700_000_000.0 + 30 * number
-    return {D.A_DIGEST: f"d{number:04d}", D.A_RECIPE: "merge_method: ties\n", D.A_WORKER: number % 2,
-            D.A_MATERIALIZE: 0.5, D.A_EVAL: 12.5, D.A_START: start, D.A_END: start + 13.0, **extra}
+    return {T.A_DIGEST: f"d{number:04d}", T.A_RECIPE: "merge_method: ties\n", T.A_WORKER: number % 2,
+            T.A_MATERIALIZE: 0.5, T.A_EVAL: 12.5, T.A_START: start, T.A_END: start + 13.0, **extra}
 
 
 def build_study(directory: Path, *, sampler: str = "cmaes", split: bool = False, n_search: int = 8,
@@ -66,7 +67,7 @@ def build_study(directory: Path, *, sampler: str = "cmaes", split: bool = False,
     space = GenomeSpace(campaign, LAYERS)
     multi = campaign.multi_objective
     study = optuna.create_study(study_name=campaign.name, storage=campaign.storage_url(directory),
-                                directions=D.study_directions(campaign))
+                                directions=study_directions(campaign))
     study.set_user_attr("campaign", json.loads(json.dumps(campaign.raw)))
     study.set_user_attr("num_layers", LAYERS)
     study.set_user_attr("objective_names", list(campaign.objectives) if multi else ["score"])
@@ -77,8 +78,8 @@ def build_study(directory: Path, *, sampler: str = "cmaes", split: bool = False,
         domains = _domains(rng)
         score = float(np.mean([v["acc"] for v in domains.values()]))
         values = [domains[d]["acc"] for d in DOMAINS] if multi else [score]
-        attrs = _attrs(rng, len(study.trials), **{D.A_DOMAINS: domains, D.A_SCORE: score,
-                                                  D.A_STAGE1: score + 0.01, **extra})
+        attrs = _attrs(rng, len(study.trials), **{T.A_DOMAINS: domains, T.A_SCORE: score,
+                                                  T.A_STAGE1: score + 0.01, **extra})
         study.add_trial(optuna.trial.create_trial(params=params, distributions=dists, values=values,
                                                   user_attrs=attrs))
 
@@ -86,21 +87,21 @@ def build_study(directory: Path, *, sampler: str = "cmaes", split: bool = False,
         return {n: float(rng.uniform(*space.bounds(n))) for n in space.param_names()}
 
     for name, params in space.baselines():
-        complete(params, **{D.A_BASELINE: name})
+        complete(params, **{T.A_BASELINE: name})
     for i in range(n_search):
         complete(random_params())
         if i < pruned:
             study.add_trial(optuna.trial.create_trial(
                 params=random_params(), distributions=dists, state=optuna.trial.TrialState.PRUNED,
-                intermediate_values={0: 0.2}, user_attrs=_attrs(rng, len(study.trials), **{D.A_STAGE1: 0.2})))
+                intermediate_values={0: 0.2}, user_attrs=_attrs(rng, len(study.trials), **{T.A_STAGE1: 0.2})))
         if i < failed:
             study.add_trial(optuna.trial.create_trial(
                 params=random_params(), distributions=dists, state=optuna.trial.TrialState.FAIL,
-                user_attrs={D.A_ERROR: "non-finite weights in model.layers.3.mlp.up_proj.weight"}))
+                user_attrs={T.A_ERROR: "non-finite weights in model.layers.3.mlp.up_proj.weight"}))
     # one interrupted trial: a FAIL the budget does not count (it was re-run)
     study.add_trial(optuna.trial.create_trial(params=random_params(), distributions=dists,
                                               state=optuna.trial.TrialState.FAIL,
-                                              user_attrs={D.A_INTERRUPTED: True}))
+                                              user_attrs={T.A_INTERRUPTED: True}))
     return study
 
 
@@ -136,11 +137,11 @@ def test_report_single_objective(single):
     assert not re.search(r'(src|href)="(?!data:)', page)
     assert "single-objective study" in page
     # the table holds the best trial with its score and per-domain accuracy, and every baseline
-    best = max((t for t in study.trials if t.state.name == "COMPLETE"), key=lambda t: t.user_attrs[D.A_SCORE])
-    kind = f"baseline {best.user_attrs[D.A_BASELINE]}" if D.A_BASELINE in best.user_attrs else "search"
-    score = best.user_attrs[D.A_SCORE]
+    best = max((t for t in study.trials if t.state.name == "COMPLETE"), key=lambda t: t.user_attrs[T.A_SCORE])
+    kind = f"baseline {best.user_attrs[T.A_BASELINE]}" if T.A_BASELINE in best.user_attrs else "search"
+    score = best.user_attrs[T.A_SCORE]
     assert f'<td>#{best.number}</td><td>{kind}</td><td class="num">{score:.4f}</td>' in page
-    assert f"{best.user_attrs[D.A_DOMAINS]['legal']['acc']:.3f}" in page
+    assert f"{best.user_attrs[T.A_DOMAINS]['legal']['acc']:.3f}" in page
     for name in ("baseline uniform", "baseline model:org/legal-ft", "baseline model:org/health-ft"):
         assert name in page
     # the facts count what the budget counts: the interrupted trial is not a failure
@@ -188,10 +189,10 @@ def test_report_empty_study_says_so(tmp_path, capsys):
 
 
 def test_report_errors_name_the_fix(tmp_path):
-    with pytest.raises(FileNotFoundError, match="not a campaign directory"):
+    with pytest.raises(StorageError, match="not a campaign directory"):
         write_report(tmp_path)
     write_campaign(tmp_path / "camp")
-    with pytest.raises(FileNotFoundError, match="run `brmerge search"):
+    with pytest.raises(StorageError, match="run `brmerge search"):
         write_report(tmp_path / "camp")
     assert not (tmp_path / "camp" / "study.db").exists()  # reporting never creates a study
     campaign = load_campaign(tmp_path / "camp" / "campaign.yaml")
@@ -247,7 +248,7 @@ def test_dashboard_serves_the_study_on_loopback(single):
 
 def test_dashboard_refuses_a_directory_without_study(tmp_path):
     write_campaign(tmp_path / "camp")
-    with pytest.raises(FileNotFoundError, match="no study yet"):
+    with pytest.raises(StorageError, match="no study yet"):
         dashboard_cmd.run(argparse.Namespace(dir=tmp_path / "camp", host="127.0.0.1", port=_free_port()))
 
 

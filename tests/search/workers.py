@@ -6,6 +6,7 @@ import os
 import signal
 from pathlib import Path
 
+from search.trials import StageResult
 from search.worker import TrialWorker
 
 
@@ -13,7 +14,7 @@ class KillOnceWorker(TrialWorker):
     """Dies by SIGKILL in the middle of its first trial of the campaign (a marker file,
     named by $BRMERGE_TEST_KILL_MARKER, makes it happen once across restarts)."""
 
-    def run(self, recipe_yaml: str, *, stage: int) -> dict:
+    def run(self, recipe_yaml: str, *, stage: int) -> StageResult:
         marker = Path(os.environ["BRMERGE_TEST_KILL_MARKER"])
         if not marker.exists():
             marker.write_text(str(os.getpid()))

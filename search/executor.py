@@ -1,0 +1,156 @@
+"""Ray: the cluster, the workers and their placement, and the dispatcher.
+
+``start_ray`` is the one place a Ray cluster is started or joined (the driver, the demo, the
+perf scripts and the tests use it). ``RayExecutor`` implements the scheduler's ``Executor``
+protocol with one Ray actor per worker and a dispatcher thread that hands a finishing worker
+its next job (through the scheduler's ``handoff``) before the scheduler records the result.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from search.campaign import Campaign
+from search.scheduler import Event, Job
+
+
+def start_ray(address: str | None = None, *, num_cpus: int | None = None) -> bool:
+    """Join the cluster at ``address``, or start a private local one on this machine.
+
+    Without an address this always starts a new cluster (``address="local"``), never joins
+    one that ``ray start`` left on the machine. Returns False when Ray was already initialized
+    in this process (the caller then must not shut it down).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")   # a cluster of this process only
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
+                 _node_ip_address="127.0.0.1", log_to_driver=False)
+    return True
+
+
+def worker_plan(campaign: Campaign, *, n_workers: int | None = None) -> tuple[int, dict[str, Any], int | None]:
+    """(count, actor resources, torch threads) from the cluster's resources and the campaign."""
+    import ray
+
+    res = ray.cluster_resources()
+    gpus = int(res.get("GPU", 0))
+    cpus = int(res.get("CPU", 1))
+    use_gpu = gpus > 0 and campaign.gpus_per_worker > 0
+    if n_workers:
+        count = n_workers
+    elif campaign.workers == "auto":
+        count = max(1, int(gpus / campaign.gpus_per_worker)) if use_gpu else max(1, cpus // 2)
+    else:
+        count = int(campaign.workers)
+    if use_gpu:
+        return count, {"num_gpus": campaign.gpus_per_worker, "num_cpus": 1}, None
+    per = max(1, cpus // count)
+    # OpenMP threads of torch spin after each parallel region and take the cores from each
+    # other (and from other workers); passive waiting must be set before the OpenMP runtime
+    # loads, so it goes into the worker's environment.
+    return count, {"num_cpus": min(per, cpus) if count <= cpus else cpus / count,
+                   "runtime_env": {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}}}, per
+
+
+class RayExecutor:
+    """One Ray actor per worker; a dispatcher thread watches the running stages."""
+
+    def __init__(self, campaign: Campaign, *, n_workers: int | None = None,
+                 worker_factory: Callable[..., Any] | None = None):
+        import ray
+
+        self.campaign = campaign
+        self.n_workers, self.resources, self.threads = worker_plan(campaign, n_workers=n_workers)
+        if worker_factory is None:
+            from search.worker import TrialWorker
+
+            worker_factory = TrialWorker
+        self._cls = ray.remote(max_restarts=0, max_concurrency=1, **self.resources)(worker_factory)
+        self.actors = [self._actor(i) for i in range(self.n_workers)]
+        self._info_refs = [a.info.remote() for a in self.actors]
+        self._lock = threading.Lock()
+        self._in_flight: dict[Any, Job] = {}
+        self._events: queue.Queue[Event] = queue.Queue()
+        self._handoff: Callable[[int], Job | None] = lambda worker: None
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._dispatch, name="brmerge-dispatch", daemon=True)
+
+    def _actor(self, index: int):
+        return self._cls.remote(self.campaign, index, threads=self.threads)
+
+    def wait_ready(self) -> list[dict[str, Any]]:
+        """Block until every worker has loaded its models; their ``info()``."""
+        import ray
+
+        return ray.get(self._info_refs)
+
+    # -- the Executor protocol ----------------------------------------------------------------
+    def start(self, handoff: Callable[[int], Job | None]) -> None:
+        self._handoff = handoff
+        self._thread.start()
+
+    def submit(self, job: Job) -> None:
+        with self._lock:
+            ref = self.actors[job.worker].run.remote(job.recipe_yaml, stage=job.stage)
+            self._in_flight[ref] = job
+
+    def next_event(self, timeout: float) -> Event | None:
+        try:
+            return self._events.get(timeout=timeout) if timeout > 0 else self._events.get_nowait()
+        except queue.Empty:
+            return None
+
+    def replace_worker(self, worker: int) -> None:
+        with self._lock:
+            self.actors[worker] = self._actor(worker)
+
+    def close(self) -> None:
+        import ray
+
+        self._closed.set()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join()
+        for actor in self.actors:
+            try:
+                ray.kill(actor)
+            except Exception:  # noqa: BLE001 - already dead
+                pass
+
+    # -- the dispatcher thread ----------------------------------------------------------------
+    def _dispatch(self) -> None:
+        import ray
+
+        while not self._closed.is_set():
+            with self._lock:
+                refs = list(self._in_flight)
+            if not refs:
+                self._closed.wait(0.005)
+                continue
+            ready, _ = ray.wait(refs, num_returns=1, timeout=0.05)   # releases the GIL while it waits
+            for ref in ready:
+                with self._lock:
+                    job = self._in_flight.pop(ref, None)
+                if job is None:
+                    continue
+                try:
+                    result = ray.get(ref)
+                except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as exc:
+                    self._events.put(Event(job, error=type(exc).__name__))
+                    continue
+                handed = False
+                if result.final or result.failed:   # the worker is free: its next job first
+                    nxt = self._handoff(job.worker)
+                    if nxt is not None:
+                        self.submit(nxt)
+                        handed = True
+                self._events.put(Event(job, result=result, handed=handed))

@@ -1,0 +1,76 @@
+"""Campaign -> how a candidate is scored: the evaluators and the score formula.
+
+The worker (every trial) and ``export`` (the proof that an exported model is the searched one,
+then its held-out test scores) build their evaluators here: the export's bit-identity check
+holds only because both run exactly this code.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from search.campaign import Campaign
+
+
+def scored_domains(campaign: Campaign) -> list[str]:
+    """Domains a trial scores: those with a positive weight (every objective with nsga2)."""
+    if campaign.multi_objective:
+        return list(campaign.objectives)
+    return [d for d, w in campaign.objectives.items() if w > 0]
+
+
+def weights(campaign: Campaign) -> dict[str, float]:
+    return {d: w for d, w in campaign.objectives.items() if w > 0}
+
+
+def evaluator(campaign: Campaign, tokenizer: Any, *, split: str = "dev", limit: int | None | str = "campaign",
+              purpose: str = "search"):
+    """The evaluator of ``split`` with the campaign's suite, data, shots and (by default) limit."""
+    from evals.harness import Evaluator
+
+    source = "sample" if campaign.suite == "sample" else "data"
+    return Evaluator.for_suite(tokenizer, split=split, source=source, data_dir=campaign.data_dir,
+                               domains=scored_domains(campaign), num_fewshot=campaign.num_fewshot,
+                               limit=campaign.limit if limit == "campaign" else limit, purpose=purpose,
+                               allow_test=campaign.allow_test)
+
+
+def search_split(campaign: Campaign) -> str:
+    return "test" if campaign.suite == "test" else "dev"
+
+
+def stage_evaluators(campaign: Campaign, tokenizer: Any):
+    """(full, stage-1 or None) evaluators of a search worker."""
+    split = search_split(campaign)
+    full = evaluator(campaign, tokenizer, split=split)
+    staged = campaign.stage1 and not campaign.multi_objective
+    return full, (evaluator(campaign, tokenizer, split=split, limit=campaign.stage1) if staged else None)
+
+
+def score(campaign: Campaign, result: Any) -> float:
+    """The campaign's scalar objective of one evaluation result."""
+    from evals.fitness import weighted_score
+
+    return weighted_score(result, weights=weights(campaign))
+
+
+def objectives(campaign: Campaign, result: Any) -> tuple[float, ...]:
+    from evals.fitness import objective_vector
+
+    return tuple(objective_vector(result, domains=list(campaign.objectives)))
+
+
+def per_item(result: Any) -> tuple[dict[str, tuple[bool, ...]], dict[str, tuple[str, ...]]]:
+    """({domain: correctness of each item}, {domain: item ids}), in the evaluator's order."""
+    correct: dict[str, list[bool]] = {}
+    ids: dict[str, list[str]] = {}
+    for item in result.items:
+        domain = result.tasks[item.task].domain
+        correct.setdefault(domain, []).append(bool(item.correct))
+        ids.setdefault(domain, []).append(str(item.id))
+    return ({d: tuple(v) for d, v in correct.items()}, {d: tuple(v) for d, v in ids.items()})
+
+
+def domain_metrics(result: Any) -> dict[str, dict[str, float]]:
+    return {m.domain: {"acc": m.acc, "gold_prob": m.gold_prob, "n": m.n} for m in result.tasks.values()}
+

@@ -1,0 +1,162 @@
+"""The campaign's record: what a study and its trials hold, and how to read it.
+
+The Optuna study *is* the campaign's record. Everything that writes it (the scheduler) and
+everything that reads it (``status``, ``report``, ``export``, the demo's table) uses the names
+and rules here, and nothing else: a reader never imports the driver, Ray or threads.
+
+- Trial user attributes: the ``A_*`` names below.
+- Study user attributes: the ``S_*`` names below.
+- ``StageResult``: what a worker sends back for one evaluation stage (typed, with the
+  traceback of a failure), and its per-item evidence.
+- "Counts toward the budget": done (COMPLETE, PRUNED or FAIL) and not interrupted.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import optuna
+
+TrialState = optuna.trial.TrialState
+FrozenTrial = optuna.trial.FrozenTrial
+
+# -- trial user attributes ---------------------------------------------------------------------
+A_RECIPE = "recipe"               # the mergekit-compatible recipe YAML
+A_DIGEST = "recipe_digest"
+A_BASELINE = "baseline"           # "uniform" or "model:<ref>" for the seeded baselines
+A_DOMAINS = "domains"             # {domain: {acc, gold_prob, n}} of the final stage
+A_SCORE = "score"                 # weighted fitness of the final stage
+A_STAGE1 = "stage1_score"
+A_ITEMS = "items"                 # {domain: bit string} of the final stage (see evals.stats)
+A_STAGE1_ITEMS = "stage1_items"   # {domain: bit string} of stage 1
+A_PRUNE = "prune_decision"        # why stage 1 did or did not stop the trial
+A_MATERIALIZE = "materialize_seconds"
+A_EVAL = "eval_seconds"
+A_WORKER = "worker"
+A_ERROR = "error"
+A_TRACEBACK = "traceback"
+A_INTERRUPTED = "interrupted"
+A_CACHED = "cached_from"
+A_START = "started_at"
+A_END = "finished_at"
+A_ATTEMPTS = "attempts"
+
+# -- study user attributes ---------------------------------------------------------------------
+S_CAMPAIGN = "campaign"           # the campaign as given, storage credentials masked
+S_NUM_LAYERS = "num_layers"
+S_OBJECTIVES = "objective_names"
+S_ITEM_LISTS = "item_lists"       # {"stage1"|"final": {domain: [item ids]}}, stored once per study
+
+DONE = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+
+
+@dataclass(frozen=True)
+class StageResult:
+    """One evaluation stage of one trial, as a worker reports it (never an exception).
+
+    ``items`` maps a domain to the correctness of each scored item, in the order of the
+    stage's item list (``item_ids``), so that two trials can be compared item by item.
+    """
+
+    worker: int
+    stage: int
+    final: bool = False
+    score: float | None = None
+    objectives: tuple[float, ...] = ()
+    domains: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    items: Mapping[str, tuple[bool, ...]] = field(default_factory=dict)
+    item_ids: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    materialize_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    error: str | None = None
+    traceback: str | None = None
+
+    @property
+    def failed(self) -> bool:
+        return self.error is not None
+
+    def values(self, *, multi_objective: bool) -> list[float]:
+        return list(self.objectives) if multi_objective else [float(self.score)]
+
+    def finite(self, *, multi_objective: bool) -> bool:
+        return all(math.isfinite(v) for v in self.values(multi_objective=multi_objective))
+
+    def correct(self) -> list[bool]:
+        """Every item's correctness, domains in sorted order (the pooled paired-test order)."""
+        return [c for d in sorted(self.items) for c in self.items[d]]
+
+
+# -- reading the record ------------------------------------------------------------------------
+
+def interrupted(t: FrozenTrial) -> bool:
+    return bool(t.user_attrs.get(A_INTERRUPTED))
+
+
+def counts_toward_budget(t: FrozenTrial) -> bool:
+    """The one rule: a trial counts when it is done and was not interrupted (re-run)."""
+    return t.state in DONE and not interrupted(t)
+
+
+def finished_trials(study: optuna.Study) -> list[FrozenTrial]:
+    return [t for t in study.get_trials(deepcopy=False) if counts_toward_budget(t)]
+
+
+def counted(trials: Sequence[FrozenTrial], state: TrialState) -> list[FrozenTrial]:
+    """Trials in ``state`` that count (interrupted ones were re-run and are not shown)."""
+    return [t for t in trials if t.state == state and not interrupted(t)]
+
+
+def scalar(t: FrozenTrial) -> float | None:
+    """The trial's weighted score (also for multi-objective studies), None unless COMPLETE."""
+    if t.state != TrialState.COMPLETE:
+        return None
+    return float(t.user_attrs.get(A_SCORE, t.values[0]))
+
+
+def best_trials(study: optuna.Study, k: int = 5) -> list[FrozenTrial]:
+    done = [t for t in study.get_trials(deepcopy=False) if scalar(t) is not None]
+    return sorted(done, key=lambda t: -scalar(t))[:k]
+
+
+def baselines(study: optuna.Study) -> dict[str, FrozenTrial]:
+    """The first COMPLETE trial of each baseline, by baseline name."""
+    out: dict[str, FrozenTrial] = {}
+    for t in study.get_trials(deepcopy=False):
+        name = t.user_attrs.get(A_BASELINE)
+        if name and t.state == TrialState.COMPLETE and name not in out:
+            out[name] = t
+    return out
+
+
+def baseline_label(name: str) -> str:
+    return name.split("/")[-1] if name.startswith("model:") else name
+
+
+def trial_label(t: FrozenTrial) -> str:
+    base = t.user_attrs.get(A_BASELINE)
+    return f"#{t.number}" if base is None else f"#{t.number} {baseline_label(base)}"
+
+
+def domains_of(t: FrozenTrial) -> dict[str, dict[str, float]]:
+    return dict(t.user_attrs.get(A_DOMAINS) or {})
+
+
+def item_bits(t: FrozenTrial, *, stage1: bool = False) -> dict[str, list[bool]]:
+    """The trial's per-item correctness by domain (empty for trials scored before it was kept)."""
+    from evals.stats import decode_bits
+
+    raw = t.user_attrs.get(A_STAGE1_ITEMS if stage1 else A_ITEMS) or {}
+    return {d: decode_bits(s) for d, s in raw.items()}
+
+
+def encode_items(items: Mapping[str, Sequence[bool]]) -> dict[str, str]:
+    from evals.stats import encode_bits
+
+    return {d: encode_bits(list(v)) for d, v in items.items()}
+
+
+def campaign_attr(study: optuna.Study) -> dict[str, Any]:
+    return dict(study.user_attrs.get(S_CAMPAIGN) or {})
