@@ -220,8 +220,10 @@ def _jsonl_rows(path: Path) -> Iterable[tuple[str, dict[str, Any]]]:
         yield f"{path}:{line}", row
 
 
-def load_data_dir(domain: str, data_dir: Path) -> DomainItems:
-    """Items of ``domain`` from ``<data_dir>/<source>/derived/*.jsonl``."""
+def load_data_dir(domain: str, data_dir: Path,
+                  sources: tuple[Source, ...] = DATA_SOURCES) -> DomainItems:
+    """Items of ``domain`` from ``<data_dir>/<source>/derived/*.jsonl``; ``sources`` is the
+    split table (the leaderboard suite passes its own years)."""
     data_dir = Path(data_dir).expanduser()
     if not data_dir.is_dir():
         raise FileNotFoundError(f"data directory {str(data_dir)!r} does not exist; pass "
@@ -229,14 +231,14 @@ def load_data_dir(domain: str, data_dir: Path) -> DomainItems:
     out = DomainItems(domain)
     seen: dict[str, str] = {}
     found = []
-    for source in DATA_SOURCES:
+    for source in sources:
         if source.domain != domain:
             continue
         for path in sorted((data_dir / source.name / "derived").glob("*.jsonl")):
             found.append(path)
             classify(_jsonl_rows(path), source, out, seen=seen)
     if not found:
-        expected = ", ".join(f"{s.name}/derived/*.jsonl" for s in DATA_SOURCES
+        expected = ", ".join(f"{s.name}/derived/*.jsonl" for s in sources
                              if s.domain == domain)
         raise FileNotFoundError(f"no {domain} data under {data_dir} (expected {expected}); "
                                 "point --data-dir / BRMERGE_DATA_DIR at the PT-BR data folder")

@@ -28,7 +28,7 @@ from benchmarks_ptbr.sources import (
 )
 
 DATA_DIR_ENV = "BRMERGE_DATA_DIR"
-SOURCES = ("sample", "data", "hub")
+SOURCES = ("sample", "data", "hub", "leaderboard")
 
 
 def task_name(domain: str, split: str, *, source: str = "data", gen: bool = False) -> str:
@@ -153,6 +153,22 @@ def _domain_items(domain: str, *, source: str, data_dir: Path | None,
     raise ValueError(f"unknown item source {source!r}; choose from {', '.join(SOURCES)}")
 
 
+def _leaderboard_suite(*, split: str, source: str, domains: Sequence[str] | None,
+                       data_dir: str | Path | None, limit: int | None,
+                       num_fewshot: int) -> Suite:
+    from benchmarks_ptbr.leaderboard import load_leaderboard
+
+    if split != "leaderboard" or source != "leaderboard":
+        raise ValueError(f"split={split!r} with source={source!r}: the leaderboard suite is "
+                         "split='leaderboard', source='leaderboard'")
+    resolved = resolve_data_dir(data_dir)
+    if resolved is None:
+        raise ValueError(f"the leaderboard suite reads the PT-BR data: pass --data-dir DIR or "
+                         f"set {DATA_DIR_ENV}")
+    return load_leaderboard(data_dir=resolved, domains=domains, limit=limit,
+                            num_fewshot=num_fewshot)
+
+
 def load_suite(*, split: str, source: str = "sample", domains: Sequence[str] | None = None,
                data_dir: str | Path | None = None, limit: int | None = None,
                num_fewshot: int = DEFAULT_NUM_FEWSHOT,
@@ -163,6 +179,9 @@ def load_suite(*, split: str, source: str = "sample", domains: Sequence[str] | N
     ``data_dir`` or ``$BRMERGE_DATA_DIR``) or ``"hub"`` (Hugging Face dataset ids; ``hub_paths``
     maps an id to a local copy). ``limit`` caps the scored items per task (stratified).
     """
+    if source == "leaderboard" or split == "leaderboard":
+        return _leaderboard_suite(split=split, source=source, domains=domains,
+                                  data_dir=data_dir, limit=limit, num_fewshot=num_fewshot)
     if split not in SPLITS:
         raise ValueError(f"split={split!r}; choose 'dev' (search) or 'test' (held-out reports)")
     if source not in SOURCES:

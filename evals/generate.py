@@ -83,7 +83,8 @@ def evaluate_generation(model: torch.nn.Module, tokenizer: Any, suite: Suite, *,
     for i, (task, item, _) in enumerate(work):
         pred = extract_letter(texts[i], item.labels)
         per_task[task.name].append(ItemResult(task=task.name, id=item.id, pred=pred,
-                                              gold=item.answer, correct=pred == item.answer))
+                                              gold=item.answer, correct=pred == item.answer,
+                                              output=texts[i]))
     tasks = {t.name: summarize(t.name, t.domain, t.chance, per_task[t.name], smooth=False)
              for t in suite.tasks}
     return EvalResult(tasks=tasks, items=[i for t in suite.tasks for i in per_task[t.name]],

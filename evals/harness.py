@@ -32,6 +32,7 @@ from benchmarks_ptbr.fewshot import DEFAULT_NUM_FEWSHOT
 from benchmarks_ptbr.prompts import TARGET_DELIMITER
 from benchmarks_ptbr.suite import Suite, load_suite
 from evals import chat, kv
+from merge_core.errors import BrmergeError
 from evals.results import EvalResult, ItemResult, suite_meta, summarize
 
 PURPOSES = ("search", "report")
@@ -124,7 +125,7 @@ def _tokenize_requests(tokenizer: Any, suite: Suite, *, chat_template: bool) -> 
         shared = continuations[0][:-1]
         if (any(len(c) == 0 or c[:-1] != shared for c in continuations)
                 or len({c[-1] for c in continuations}) != len(continuations)):
-            raise ValueError(
+            raise EvalError(
                 f"{task_name} item {item.id!r}: with this tokenizer the answer letters "
                 f"{list(item.labels)} do not end in one distinct token each after a shared "
                 f"prefix ({[list(c) for c in continuations]}); the single-pass evaluator cannot "
@@ -134,6 +135,16 @@ def _tokenize_requests(tokenizer: Any, suite: Suite, *, chat_template: bool) -> 
             letter_tokens=tuple(c[-1] for c in continuations), labels=item.labels,
             gold=item.labels.index(item.answer)))
     return requests
+
+
+class EvalError(BrmergeError):
+    """The evaluator cannot score as asked; the message names the option and the fix."""
+
+
+def _refusal(split: str) -> str:
+    return (f"refusing to score the {split} split for search: {split} items are held out for "
+            "reports (the leaderboard suite also repeats dev items); search on split='dev', or "
+            "pass allow_test=True if you really mean it")
 
 
 def _forward_params(model: torch.nn.Module) -> set[str]:
@@ -155,13 +166,11 @@ class Evaluator:
                  batch_tokens: int = DEFAULT_BATCH_TOKENS, max_batch: int = DEFAULT_MAX_BATCH,
                  share_prefix: bool = True, chat_template: bool = False):
         if purpose not in PURPOSES:
-            raise ValueError(f"purpose={purpose!r}; choose 'search' or 'report'")
-        if purpose == "search" and suite.split == "test" and not allow_test:
-            raise ValueError(
-                "refusing to score the test split for search: test items are held out for "
-                "reports; search on split='dev', or pass allow_test=True if you really mean it")
+            raise EvalError(f"purpose={purpose!r}; choose 'search' or 'report'")
+        if purpose == "search" and suite.split != "dev" and not allow_test:
+            raise EvalError(_refusal(suite.split))
         if batch_tokens < 1 or max_batch < 1:
-            raise ValueError(f"batch_tokens={batch_tokens} and max_batch={max_batch} must be >= 1")
+            raise EvalError(f"batch_tokens={batch_tokens} and max_batch={max_batch} must be >= 1")
         self.suite = suite
         self.tokenizer = tokenizer
         self.purpose = purpose
@@ -187,11 +196,9 @@ class Evaluator:
                   purpose: str = "search", allow_test: bool = False,
                   **options: Any) -> Evaluator:
         """Load the suite and build the evaluator in one call (see :func:`load_suite`)."""
-        if purpose == "search" and split == "test" and not allow_test:
+        if purpose == "search" and split != "dev" and not allow_test:
             # Refuse before loading anything, with the same message as the constructor.
-            raise ValueError(
-                "refusing to score the test split for search: test items are held out for "
-                "reports; search on split='dev', or pass allow_test=True if you really mean it")
+            raise EvalError(_refusal(split))
         suite = load_suite(split=split, source=source, domains=domains, data_dir=data_dir,
                            limit=limit, num_fewshot=num_fewshot)
         return cls(tokenizer, suite, purpose=purpose, allow_test=allow_test, **options)

@@ -14,6 +14,7 @@ class ItemResult:
     gold: str
     correct: bool
     gold_prob: float | None = None  # gold letter's probability, normalized over the letters
+    output: str | None = None  # generated text, cut at the stop string (generation only)
 
 
 @dataclass(frozen=True)

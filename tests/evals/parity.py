@@ -12,7 +12,8 @@ from benchmarks_ptbr.suite import load_suite
 
 
 def lm_eval_run(model: Any, tok: Any, suite: Any, *, metadata: dict[str, Any],
-                chat_template: bool = False, tasks_dir: Any = TASKS_DIR) -> dict[str, Any]:
+                chat_template: bool = False, tasks_dir: Any = TASKS_DIR,
+                batch_size: int = 4) -> dict[str, Any]:
     """``lm_eval.simple_evaluate`` on the same items (``samples``), as the stock CLI runs
     ``--apply_chat_template --fewshot_as_multiturn`` when ``chat_template`` is set."""
     import lm_eval
@@ -27,7 +28,7 @@ def lm_eval_run(model: Any, tok: Any, suite: Any, *, metadata: dict[str, Any],
         ids = [i.id for i in full.task(task.name).items]
         samples[task.name] = [ids.index(i.id) for i in task.items]
     tm = TaskManager(include_path=str(tasks_dir), include_defaults=False, metadata=metadata)
-    lm = HFLM(pretrained=model, tokenizer=tok, batch_size=4)
+    lm = HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size)
     return lm_eval.simple_evaluate(model=lm, tasks=list(samples), task_manager=tm,
                                    samples=samples, log_samples=True, verbosity="ERROR",
                                    apply_chat_template=chat_template,
