@@ -3,51 +3,38 @@
 The page embeds its figures as data URIs, so it can be mailed or attached on its own. It shows
 the optimization history, the best trial's per-layer coefficients, the Pareto front of a
 multi-objective study, the best trial against the baselines per domain, a table of the top
-trials and the campaign's facts. Everything is read from the study the driver wrote (the
-``A_*`` trial attributes of ``search.driver``); nothing is evaluated again.
+trials and the campaign's facts. Everything is read from the study's record (``search.trials``);
+nothing is evaluated again.
 
-Figures are drawn on ``matplotlib.figure.Figure`` objects, never through pyplot: no backend is
-switched and no global figure registry is touched, so a notebook or a server that imports this
-module keeps its own matplotlib set-up, and nothing needs a display.
+The figures are drawn in ``search.figures``.
 """
 
 from __future__ import annotations
 
 import base64
 import html
-import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import optuna
-from matplotlib import colormaps
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+
+TrialState = optuna.trial.TrialState
 
 from search import trials as T
 from search.errors import SearchError
 from search.campaign import Campaign
+from search.figures import (Entry, completed_baselines, coefficient_grid, domain_order, domains_figure,
+                            heatmap_figure, history_figure, is_multi_objective, num_layers, objective_names,
+                            pareto_figure, save_png)
 from search.genome import GenomeSpace
 from search.storage import load_campaign_study
 from search.trials import baselines, best_trials, scalar
 
-TrialState = optuna.trial.TrialState
-Grid = dict[str, list[tuple[str, list[float]]]]     # {param: [(row label, one value per layer)]}
-Entry = tuple[str, optuna.trial.FrozenTrial, Any]   # a bar of the domain figure: (label, trial, colour)
-
-DPI = 110              # crisp on a laptop screen; a few tens of KB per figure
 TOP = 10               # trials in the table: enough to see how flat the top is
-ANNOTATE_LAYERS = 24   # heatmap cells carry their value up to this many layers; beyond, unreadable
-SCORE_LABEL = "dev score (weighted over domains)"
 FIGURES = ("history.png", "heatmap.png", "pareto.png", "domains.png")
-
-
-# -- loading ----------------------------------------------------------------------------------
-
 
 
 # -- what the page is made of -----------------------------------------------------------------
@@ -68,222 +55,6 @@ class Report:
     @property
     def paths(self) -> list[Path]:
         return [*self.images, self.html]
-
-
-def short_names(refs: Sequence[str]) -> dict[str, str]:
-    """Model refs by their last path component, unless two would read the same."""
-    tails = [r.rstrip("/").split("/")[-1] or r for r in refs]
-    return {r: (t if tails.count(t) == 1 else r) for r, t in zip(refs, tails)}
-
-
-@dataclass(frozen=True)
-class Baseline:
-    name: str                      # as recorded: "uniform" or "model:<ref>"
-    title: str                     # as shown: "uniform merge", "<model> alone"
-    trial: optuna.trial.FrozenTrial
-    colour: tuple[float, ...]      # the same in every figure
-
-
-def _colour(i: int) -> tuple[float, ...]:
-    # tab10 from its third colour: blue and orange are the trials and the best trial
-    return colormaps["tab10"]((i + 2) % 10)
-
-
-def completed_baselines(study: optuna.Study) -> list[Baseline]:
-    found = baselines(study)
-    refs = [n[len("model:"):] for n in found if n.startswith("model:")]
-    short = short_names(refs)
-    out = []
-    for i, (name, t) in enumerate(found.items()):
-        if name.startswith("model:"):
-            title = f"{short[name[len('model:'):]]} alone"
-        else:
-            title = "uniform merge" if name == "uniform" else name
-        out.append(Baseline(name, title, t, _colour(i)))
-    return out
-
-
-def counted(trials: Sequence[optuna.trial.FrozenTrial], state: TrialState) -> list[optuna.trial.FrozenTrial]:
-    """Trials in ``state`` that count toward the budget (interrupted ones were re-run)."""
-    return [t for t in trials if t.state == state and not t.user_attrs.get(T.A_INTERRUPTED)]
-
-
-def is_multi_objective(study: optuna.Study) -> bool:
-    return len(study.directions) > 1
-
-
-def objective_names(study: optuna.Study) -> list[str]:
-    names = study.user_attrs.get("objective_names") or []
-    n = len(study.directions)
-    return list(names) if len(names) == n else [f"objective {i}" for i in range(n)]
-
-
-def domain_order(campaign: Campaign, trials: Sequence[optuna.trial.FrozenTrial]) -> list[str]:
-    """The campaign's objectives first, in its order, then any other domain a trial scored."""
-    seen = {d for t in trials for d in (t.user_attrs.get(T.A_DOMAINS) or {})}
-    first = [d for d in campaign.objectives if d in seen]
-    return first + sorted(seen - set(first))
-
-
-def stage1_value(t: optuna.trial.FrozenTrial) -> float | None:
-    value = t.user_attrs.get(T.A_STAGE1)
-    if value is None and t.intermediate_values:
-        value = t.intermediate_values[max(t.intermediate_values)]
-    return None if value is None else float(value)
-
-
-# -- figures ----------------------------------------------------------------------------------
-
-def history_figure(study: optuna.Study) -> Figure:
-    trials = study.get_trials(deepcopy=False)
-    complete = [t for t in trials if scalar(t) is not None]
-    fig = Figure(figsize=(10, 5), dpi=DPI, layout="constrained")
-    ax = fig.add_subplot()
-    searched = [t for t in complete if T.A_BASELINE not in t.user_attrs]
-    ax.scatter([t.number for t in searched], [scalar(t) for t in searched], s=20, color="tab:blue",
-               zorder=3, label="complete trial")
-    best, running = [], -math.inf
-    for t in complete:
-        running = max(running, scalar(t))
-        best.append(running)
-    ax.step([t.number for t in complete], best, where="post", color="tab:orange", lw=2,
-            label="best so far", zorder=2)
-    pruned = [(t.number, stage1_value(t)) for t in counted(trials, TrialState.PRUNED)]
-    pruned = [(n, v) for n, v in pruned if v is not None]
-    if pruned:
-        ax.scatter(*zip(*pruned), marker="x", s=24, color="0.55", zorder=3, label="pruned (stage-1 score)")
-    for b in completed_baselines(study):
-        score = scalar(b.trial)
-        ax.axhline(score, color=b.colour, ls="--", lw=1.3, label=f"baseline: {b.title} ({score:.3f})")
-        ax.scatter([b.trial.number], [score], marker="D", s=30, color=b.colour, zorder=4)
-    failed = [t.number for t in counted(trials, TrialState.FAIL)]
-    if failed:
-        # failures have no score: a rug along the bottom edge shows when they happened
-        ax.scatter(failed, [0.02] * len(failed), marker="v", s=30, color="black",
-                   transform=ax.get_xaxis_transform(), zorder=4, label=f"failed ({len(failed)})")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("trial number")
-    ax.set_ylabel(SCORE_LABEL)
-    ax.set_title("Optimization history")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", frameon=False)
-    return fig
-
-
-def num_layers(study: optuna.Study, campaign: Campaign, params: Mapping[str, float]) -> int | None:
-    """Layers of the base model: recorded by the driver; inferred from names for older studies."""
-    if isinstance(study.user_attrs.get("num_layers"), int):
-        return study.user_attrs["num_layers"]
-    if campaign.granularity == "layer":
-        layers = {n.rsplit(".", 1)[1] for n in params if n.rsplit(".", 1)[1].startswith("L")}
-        return len(layers) or None
-    return None
-
-
-def coefficient_grid(space: GenomeSpace, params: Mapping[str, float]) -> Grid:
-    """``{param: [(row label, per-layer values)]}``, one row per model (× attn/mlp)."""
-    names = short_names(space.campaign.models)
-    grid: Grid = {}
-    for p in space.campaign.params:
-        rows = []
-        for m, ref in enumerate(space.campaign.models):
-            for part in space.parts:
-                label = names[ref] + (f" · {part}" if part else "")
-                # the genome's own expansion, so the heatmap shows exactly what the recipe got
-                rows.append((label, space.per_layer(params, m, p, part)))
-        grid[p] = rows
-    return grid
-
-
-def heatmap_figure(grid: Grid, *,
-                   ranges: Mapping[str, tuple[float, float]], title: str, parts: int) -> Figure:
-    layers = len(next(iter(grid.values()))[0][1])
-    heights = [len(rows) for rows in grid.values()]
-    fig = Figure(figsize=(max(7.0, 2.5 + 0.38 * layers), 1.4 + sum(0.45 * h + 0.7 for h in heights)),
-                 dpi=DPI, layout="constrained")
-    axes = fig.subplots(len(grid), 1, squeeze=False, height_ratios=heights)[:, 0]
-    for ax, (param, rows) in zip(axes, grid.items()):
-        lo, hi = ranges[param]
-        data = np.array([values for _, values in rows])  # (rows, layers)
-        # the colour scale is the search range, so a colour reads as a position in that range
-        im = ax.imshow(data, aspect="auto", cmap="viridis", vmin=lo, vmax=hi, interpolation="nearest")
-        ax.set_yticks(range(len(rows)), [label for label, _ in rows])
-        step = 1 if layers <= 32 else math.ceil(layers / 32)
-        ax.set_xticks(range(0, layers, step))
-        ax.set_title(f"{param}  (search range {lo:g} to {hi:g})", fontsize="medium", loc="left")
-        for boundary in range(parts, len(rows), parts):  # separate models when attn/mlp split
-            ax.axhline(boundary - 0.5, color="white", lw=2)
-        if layers <= ANNOTATE_LAYERS:
-            for (r, c), v in np.ndenumerate(data):
-                dark = (v - lo) / (hi - lo or 1) < 0.6
-                ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=7,
-                        color="white" if dark else "black")
-        fig.colorbar(im, ax=ax, pad=0.01, fraction=0.04)
-    axes[-1].set_xlabel("layer")
-    fig.suptitle(title)
-    return fig
-
-
-def pareto_figure(study: optuna.Study) -> Figure:
-    names = objective_names(study)
-    complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE and t.values]
-    front = {t.number for t in study.best_trials}
-    fig = Figure(figsize=(8, 6), dpi=DPI, layout="constrained")
-    ax = fig.add_subplot()
-    rest = [t for t in complete if t.number not in front]
-    on = sorted((t for t in complete if t.number in front), key=lambda t: t.values[0])
-    ax.scatter([t.values[0] for t in rest], [t.values[1] for t in rest], s=20, color="tab:blue",
-               alpha=0.6, label="trial")
-    # orange, as the best trial elsewhere; baselines take tab10 from its third colour
-    ax.scatter([t.values[0] for t in on], [t.values[1] for t in on], s=46, color="tab:orange",
-               edgecolor="black", zorder=3, label=f"Pareto front ({len(on)})")
-    if len(names) == 2 and len(on) > 1:  # with more objectives the projected front is no line
-        ax.step([t.values[0] for t in on], [t.values[1] for t in on], where="pre", color="tab:orange",
-                lw=1, alpha=0.7)
-    for b in completed_baselines(study):
-        ax.scatter([b.trial.values[0]], [b.trial.values[1]], marker="D", s=44, color=b.colour,
-                   edgecolor="black", zorder=4, label=f"baseline: {b.title}")
-    ax.set_xlabel(names[0])
-    ax.set_ylabel(names[1])
-    shown = f" (first 2 of {len(names)} objectives; front over all)" if len(names) > 2 else ""
-    ax.set_title(f"Pareto front{shown}")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", frameon=False)
-    return fig
-
-
-def domains_figure(entries: Sequence[Entry], domains: Sequence[str]) -> Figure:
-    """Grouped bars: one group per domain, one bar per (label, trial, colour) entry; the first is the best."""
-    fig = Figure(figsize=(max(7.0, 1.6 * len(domains) + 4), 4.8), dpi=DPI, layout="constrained")
-    ax = fig.add_subplot()
-    x = np.arange(len(domains))
-    width = 0.8 / len(entries)
-    top = 0.0
-    for i, (label, t, colour) in enumerate(entries):
-        doms = t.user_attrs.get(T.A_DOMAINS) or {}
-        accs = [float(doms[d]["acc"]) if d in doms else math.nan for d in domains]
-        bars = ax.bar(x + (i - (len(entries) - 1) / 2) * width, accs, width, label=label, color=colour,
-                      edgecolor="black" if i == 0 else None)
-        if len(entries) * len(domains) <= 24:  # beyond, the numbers overlap; the table has them
-            ax.bar_label(bars, labels=["" if math.isnan(a) else f"{a:.3f}" for a in accs], fontsize=7,
-                         padding=1)
-        top = max([top, *[a for a in accs if not math.isnan(a)]])
-    n_items = {}
-    for _, t, _ in entries:
-        for d, v in (t.user_attrs.get(T.A_DOMAINS) or {}).items():
-            n_items.setdefault(d, v.get("n"))
-    ax.set_xticks(x, [f"{d}\n(n={n_items[d]})" if n_items.get(d) else d for d in domains])
-    ax.set_ylabel("dev accuracy")
-    ax.set_ylim(0, min(1.0, top * 1.15) if top > 0 else 1.0)
-    ax.set_title("Best trial versus baselines, per domain")
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", frameon=False)
-    return fig
-
-
-def save_png(fig: Figure, path: Path) -> Path:
-    fig.savefig(path, format="png", dpi=DPI)
-    return path
 
 
 # -- tables and facts -------------------------------------------------------------------------
@@ -321,7 +92,7 @@ def trial_table(study: optuna.Study, campaign: Campaign, *, top: int) -> str:
 
 
 def failures_table(study: optuna.Study, *, limit: int = 20) -> str:
-    failed = counted(study.get_trials(deepcopy=False), TrialState.FAIL)
+    failed = T.counted(study.get_trials(deepcopy=False), TrialState.FAIL)
     if not failed:
         return ""
     rows = [f"<tr>{_td(f'#{t.number}')}{_td(t.user_attrs.get(T.A_ERROR, 'no reason recorded'))}</tr>"
@@ -350,9 +121,9 @@ def campaign_facts(study: optuna.Study, campaign: Campaign) -> list[tuple[str, s
         ("budget", f"{campaign.trials} trials"
                    + (f", timeout {campaign.timeout:g} s" if campaign.timeout else "")),
         ("trials done", f"{len(done)} of {campaign.trials}"),
-        ("complete", str(len(counted(trials, TrialState.COMPLETE)))),
-        ("pruned", str(len(counted(trials, TrialState.PRUNED)))),
-        ("failed", str(len(counted(trials, TrialState.FAIL)))),
+        ("complete", str(len(T.counted(trials, TrialState.COMPLETE)))),
+        ("pruned", str(len(T.counted(trials, TrialState.PRUNED)))),
+        ("failed", str(len(T.counted(trials, TrialState.FAIL)))),
     ]
     if interrupted:
         facts.append(("interrupted", f"{interrupted} (queued again; not counted)"))

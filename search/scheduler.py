@@ -25,7 +25,6 @@ from typing import Any, Protocol
 import optuna
 
 from search import pruning
-from search.errors import SchedulerError
 from search import trials as T
 
 MAX_ATTEMPTS = 3          # a trial whose worker dies this many times becomes a FAIL trial
@@ -261,22 +260,10 @@ class Scheduler:
             self._tell_cached(dup.trial, self.cache[job.digest])
 
     # -- recording ---------------------------------------------------------------------------
-    def _check_items(self, stage: str, r: T.StageResult) -> None:
-        """The item list of each stage is stored once per study; a resume must score the same."""
-        lists = dict(self.study.user_attrs.get(T.S_ITEM_LISTS) or {})
-        now = {d: list(ids) for d, ids in r.item_ids.items()}
-        if stage not in lists:
-            lists[stage] = now
-            self.study.set_user_attr(T.S_ITEM_LISTS, lists)
-        elif lists[stage] != now:
-            raise SchedulerError(f"the {stage} items scored now differ from those this study began with "
-                                 "(data directory, suite or limit changed): resume with the same data, "
-                                 "or start a new campaign")
-
     def _stage1(self, job: Job, r: T.StageResult) -> bool:
         """Record stage 1; True when the trial goes on to the full stage."""
         trial = job.trial
-        self._check_items("stage1", r)
+        T.check_item_lists(self.study, "stage1", r.item_ids)
         trial.set_user_attr(T.A_STAGE1, r.score)
         trial.set_user_attr(T.A_STAGE1_ITEMS, T.encode_items(r.items))
         trial.report(r.score, 0)
@@ -303,7 +290,7 @@ class Scheduler:
 
     def _complete(self, job: Job, r: T.StageResult) -> None:
         trial = job.trial
-        self._check_items("final", r)
+        T.check_item_lists(self.study, "final", r.item_ids)
         self._attrs(job, r)
         trial.set_user_attr(T.A_SCORE, r.score)
         trial.set_user_attr(T.A_ITEMS, T.encode_items(r.items))
@@ -315,30 +302,17 @@ class Scheduler:
                  + " ".join(f"{d}={v['acc']:.3f}" for d, v in r.domains.items()))
 
     def _attrs(self, job: Job, r: T.StageResult) -> None:
-        t = job.trial
-        t.set_user_attr(T.A_DOMAINS, {d: dict(v) for d, v in r.domains.items()})
-        t.set_user_attr(T.A_MATERIALIZE, round(job.materialize_s, 4))
-        t.set_user_attr(T.A_EVAL, round(job.eval_s, 4))
-        t.set_user_attr(T.A_WORKER, job.worker)
-        t.set_user_attr(T.A_ATTEMPTS, job.attempts)
-        t.set_user_attr(T.A_START, job.started)
-        t.set_user_attr(T.A_END, time.time())
+        T.record_run(job.trial, domains=r.domains, materialize_s=job.materialize_s, eval_s=job.eval_s,
+                     worker=job.worker, attempts=job.attempts, started=job.started)
 
     def _fail(self, job: Job, reason: str, tb: str | None) -> None:
-        job.trial.set_user_attr(T.A_ERROR, reason)
-        if tb:
-            job.trial.set_user_attr(T.A_TRACEBACK, tb)
-        job.trial.set_user_attr(T.A_ATTEMPTS, job.attempts)
-        job.trial.set_user_attr(T.A_WORKER, job.worker)
+        T.record_failure(job.trial, reason, traceback=tb, worker=job.worker, attempts=job.attempts)
         self.study.tell(job.trial, state=T.TrialState.FAIL)
         self.log(f"trial {job.trial.number} FAILED: {reason}")
 
     def _tell_cached(self, trial: optuna.trial.Trial, number: int) -> None:
         src = self.study.get_trials(deepcopy=False)[number]
-        trial.set_user_attr(T.A_CACHED, number)
-        for key in (T.A_DOMAINS, T.A_SCORE, T.A_STAGE1, T.A_ITEMS, T.A_STAGE1_ITEMS):
-            if key in src.user_attrs:
-                trial.set_user_attr(key, src.user_attrs[key])
+        T.record_cached(trial, src)
         if src.state == T.TrialState.COMPLETE:
             self.study.tell(trial, src.values if len(src.values) > 1 else src.values[0])
         else:

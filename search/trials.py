@@ -14,6 +14,7 @@ and rules here, and nothing else: a reader never imports the driver, Ray or thre
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -87,6 +88,52 @@ class StageResult:
     def correct(self) -> list[bool]:
         """Every item's correctness, domains in sorted order (the pooled paired-test order)."""
         return [c for d in sorted(self.items) for c in self.items[d]]
+
+
+# -- writing the record (the scheduler) ---------------------------------------------------------
+
+def record_run(trial: optuna.trial.Trial, *, domains: Mapping[str, Mapping[str, float]], materialize_s: float,
+               eval_s: float, worker: int, attempts: int, started: float) -> None:
+    trial.set_user_attr(A_DOMAINS, {d: dict(v) for d, v in domains.items()})
+    trial.set_user_attr(A_MATERIALIZE, round(materialize_s, 4))
+    trial.set_user_attr(A_EVAL, round(eval_s, 4))
+    trial.set_user_attr(A_WORKER, worker)
+    trial.set_user_attr(A_ATTEMPTS, attempts)
+    trial.set_user_attr(A_START, started)
+    trial.set_user_attr(A_END, time.time())
+
+
+def record_failure(trial: optuna.trial.Trial, reason: str, *, traceback: str | None, worker: int,
+                   attempts: int) -> None:
+    trial.set_user_attr(A_ERROR, reason)
+    if traceback:
+        trial.set_user_attr(A_TRACEBACK, traceback)
+    trial.set_user_attr(A_ATTEMPTS, attempts)
+    trial.set_user_attr(A_WORKER, worker)
+
+
+def record_cached(trial: optuna.trial.Trial, src: FrozenTrial) -> None:
+    """``trial`` has the recipe ``src`` scored: it carries ``src``'s scores and evidence."""
+    trial.set_user_attr(A_CACHED, src.number)
+    for key in (A_DOMAINS, A_SCORE, A_STAGE1, A_ITEMS, A_STAGE1_ITEMS):
+        if key in src.user_attrs:
+            trial.set_user_attr(key, src.user_attrs[key])
+
+
+def check_item_lists(study: optuna.Study, stage: str, item_ids: Mapping[str, Sequence[str]]) -> None:
+    """The items of each stage are stored once per study (``S_ITEM_LISTS``); every later result,
+    a resumed campaign's included, must have scored the same items in the same order."""
+    from search.errors import SchedulerError
+
+    lists = dict(study.user_attrs.get(S_ITEM_LISTS) or {})
+    now = {d: list(ids) for d, ids in item_ids.items()}
+    if stage not in lists:
+        lists[stage] = now
+        study.set_user_attr(S_ITEM_LISTS, lists)
+    elif lists[stage] != now:
+        raise SchedulerError(f"the {stage} items scored now differ from those this study began with "
+                             "(data directory, suite or limit changed): resume with the same data, "
+                             "or start a new campaign")
 
 
 # -- reading the record ------------------------------------------------------------------------

@@ -28,7 +28,8 @@ from search.campaign import load_campaign
 from search.commands import dashboard as dashboard_cmd
 from search.commands import report as report_cmd
 from search.genome import GenomeSpace
-from search.report import coefficient_grid, write_report
+from search.figures import coefficient_grid
+from search.report import write_report
 
 REPO = Path(__file__).resolve().parents[2]
 LAYERS = 4   # few layers and trials keep the SQLite writes and the drawing quick
