@@ -53,8 +53,16 @@ class _QuietHandler(wsgiref.simple_server.WSGIRequestHandler):
         pass
 
 
+class ServeError(OSError):
+    """The dashboard cannot listen on host:port. An ``OSError`` whose ``filename`` is the
+    address, so the command line prints it as one line; ``str()`` is the message with its fix."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
 def make_server(app: Callable[..., Iterable[bytes]], host: str, port: int) -> wsgiref.simple_server.WSGIServer:
-    """A WSGI server bound to host:port (raises OSError when the port is taken)."""
+    """A WSGI server bound to host:port (``ServeError`` when the port is taken)."""
     server_class = wsgiref.simple_server.WSGIServer
     if ":" in host:  # an IPv6 literal
         import socket
@@ -63,8 +71,12 @@ def make_server(app: Callable[..., Iterable[bytes]], host: str, port: int) -> ws
             address_family = socket.AF_INET6
 
         server_class = V6
-    return wsgiref.simple_server.make_server(host, port, app, server_class=server_class,
-                                             handler_class=_QuietHandler)
+    try:
+        return wsgiref.simple_server.make_server(host, port, app, server_class=server_class,
+                                                 handler_class=_QuietHandler)
+    except OSError as exc:
+        raise ServeError(exc.errno, f"cannot serve on {host}:{port} ({exc.strerror or exc}): pass another "
+                         "--port, or stop what uses this one", f"{host}:{port}") from None
 
 
 def exposure_warning(host: str, port: int, *, allow_edits: bool) -> str | None:

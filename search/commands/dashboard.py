@@ -38,11 +38,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--port {args.port} is not a TCP port: give one between 1 and 65535")
     campaign, storage, study_id = open_campaign_storage(args.dir)
     app = make_app(storage, allow_edits=allow_edits)
-    try:
-        server = make_server(app, args.host, args.port)
-    except OSError as exc:
-        raise OSError(f"cannot serve on {args.host}:{args.port} ({exc.strerror or exc}): "
-                      "pass another --port, or stop what uses this one") from None
+    server = make_server(app, args.host, args.port)
     print(f"optuna-dashboard: {url(args.host, args.port)}", flush=True)
     print(f"campaign {campaign.name}: {url(args.host, args.port, f'/dashboard/studies/{study_id}')}"
           + ("" if allow_edits else " (read-only; --allow-edits to change it)"), flush=True)

@@ -137,3 +137,15 @@ def test_cli_prints_the_warning_for_a_non_loopback_host(campaign_dir):
         assert "no authentication" in line
     finally:
         _stop(proc)
+
+
+def test_port_in_use_is_one_line_from_the_command_line(campaign_dir, capsys):
+    from search.cli import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["dashboard", str(campaign_dir), "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"cannot serve on 127.0.0.1:{port}" in err and "pass another --port" in err
