@@ -20,12 +20,13 @@ from merge_core import methods
 from merge_core.checks import check_compatible, read_tensor_infos
 from merge_core.configs import stacked_config
 from merge_core.devices import cpu_cores, resolve_device
+from merge_core.dtypes import torch_dtype
 from merge_core.errors import MergeError
 from merge_core.io import (
-    NAME_TO_TORCH,
     OutputTensor,
     ShardedWriter,
     TensorReader,
+    check_output,
     parse_size,
 )
 from merge_core.methods import runtime
@@ -53,13 +54,13 @@ def merge_tensor(method: methods.MergeMethod, tp: TensorPlan, inputs: list[torch
     base = inputs[tp.base_index] if tp.base_index is not None else None
     others = [x for i, x in enumerate(inputs) if i != tp.base_index]
     params = MergeParams(shared=tp.shared, models=tp.models)
-    if (out is not None and base is not None and getattr(method, "writes_out", False)
+    if (out is not None and base is not None and method.writes_out
             and out.dtype == base.dtype and out.numel() == base.numel() and out.device == base.device
             and out.is_contiguous()):
         merged = method.merge(base, others, params, seed=tp.seed, out=out)
     else:
         merged = method.merge(base, others, params, seed=tp.seed)
-    return merged.to(NAME_TO_TORCH[tp.out_dtype])
+    return merged.to(torch_dtype(tp.out_dtype))
 
 
 def iter_merged(plan: MergePlan, fetch: Fetch, *, prefetch: bool = True,
@@ -80,7 +81,7 @@ def iter_merged(plan: MergePlan, fetch: Fetch, *, prefetch: bool = True,
     (randomized methods seed per tensor).
     """
     method = methods.get(plan.method)
-    cast = NAME_TO_TORCH[plan.compute_dtype] if plan.compute_dtype else None
+    cast = torch_dtype(plan.compute_dtype) if plan.compute_dtype else None
 
     def load(tp: TensorPlan) -> list[torch.Tensor]:
         xs = [fetch(ref, name) for ref, name in tp.inputs]
@@ -201,14 +202,20 @@ def merge_to_disk(recipe: Recipe, out_dir: str | Path, *, device: str = "auto",
                   shard_size: str | int = DEFAULT_SHARD_SIZE, allow_pickle: bool = False,
                   trust_remote_code: bool = False, overwrite: bool = False, progress: bool = True,
                   recipe_text: str | None = None, extra_provenance: Mapping[str, Any] | None = None,
-                  card_sections: tuple[tuple[str, str], ...] = ()) -> MergeSummary:
-    """Merge ``recipe`` into a model folder that ``from_pretrained`` loads."""
+                  card_sections: tuple[tuple[str, str], ...] = (),
+                  protected: tuple[str | Path, ...] = ()) -> MergeSummary:
+    """Merge ``recipe`` into a model folder that ``from_pretrained`` loads.
+
+    ``overwrite`` replaces an earlier brmerge output at ``out_dir``, never a source model or
+    a ``protected`` folder (see ``io.check_output``)."""
     start = time.perf_counter()
     dev = resolve_device(device)
     max_shard = parse_size(shard_size)
     sources = resolve_sources(recipe, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     plan = prepare(recipe, sources)
     method = methods.get(plan.method)
+    protected = (*(src.path for src in sources.values()), *protected)
+    check_output(out_dir, overwrite=overwrite, protected=protected)   # before any work
 
     # Hash the sources for the provenance while the merge runs (hashlib releases the GIL).
     refs = recipe.referenced_models()
@@ -228,9 +235,10 @@ def merge_to_disk(recipe: Recipe, out_dir: str | Path, *, device: str = "auto",
     hasher.start()
 
     readers = {ref: TensorReader(src.weight_files, pickle_ok=allow_pickle) for ref, src in sources.items()}
-    outputs = [OutputTensor(t.name, t.shape, NAME_TO_TORCH[t.out_dtype]) for t in plan.tensors]
+    outputs = [OutputTensor(t.name, t.shape, torch_dtype(t.out_dtype)) for t in plan.tensors]
     try:
-        with ShardedWriter(out_dir, outputs, max_shard_bytes=max_shard, overwrite=overwrite) as writer:
+        with ShardedWriter(out_dir, outputs, max_shard_bytes=max_shard, overwrite=overwrite,
+                           protected=protected) as writer:
 
             def fetch(ref: str, name: str) -> torch.Tensor:
                 return readers[ref].get(name, device=dev)

@@ -19,10 +19,11 @@ from typing import Any
 import yaml
 
 from merge_core import chat_templates, methods
+from merge_core.dtypes import RECIPE_DTYPES
 from merge_core.errors import RecipeError
 from merge_core.methods.base import BasePolicy, Scope
 
-DTYPES = ("float32", "float16", "bfloat16", "float64")
+DTYPES = RECIPE_DTYPES
 _TOP_KEYS = ("models", "slices", "base_model", "merge_method", "parameters", "dtype", "out_dtype",
              "tokenizer_source", "tokenizer", "chat_template", "seed", "name")
 
@@ -110,7 +111,7 @@ class Recipe:
 
     # -- reading and writing -------------------------------------------------
     @classmethod
-    def from_yaml(cls, text: str, *, source: str = "recipe") -> Recipe:
+    def from_yaml(cls, text: str, *, source: str = "recipe", check_params: bool = True) -> Recipe:
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
@@ -119,17 +120,19 @@ class Recipe:
             raise RecipeError(f"{source}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
         if not isinstance(data, Mapping):
             raise RecipeError(f"{source}: a recipe is a YAML mapping with merge_method and models or slices")
-        return cls.from_dict(data, source=source)
+        return cls.from_dict(data, source=source, check_params=check_params)
 
     @classmethod
-    def from_file(cls, path: str | Path) -> Recipe:
+    def from_file(cls, path: str | Path, *, check_params: bool = True) -> Recipe:
         p = Path(path)
         if not p.is_file():
             raise RecipeError(f"recipe file {str(p)!r} not found: check the path")
-        return cls.from_yaml(p.read_text(encoding="utf-8"), source=str(p))
+        return cls.from_yaml(p.read_text(encoding="utf-8"), source=str(p), check_params=check_params)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], *, source: str = "recipe") -> Recipe:
+    def from_dict(cls, data: Mapping[str, Any], *, source: str = "recipe", check_params: bool = True) -> Recipe:
+        """``check_params=False`` reads the structure only (models, slices, the method's name):
+        checking parameters and model counts needs the method, whose file imports torch."""
         errors: list[str] = []
         for key in data:
             if key not in _TOP_KEYS:
@@ -183,7 +186,12 @@ class Recipe:
             chat_template=data.get("chat_template"),
             seed=int(seed),
         )
-        if method_name and (models or slices):
+        if method_name and not check_params:
+            try:
+                methods.check_name(str(method_name))
+            except RecipeError as exc:
+                errors.append(str(exc))
+        elif method_name and (models or slices):
             try:
                 errors += recipe.problems()
             except RecipeError as exc:  # unknown method: its own message says it all

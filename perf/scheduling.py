@@ -48,7 +48,10 @@ import optuna  # noqa: E402
 from perf._synthetic import MEDIAN_ENV, SIGMA_ENV, TRACE_ENV, SleepWorker  # noqa: E402
 from search.campaign import Campaign, parse_campaign  # noqa: E402
 from search.genome import GenomeSpace  # noqa: E402
+from search.executor import start_ray  # noqa: E402
 from search.samplers import make_sampler  # noqa: E402
+from search.storage import open_study  # noqa: E402
+from search.trials import finished_trials  # noqa: E402
 from search.demo.tiny import llama_config, make_llama, make_tokenizer  # noqa: E402
 
 
@@ -132,7 +135,7 @@ def run_async(campaign: Campaign, directory: Path, trace_dir: Path, workers: int
     end = driver.loop_ended or time.time()  # the loop's end, before actors are killed (as below)
     start, runs = read_trace(trace_dir, campaign.name)
     return loop_stats(f"asynchronous ({driver_module.__name__}.Driver)",
-                      len(driver_module.finished_trials(study)), start, end, runs, workers)
+                      len(finished_trials(study)), start, end, runs, workers)
 
 
 def run_barrier(campaign: Campaign, directory: Path, trace_dir: Path, workers: int, driver_module: Any
@@ -145,8 +148,8 @@ def run_barrier(campaign: Campaign, directory: Path, trace_dir: Path, workers: i
     sampler = make_sampler(campaign.sampler, seed=campaign.seed, x0=baselines[0][1],
                            n_baselines=len(baselines))
     directory.mkdir(parents=True, exist_ok=True)
-    # the driver module's own study set-up (storage settings included), so both loops pay alike
-    study = driver_module.open_study(campaign, directory, resume=False, sampler=sampler)
+    # the driver's own study set-up (storage settings included), so both loops pay alike
+    study = open_study(campaign, directory, resume=False, sampler=sampler)
     for name, params in baselines:  # as the driver does, so both studies start alike
         study.enqueue_trial(params, user_attrs={"baseline": name})
     # the same actor resources as the driver's plan (fractional CPUs: 4 actors on 2 cores)
@@ -168,16 +171,16 @@ def run_barrier(campaign: Campaign, directory: Path, trace_dir: Path, workers: i
                 refs.append(actor.run.remote(recipe.to_yaml(), stage=1))
             results = ray.get(refs)  # the barrier: every worker waits for the slowest trial
             for trial, result in zip(batch, results):
-                trial.set_user_attr("score", result["score"])
-                trial.set_user_attr("eval_seconds", result["eval_seconds"])
-                study.tell(trial, result["score"])
+                trial.set_user_attr("score", result.score)
+                trial.set_user_attr("eval_seconds", result.eval_seconds)
+                study.tell(trial, result.score)
             told += len(batch)
         end = time.time()
     finally:
         for a in actors:
             ray.kill(a)
     start, runs = read_trace(trace_dir, campaign.name)
-    return loop_stats("generation barrier (this script)", len(driver_module.finished_trials(study)),
+    return loop_stats("generation barrier (this script)", len(finished_trials(study)),
                       start, end, runs, workers)
 
 
@@ -204,7 +207,7 @@ def main() -> int:
     parser.add_argument("--sampler", default="cmaes", help="cmaes | tpe | random | ... (default cmaes)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--driver", default="search.driver",
-                        help="module holding Driver and open_study (default search.driver); name a "
+                        help="module holding Driver (default search.driver); name a "
                              "patched copy on PYTHONPATH to measure a change against the same loop")
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -223,8 +226,7 @@ def main() -> int:
                TRACE_ENV: str(trace_dir), MEDIAN_ENV: str(args.median), SIGMA_ENV: str(args.sigma),
                "RAY_AUTH_MODE": os.environ["RAY_AUTH_MODE"]}
         # The driver's own local-cluster settings; it reuses a Ray that is already initialized.
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, _node_ip_address="127.0.0.1",
-                 log_to_driver=False, runtime_env={"env_vars": env})
+        start_ray(runtime_env={"env_vars": env})
         try:
             load = os.getloadavg()
             print(f"{args.trials} trials, {args.workers} actors on {os.cpu_count()} CPUs, trial seconds "

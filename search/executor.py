@@ -18,7 +18,8 @@ from search.campaign import Campaign
 from search.scheduler import Event, Job
 
 
-def start_ray(address: str | None = None, *, num_cpus: int | None = None) -> bool:
+def start_ray(address: str | None = None, *, num_cpus: int | None = None,
+              runtime_env: dict[str, Any] | None = None) -> bool:
     """Join the cluster at ``address``, or start a private local one on this machine.
 
     Without an address this always starts a new cluster (``address="local"``), never joins
@@ -31,10 +32,10 @@ def start_ray(address: str | None = None, *, num_cpus: int | None = None) -> boo
         return False
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")   # a cluster of this process only
     if address:
-        ray.init(address=address, log_to_driver=False)
+        ray.init(address=address, log_to_driver=False, runtime_env=runtime_env)
     else:
         ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
-                 _node_ip_address="127.0.0.1", log_to_driver=False)
+                 _node_ip_address="127.0.0.1", log_to_driver=False, runtime_env=runtime_env)
     return True
 
 

@@ -17,6 +17,7 @@ class Linear:
     reference: str | None = "https://arxiv.org/abs/2203.05482"
     base: BasePolicy = BasePolicy.IGNORED
     randomized: bool = False
+    writes_out: bool = False      # merge takes no out= (see base.MergeMethod)
     min_models: int = 1
     max_models: int | None = None
 

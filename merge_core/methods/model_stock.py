@@ -18,6 +18,7 @@ class ModelStock:
     reference: str | None = "https://arxiv.org/abs/2403.19522"
     base: BasePolicy = BasePolicy.REQUIRED
     randomized: bool = False
+    writes_out: bool = False      # merge takes no out= (see base.MergeMethod)
     min_models: int = 2
     max_models: int | None = None
 

@@ -18,6 +18,7 @@ class Passthrough:
     reference: str | None = None
     base: BasePolicy = BasePolicy.IGNORED
     randomized: bool = False
+    writes_out: bool = False      # merge takes no out= (see base.MergeMethod)
     min_models: int = 1
     max_models: int | None = 1
 

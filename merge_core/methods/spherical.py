@@ -63,6 +63,7 @@ class Slerp:
     reference: str | None = "https://en.wikipedia.org/wiki/Slerp"
     base: BasePolicy = BasePolicy.REQUIRED
     randomized: bool = False
+    writes_out: bool = False      # merge takes no out= (see base.MergeMethod)
     min_models: int = 1
     max_models: int | None = 1
 
@@ -83,6 +84,7 @@ class NuSlerp:
     reference: str | None = "https://en.wikipedia.org/wiki/Slerp"
     base: BasePolicy = BasePolicy.OPTIONAL
     randomized: bool = False
+    writes_out: bool = False      # merge takes no out= (see base.MergeMethod)
     min_models: int = 2
     max_models: int | None = 2
 
