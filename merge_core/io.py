@@ -5,6 +5,11 @@ it touched are then released (``madvise(DONTNEED)``) so that the resident set st
 about one tensor per input, not the whole model. Writing knows every output shape and
 dtype in advance (from the plan), so each shard's header is written first and tensors
 stream into place; the output folder appears under its final name only when complete.
+
+An existing output folder is replaced (``--overwrite``) only when it is an earlier brmerge
+output, recognised by its provenance file, and never when it is or contains a source
+model, a protected folder (a campaign), the working directory or one of its parents:
+see ``check_output``. The replacement is a swap (``replace_output``).
 """
 
 from __future__ import annotations
@@ -12,16 +17,17 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import secrets
 import shutil
 import struct
-import tempfile
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from merge_core.dtypes import from_safetensors, to_safetensors
 from merge_core.errors import MergeError
 from merge_core.sources import read_safetensors_header
 
@@ -29,16 +35,9 @@ from merge_core.sources import read_safetensors_header
 # about non-writable buffers does not apply.
 warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
 
-# safetensors dtype names <-> torch dtypes
-ST_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
-}
-TORCH_TO_ST = {v: k for k, v in ST_DTYPES.items()}
-NAME_TO_TORCH = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-                 "float64": torch.float64}
 _PAGE = mmap.PAGESIZE
+OUTPUT_MARK = "brmerge_provenance.json"   # every brmerge output has it (== provenance.PROVENANCE_FILE)
+_OUTPUT_SCHEMA = "brmerge-provenance/"
 
 
 @dataclass(frozen=True)
@@ -81,7 +80,7 @@ class SafetensorsFile:
             dtype: torch.dtype | None = None) -> torch.Tensor:
         """A fresh tensor (a copy, owned by the caller) on ``device``."""
         e = self.entries[name]
-        st_dtype = ST_DTYPES[e.dtype]
+        st_dtype = from_safetensors(e.dtype)
         count = e.nbytes // torch.empty((), dtype=st_dtype).element_size()
         if count == 0:
             return torch.empty(e.shape, dtype=dtype or st_dtype, device=device)
@@ -160,7 +159,7 @@ class TensorReader:
 
     def dtype(self, name: str) -> torch.dtype:
         if name in self._where:
-            return ST_DTYPES[self._where[name].entries[name].dtype]
+            return from_safetensors(self._where[name].entries[name].dtype)
         return self._pickled[name].dtype
 
     def get(self, name: str, *, device: torch.device | str = "cpu",
@@ -244,13 +243,12 @@ class ShardedWriter:
 
     def __init__(self, out_dir: str | Path, tensors: Sequence[OutputTensor], *,
                  max_shard_bytes: int, overwrite: bool = False,
-                 metadata: Mapping[str, str] | None = None):
-        self.out_dir = Path(out_dir).resolve()
-        if self.out_dir.exists() and not overwrite:
-            raise MergeError(f"output folder {str(self.out_dir)!r} already exists: choose another --out "
-                             "or pass --overwrite")
+                 metadata: Mapping[str, str] | None = None, protected: Iterable[str | Path] = ()):
+        """``protected``: folders ``--overwrite`` must never replace (the sources, a campaign)."""
+        self._protected = tuple(protected)
+        self.out_dir = check_output(out_dir, overwrite=overwrite, protected=self._protected)
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp_dir = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.partial-", dir=self.out_dir.parent))
+        self.tmp_dir = _new_folder(self.out_dir.parent, f".{self.out_dir.name}.partial-")
         self._overwrite = overwrite
         self._layout = shard_layout(list(tensors), max_shard_bytes)
         self._order = [t for shard in self._layout for t in shard]
@@ -276,7 +274,7 @@ class ShardedWriter:
         header: dict[str, object] = {"__metadata__": self._meta}
         offset = 0
         for t in shard:
-            header[t.name] = {"dtype": TORCH_TO_ST[t.dtype], "shape": list(t.shape),
+            header[t.name] = {"dtype": to_safetensors(t.dtype), "shape": list(t.shape),
                               "data_offsets": [offset, offset + t.nbytes]}
             offset += t.nbytes
         blob = json.dumps(header, separators=(",", ":")).encode()
@@ -292,9 +290,13 @@ class ShardedWriter:
         if tuple(tensor.shape) != expected.shape or tensor.dtype != expected.dtype:
             raise RuntimeError(f"tensor {name!r} is {tuple(tensor.shape)} {tensor.dtype}, "
                                f"planned {expected.shape} {expected.dtype}")
+        t = tensor.detach().to("cpu").contiguous()
+        bad = count_nonfinite(t)
+        if bad:
+            raise MergeError(f"the merge of tensor {name!r} has {bad} inf/NaN value(s), so no output was written: "
+                             "check the recipe's weights (e.g. a weight of 1e300 overflows) and the sources")
         if self._remaining_in_shard == 0:
             self._open_next_shard()
-        t = tensor.detach().to("cpu").contiguous()
         if t.numel():
             raw = t.reshape(-1).view(torch.uint8) if t.dtype != torch.bool else t.to(torch.uint8).reshape(-1)
             self._handle.write(memoryview(raw.numpy()))
@@ -323,14 +325,7 @@ class ShardedWriter:
                 dest.write_bytes(content)
             else:
                 dest.write_text(content, encoding="utf-8")
-        if self.out_dir.exists() and self._overwrite:
-            trash = self.out_dir.with_name(f".{self.out_dir.name}.old-{os.getpid()}")
-            os.replace(self.out_dir, trash)
-            os.replace(self.tmp_dir, self.out_dir)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(self.tmp_dir, self.out_dir)
-        return self.out_dir
+        return replace_output(self.tmp_dir, self.out_dir, overwrite=self._overwrite, protected=self._protected)
 
     def abort(self) -> None:
         if self._handle is not None:
@@ -344,6 +339,94 @@ class ShardedWriter:
     def __exit__(self, exc_type, *exc: object) -> None:
         if self.tmp_dir.exists():  # not committed: an error, or the caller stopped early
             self.abort()
+
+
+def check_output(out_dir: str | Path, *, overwrite: bool, protected: Iterable[str | Path] = ()) -> Path:
+    """The absolute output folder, after checking that an output may be put there: a new
+    path, or with ``overwrite`` an earlier brmerge output that is not, and does not contain,
+    a ``protected`` folder (the merge's sources, a campaign), the working directory or one of
+    its parents. Call it before any work; ``replace_output`` checks again."""
+    out = Path(out_dir).absolute()
+    if not (out.exists() or out.is_symlink()):
+        return out.resolve()
+    shown = str(out)
+    if not overwrite:
+        raise MergeError(f"output folder {shown!r} already exists: choose another --out or pass --overwrite")
+    if out.is_symlink() or not out.is_dir():
+        raise MergeError(f"--out {shown!r} is not a folder brmerge wrote (a file or a link): --overwrite only "
+                         "replaces an earlier brmerge output; choose another --out")
+    out = out.resolve()
+    cwd = Path.cwd().resolve()
+    if out == cwd or out in cwd.parents:
+        raise MergeError(f"--out {shown!r} is the working directory or one of its parents, which --overwrite "
+                         "never replaces: choose a new folder for the output")
+    for p in protected:
+        guarded = Path(p).expanduser().resolve()
+        if guarded == out or out in guarded.parents:
+            raise MergeError(f"--out {shown!r} is or contains {str(guarded)!r}, a source model or campaign "
+                             "folder, which --overwrite never replaces: choose another --out")
+    if not _is_brmerge_output(out):
+        raise MergeError(f"--out {shown!r} exists and is not a brmerge output (no valid {OUTPUT_MARK}): "
+                         "--overwrite only replaces an earlier brmerge output; choose another --out")
+    return out
+
+
+def replace_output(new_dir: str | Path, out_dir: str | Path, *, overwrite: bool,
+                   protected: Iterable[str | Path] = ()) -> Path:
+    """Put the finished folder ``new_dir`` (a sibling of ``out_dir``) under the name
+    ``out_dir``. An existing ``out_dir`` is replaced only as ``check_output`` allows, by a
+    swap: moved aside, the new folder renamed into place, then the old one deleted (if the
+    rename fails, the old one is put back)."""
+    out = check_output(out_dir, overwrite=overwrite, protected=protected)
+    new_dir = Path(new_dir)
+    if not out.exists():
+        os.rename(new_dir, out)
+        return out
+    aside = out.with_name(f".{out.name}.old-{secrets.token_hex(4)}")
+    os.rename(out, aside)
+    try:
+        os.rename(new_dir, out)
+    except BaseException:
+        os.rename(aside, out)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
+    return out
+
+
+def _is_brmerge_output(folder: Path) -> bool:
+    try:
+        mark = json.loads((folder / OUTPUT_MARK).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(mark, dict) and str(mark.get("schema", "")).startswith(_OUTPUT_SCHEMA)
+
+
+def _new_folder(parent: Path, prefix: str) -> Path:
+    """A new, uniquely named folder with the usual permissions (0777 less the umask, where
+    ``tempfile.mkdtemp`` would make it 0700 and the output would keep that)."""
+    while True:
+        path = parent / f"{prefix}{secrets.token_hex(4)}"
+        try:
+            path.mkdir(mode=0o777)
+            return path
+        except FileExistsError:
+            continue
+
+
+def count_nonfinite(t: torch.Tensor) -> int:
+    """inf/NaN values in ``t``: one pass of the CPU kernels, else one reduction first and
+    the exact count only when it is not finite (an overflowing sum of finite values is a
+    false alarm the count then clears)."""
+    if not t.is_floating_point():
+        return 0
+    from merge_core.methods.sparsify import kernels_for
+
+    kernels = kernels_for(t)
+    if kernels is not None:
+        return kernels.count_nonfinite(t)
+    if torch.isfinite(t.sum()):
+        return 0
+    return int(t.numel() - torch.isfinite(t).sum())
 
 
 def weight_files(folder: str | Path) -> list[Path]:

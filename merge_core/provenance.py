@@ -7,6 +7,7 @@ sha256 of every weight file), by which method (with its paper) and with which re
 from __future__ import annotations
 
 import hashlib
+import html
 import importlib.metadata
 import json
 import mmap
@@ -216,18 +217,21 @@ def render_model_card(provenance: Mapping[str, Any], *, title: str | None = None
     else:
         front.update({"license": "other", "license_name": _MIXED_LICENCE})
 
-    method_name = method.get("title") or method["name"]
-    paper = f" ([paper]({method['reference']}))" if method.get("reference") else ""
-    heading = title or f"{method_name} merge of {len(sources)} models"
+    # Everything below that comes from a source's files, the recipe or the caller is escaped
+    # (escape_markdown): a licence or model reference must not add headings, HTML or table
+    # cells. The front matter is written by the YAML dumper, which quotes what needs it.
+    method_name = escape_markdown(method.get("title") or method["name"])
+    paper = f" ([paper]({_url(method['reference'])}))" if method.get("reference") else ""
+    heading = escape_markdown(title) if title else f"{method_name} merge of {len(sources)} models"
     lines = [
-        "---", yaml.safe_dump(front, sort_keys=False, allow_unicode=True).rstrip(), "---", "",
+        "---", _front_matter_yaml(front), "---", "",
         f"# {heading}", "",
         "This model is a **merge** of existing pretrained models, made with brmerge "
-        f"{provenance.get('brmerge_version', '')}. It was not trained from "
+        f"{escape_markdown(provenance.get('brmerge_version', ''))}. It was not trained from "
         "scratch and was not fine-tuned: its weights are computed from the weights of the "
         "models listed below, which keep their own licences, limitations and biases.", "",
         "## Merge method", "",
-        f"**{method_name}** (`{method['name']}`){paper}.", "",
+        f"**{method_name}** ({_code(method['name'])}){paper}.", "",
         "## Sources", "",
         "| role | model | revision | licence | weight file | sha256 |",
         "| --- | --- | --- | --- | --- | --- |",
@@ -235,11 +239,11 @@ def render_model_card(provenance: Mapping[str, Any], *, title: str | None = None
     for s in sources:
         for f in s["files"]:
             cells = [s["role"], s["ref"], s.get("revision") or "local folder",
-                     s.get("licence") or "unknown", f["name"], f"`{f['sha256']}`"]
-            lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+                     s.get("licence") or "unknown", f["name"]]
+            lines.append("| " + " | ".join(escape_markdown(c) for c in cells) + f" | {_sha(f['sha256'])} |")
     lines += ["", "## Licences", ""]
     if shared:
-        lines.append(f"All sources declare the licence `{sources[0].get('licence')}`, "
+        lines.append(f"All sources declare the licence {escape_markdown(sources[0].get('licence'))}, "
                      "so this merge carries it too.")
     else:
         lines.append("The sources do not share one declared licence, so the card says "
@@ -248,7 +252,7 @@ def render_model_card(provenance: Mapping[str, Any], *, title: str | None = None
         lines.append("")
         for s in sources:
             licence = s.get("licence") or "unknown (no licence in its model card: check its terms)"
-            lines.append(f"- {s['ref']}: {licence}")
+            lines.append(f"- {escape_markdown(s['ref'])}: {escape_markdown(licence)}")
     recipe_yaml = str(provenance.get("recipe_yaml", "")).rstrip("\n")
     fence = "`" * max(3, _longest_backtick_run(recipe_yaml) + 1)
     lines += ["", "## Recipe", "",
@@ -256,15 +260,34 @@ def render_model_card(provenance: Mapping[str, Any], *, title: str | None = None
               f"{fence}yaml", recipe_yaml, fence, ""]
     if provenance.get("outputs"):
         lines += ["## Output files", "", "| file | sha256 |", "| --- | --- |"]
-        lines += [f"| {_cell(name)} | `{sha}` |" for name, sha in provenance["outputs"].items()]
+        lines += [f"| {escape_markdown(name)} | {_sha(sha)} |" for name, sha in provenance["outputs"].items()]
         lines.append("")
     lines += ["## Provenance", "",
-              f"Created {provenance.get('created', '')} by brmerge "
-              f"{provenance.get('brmerge_version', '')}. The same facts, machine-readable, are in "
-              f"`{PROVENANCE_FILE}` (schema `{provenance.get('schema', SCHEMA)}`).", ""]
+              f"Created {escape_markdown(provenance.get('created', ''))} by brmerge "
+              f"{escape_markdown(provenance.get('brmerge_version', ''))}. The same facts, machine-readable, are in "
+              f"`{PROVENANCE_FILE}` (schema {_code(provenance.get('schema', SCHEMA))}).", ""]
     for section_title, body in extra_sections:
-        lines += [f"## {section_title}", "", body.rstrip("\n"), ""]
+        # the body is the caller's Markdown: it escapes the values it puts in (escape_markdown)
+        lines += [f"## {escape_markdown(section_title)}", "", body.rstrip("\n"), ""]
     return "\n".join(lines)
+
+
+class _FrontMatterDumper(yaml.SafeDumper):
+    """Strings with line breaks or other control characters are written double-quoted on one
+    line (``"a\\nb"``): no line of the front matter can then read as its end (``---``)."""
+
+
+def _represent_str(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
+    one_line = value.isprintable()
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=None if one_line else '"')
+
+
+_FrontMatterDumper.add_representer(str, _represent_str)
+
+
+def _front_matter_yaml(front: Mapping[str, Any]) -> str:
+    return yaml.dump(dict(front), Dumper=_FrontMatterDumper, sort_keys=False, allow_unicode=True,
+                     width=float("inf")).rstrip()
 
 
 def _licence_meta(source: ModelSource) -> dict[str, str]:
@@ -297,8 +320,39 @@ def _version() -> str:
         return "0+unknown"  # running from a source tree that was never installed
 
 
-def _cell(value: Any) -> str:
-    return str(value).replace("|", "\\|").replace("\n", " ")
+# Markdown punctuation that can start emphasis, links, images, code, HTML or table cells anywhere
+# in a line; "<" and "&" are HTML-escaped first.
+_MD_INLINE = re.compile(r"([\\`*_\[\]#|!~])")
+# ... and what starts a block (list, quote, setext heading, ordered list) at a line's start
+_MD_ORDERED = re.compile(r"^(\d+)([.)])")
+
+
+def escape_markdown(value: Any) -> str:
+    """``value`` as one line of literal text in Markdown and HTML: newlines become spaces (no
+    value can start a heading or end a table row), HTML special characters become entities
+    (no ``<script>``) and Markdown punctuation is backslash-escaped (no links, emphasis,
+    code or table cells). For every value that comes from a source, the recipe or a user."""
+    text = " ".join(str(value).split())
+    text = html.escape(text, quote=False)
+    text = _MD_INLINE.sub(r"\\\1", text)
+    text = _MD_ORDERED.sub(r"\1\\\2", text)
+    return re.sub(r"^([-+=])", r"\\\1", text)
+
+
+def _sha(value: Any) -> str:
+    text = str(value)
+    return f"`{text}`" if _SHA256.match(text) else escape_markdown(text)
+
+
+def _code(value: Any) -> str:
+    # a name in a code span when it is a plain identifier, else escaped text
+    text = str(value)
+    return f"`{text}`" if re.fullmatch(r"[\w./-]+", text) else escape_markdown(text)
+
+
+def _url(value: Any) -> str:
+    # a link destination: whitespace, angle brackets, parentheses and quotes percent-encoded
+    return re.sub(r"[\s<>()\"'`|]", lambda m: f"%{ord(m.group()):02X}", str(value))
 
 
 def _longest_backtick_run(text: str) -> int:

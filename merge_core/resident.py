@@ -22,9 +22,10 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
+from merge_core.checks import check_compatible
 from merge_core.devices import resolve_device
 from merge_core.errors import MergeError
-from merge_core.io import TensorReader, parse_size
+from merge_core.io import TensorReader, count_nonfinite, parse_size
 from merge_core.methods import runtime
 from merge_core.plan import MergePlan
 from merge_core.recipe import Recipe
@@ -78,9 +79,7 @@ class ResidentModels:
         refs = [base_model, *self.models]
         self.sources = sources or {r: resolve_model(r, allow_pickle=allow_pickle) for r in refs}
         self._prepare = prepare
-        # a probe recipe over every model runs the compatibility checks once, up front
-        self.plan(Recipe.from_dict({"merge_method": "task_arithmetic", "base_model": base_model,
-                                    "models": [{"model": m, "parameters": {"weight": 1.0}} for m in self.models]}))
+        check_compatible([self.sources[r] for r in refs])   # up front, before any tensor is read
         self.tensors: dict[str, dict[str, torch.Tensor]] = {}
         for ref in refs:
             with TensorReader(self.sources[ref].weight_files, pickle_ok=allow_pickle) as r:
@@ -163,19 +162,3 @@ class ResidentModels:
             model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
         model.eval()
         return model
-
-
-def count_nonfinite(t: torch.Tensor) -> int:
-    """inf/NaN values in ``t``: one pass of the CPU kernels, else one reduction first and
-    the exact count only when it is not finite (an overflowing sum of finite values is a
-    false alarm the count then clears)."""
-    if not t.is_floating_point():
-        return 0
-    from merge_core.methods.sparsify import kernels_for
-
-    kernels = kernels_for(t)
-    if kernels is not None:
-        return kernels.count_nonfinite(t)
-    if torch.isfinite(t.sum()):
-        return 0
-    return int(t.numel() - torch.isfinite(t).sum())

@@ -1,8 +1,11 @@
 """The merge-method seam: parameter declarations and the tensor function.
 
-A method is a small frozen object with a ``name``, its parameter definitions and a
-pure ``merge`` function. Parameters follow mergekit's names and scopes so that a
-mergekit recipe means the same thing here.
+A method is a small frozen object with a ``name``, its parameter definitions, its
+capabilities and a pure ``merge`` function. Parameters follow mergekit's names and scopes
+so that a mergekit recipe means the same thing here.
+
+Importing this module does not import torch: the registry and the recipe use it before
+torch loads.
 """
 
 from __future__ import annotations
@@ -10,9 +13,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 REQUIRED: Any = object()
 
@@ -73,11 +77,47 @@ class MergeParams:
 
 @runtime_checkable
 class MergeMethod(Protocol):
+    """A merge method, as the registry, the recipe, the plan and the executors see it.
+
+    Adding one: a small file whose ``METHODS`` tuple holds the method objects, and one line
+    per method in ``merge_core.methods._METHODS``; ``register`` refuses an object lacking a
+    member below (the contract tests then run it).
+
+    Capabilities, declared by every method (no getattr probing):
+
+    - ``randomized``: draws random masks from ``seed`` (the plan derives one per tensor).
+    - ``writes_out``: ``merge`` also takes ``out=``, a contiguous tensor of the base's dtype
+      and numel to write the result into; the caller only passes it when it fits (the
+      resident merge passes the live parameter, saving an allocation and a copy).
+
+    The runtime context (``merge_core.methods.runtime``). ``merge`` is pure in its
+    result: the same inputs, parameters and seed give the same bits. How it gets there may
+    use three settings that the caller puts in context variables for the duration of a
+    merge, instead of arguments (every method and the kernels would otherwise have to pass
+    them through):
+
+    - ``runtime.magnitudes``: a ``MagnitudeCache`` of sorted |x - base| for tensors the
+      resident merge registered, found by the tensors' memory address (``data_ptr``, numel,
+      dtype, device). A method that prunes by magnitude gets its cut-off from it through
+      ``sparsify.kth_largest_abs``, which only works when the method passes the caller's
+      flat input tensors unchanged (a copy or a cast has another address and misses the
+      cache: slower, never wrong).
+    - ``runtime.kernel_threads``: how many threads the CPU kernels may use.
+    - ``runtime.nonfinite``: a ``NonFiniteTally``; a method that writes ``out`` and counts
+      its inf/NaN values on the way records the count under ``out``'s address, and the
+      resident merge then skips its own health-check pass over that tensor. A method that
+      does not record anything is checked by that pass instead.
+
+    None of these may change a result: a merge run without them (a disk merge, a test) must
+    give the same bits.
+    """
+
     name: str
     title: str
     reference: str | None
     base: BasePolicy
     randomized: bool
+    writes_out: bool         # merge(..., out=) writes into a caller's tensor (see above)
     min_models: int          # non-base inputs needed
     max_models: int | None
 
@@ -89,15 +129,16 @@ class MergeMethod(Protocol):
         """Merge one tensor. ``base`` is None when the method ignores or lacks a base.
 
         Pure and deterministic: randomized methods draw from ``seed`` only (derived
-        per tensor name by the caller), so order and device do not matter.
+        per tensor name by the caller), so order and device do not matter. The runtime
+        context (see the class) may make it faster, never different.
 
-        A method whose class sets ``writes_out = True`` also takes ``out=``: a
-        contiguous tensor of the base's dtype and numel to write the result into (the
-        resident merge passes the live parameter, saving an allocation and a copy).
+        A method that declares ``writes_out = True`` also takes ``out=`` (see the class).
         """
         ...
 
 
 def compute_dtype(t: torch.Tensor) -> torch.dtype:
     # Arithmetic in float32 (float64 stays float64): bf16/fp16 sums lose too much.
+    import torch
+
     return torch.float64 if t.dtype == torch.float64 else torch.float32

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextvars
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,12 +18,14 @@ import pytest
 import torch
 import yaml
 
+from merge_core.errors import MergeError, RecipeError
 from merge_core.io import (
     OutputTensor,
     ShardedWriter,
     TensorReader,
     load_state,
     parse_size,
+    replace_output,
     weight_files,
 )
 from merge_core.materialize import (
@@ -366,3 +369,192 @@ def test_resident_on_cuda(tiny_zoo):
 def test_weight_files_of_output(tiny_zoo, tmp_path):
     merge_to_disk(_recipe(tiny_zoo), tmp_path / "m", device="cpu", progress=False)
     assert [p.name for p in weight_files(tmp_path / "m")] == ["model.safetensors"]
+
+
+# ---- output safety: what --overwrite may replace, non-finite outputs, SIGTERM, permissions ----
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_overwrite_never_replaces_a_source_model(tiny_zoo, tmp_path):
+    """``merge --out <base model> --overwrite`` used to replace the base model's weights."""
+    base = tmp_path / "base"
+    shutil.copytree(tiny_zoo["base"], base)
+    before = _snapshot(base)
+    recipe = Recipe.from_dict({"merge_method": "task_arithmetic", "base_model": str(base),
+                               "models": [{"model": str(tiny_zoo["ft_a"]), "parameters": {"weight": 0.5}}]})
+    with pytest.raises(MergeError, match="source model"):
+        merge_to_disk(recipe, base, device="cpu", progress=False, overwrite=True)
+    with pytest.raises(MergeError, match="source model"):      # a folder that contains a source
+        merge_to_disk(recipe, tmp_path, device="cpu", progress=False, overwrite=True)
+    assert _snapshot(base) == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_overwrite_never_replaces_the_working_directory_or_a_stranger(tiny_zoo, tmp_path, monkeypatch):
+    """``merge --out . --overwrite`` used to delete an unrelated file in the working directory."""
+    work = tmp_path / "work"
+    (work / "inner").mkdir(parents=True)
+    (work / "notes.txt").write_text("keep me")
+    monkeypatch.chdir(work / "inner")
+    for target in (work / "inner", work, Path(".")):
+        with pytest.raises(MergeError, match="working directory"):
+            merge_to_disk(_recipe(tiny_zoo), target, device="cpu", progress=False, overwrite=True)
+    stranger = tmp_path / "stranger"
+    stranger.mkdir()
+    (stranger / "data.bin").write_bytes(b"x")
+    with pytest.raises(MergeError, match="not a brmerge output"):
+        merge_to_disk(_recipe(tiny_zoo), stranger, device="cpu", progress=False, overwrite=True)
+    (tmp_path / "file").write_text("a file")
+    with pytest.raises(MergeError, match="not a folder brmerge wrote"):
+        merge_to_disk(_recipe(tiny_zoo), tmp_path / "file", device="cpu", progress=False, overwrite=True)
+    assert (work / "notes.txt").read_text() == "keep me" and (stranger / "data.bin").read_bytes() == b"x"
+    assert (tmp_path / "file").read_text() == "a file"
+
+
+def test_replace_output_protects_a_campaign_and_swaps(tiny_zoo, tmp_path):
+    """An export onto a folder the campaign uses was replaced; the export's swap (``replace_output``)
+    now refuses protected folders, and replaces an earlier output by moving it aside first."""
+    campaign = tmp_path / "campaign"
+    earlier = campaign / "exports" / "best"
+    merge_to_disk(_recipe(tiny_zoo), earlier, device="cpu", progress=False)
+    new = tmp_path / ".new"
+    new.mkdir()
+    (new / "model.safetensors").write_bytes(b"new")
+    with pytest.raises(MergeError, match="campaign"):
+        replace_output(new, campaign, overwrite=True, protected=[campaign])
+    with pytest.raises(MergeError, match="campaign"):
+        replace_output(new, campaign / "exports", overwrite=True, protected=[campaign / "exports" / "best"])
+    with pytest.raises(MergeError, match="already exists"):
+        replace_output(new, earlier, overwrite=False, protected=[campaign])
+    assert (earlier / "brmerge_provenance.json").is_file()
+    # a rename that fails puts the earlier output back
+    with pytest.raises(OSError):
+        replace_output(tmp_path / "missing", earlier, overwrite=True)
+    assert (earlier / "brmerge_provenance.json").is_file()
+    assert sorted(p.name for p in earlier.parent.iterdir()) == ["best"]
+    assert replace_output(new, earlier, overwrite=True, protected=[campaign / "campaign.yaml"]) == earlier
+    assert (earlier / "model.safetensors").read_bytes() == b"new" and not new.exists()
+    assert sorted(p.name for p in earlier.parent.iterdir()) == ["best"]
+
+
+def test_export_refuses_a_fine_tune_of_the_campaign(tiny_zoo, tmp_path, monkeypatch):
+    """``export --out <a fine-tune the campaign merges> --overwrite`` replaced that model."""
+    import types
+
+    from search import export, trials
+
+    ft = tmp_path / "ft_a"
+    shutil.copytree(tiny_zoo["ft_a"], ft)
+    (ft / "brmerge_provenance.json").write_text('{"schema": "brmerge-provenance/1"}')  # even a merge
+    before = _snapshot(ft)
+    recipe = _recipe({**tiny_zoo, "ft_a": ft}).to_yaml()
+    trial = types.SimpleNamespace(number=0, user_attrs={trials.A_RECIPE: recipe}, values=[0.5])
+    monkeypatch.setattr(export, "load_study", lambda directory: None)
+    monkeypatch.setattr(export, "load_campaign", lambda path: None)
+    monkeypatch.setattr(export, "pick_trial", lambda study, number: trial)
+    campaign = tmp_path / "camp"
+    campaign.mkdir()
+    for target in (ft, campaign):
+        with pytest.raises(MergeError, match="source model or campaign"):
+            export.export_trial(campaign, out=target, device="cpu", overwrite=True, progress=False)
+    assert _snapshot(ft) == before
+
+
+def test_non_finite_merge_is_refused_and_leaves_nothing(tiny_zoo, tmp_path):
+    """A weight of 1e300 gave an all-inf model and exit status 0."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"merge_method": "task_arithmetic", "base_model": str(tiny_zoo["base"]),
+                                      "models": [{"model": str(tiny_zoo["ft_a"]), "parameters": {"weight": 1e300}}]}))
+    res = _cli("merge", str(recipe), "--out", str(tmp_path / "m"), "--device", "cpu", "--quiet")
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.count("\n") == 1 and "inf/NaN" in res.stderr and "tensor 'model." in res.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml"]
+
+
+def test_sigterm_removes_the_partial_output(tmp_path):
+    """SIGTERM in the middle of a merge left its ``.partial-*`` folder behind."""
+    from perf._common import write_synthetic_llama
+
+    dims = dict(hidden=256, layers=6, intermediate=704, vocab=2000)
+    base = write_synthetic_llama(tmp_path / "base", seed=0, base=None, **dims)
+    ft = write_synthetic_llama(tmp_path / "ft", seed=1, base=base, **dims)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"merge_method": "ties", "base_model": str(base), "models": [
+        {"model": str(ft), "parameters": {"weight": 1.0, "density": 0.3}}]}))
+    out = tmp_path / "out"
+    # the writer slowed down (our class, in the child only), so the merge is surely under way
+    script = ("import sys, time\n"
+              "from merge_core import io\n"
+              "write = io.ShardedWriter.write\n"
+              "def slow(self, name, t):\n"
+              "    write(self, name, t)\n"
+              "    time.sleep(0.2)\n"
+              "io.ShardedWriter.write = slow\n"
+              "from search.cli import main\n"
+              "sys.exit(main(sys.argv[1:]))\n")
+    proc = subprocess.Popen([sys.executable, "-c", script, "merge", str(recipe), "--out", str(out),
+                             "--device", "cpu", "--shard-size", "200KB", "--quiet"],
+                            cwd=Path(__file__).resolve().parents[2], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(p.name.startswith(".out.partial") and any(p.iterdir())
+                                             for p in tmp_path.iterdir()):
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "terminated" in err and "Traceback" not in err
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_output_has_the_usual_permissions(tiny_zoo, tmp_path):
+    """The output folder was 0700 (from mkdtemp) whatever the umask."""
+    old = os.umask(0o022)
+    try:
+        out = merge_to_disk(_recipe(tiny_zoo), tmp_path / "m", device="cpu", progress=False).out_dir
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == 0o755
+    assert {p.stat().st_mode & 0o777 for p in out.iterdir()} == {0o644}
+
+
+def test_cli_exits_normally(tiny_zoo, tmp_path):
+    """``merge`` ended with ``os._exit``, skipping interpreter shutdown (atexit handlers)."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(_recipe(tiny_zoo).to_yaml())
+    script = ("import atexit, sys\n"
+              "atexit.register(lambda: print('atexit ran', flush=True))\n"
+              "sys.argv = ['brmerge'] + sys.argv[1:]\n"
+              "from search.cli import entry\n"
+              "entry()\n")
+    res = subprocess.run([sys.executable, "-c", script, "merge", str(recipe), "--out", str(tmp_path / "m"),
+                          "--device", "cpu", "--quiet"], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines()[-1] == "atexit ran"
+
+
+def test_recipe_structure_reads_without_torch(tiny_zoo, tmp_path):
+    """The early hashing reads the recipe with ``Recipe`` itself (no second parser), and
+    neither that nor the registry's names import torch."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(_recipe(tiny_zoo).to_yaml())
+    script = ("import sys\n"
+              "from merge_core import methods\n"
+              "from merge_core.recipe import Recipe\n"
+              "refs = Recipe.from_file(sys.argv[1], check_params=False).referenced_models()\n"
+              "assert 'ties' in methods.names()\n"
+              "import argparse, pathlib\n"
+              "from search.commands import merge\n"
+              "merge._hash_sources_early(argparse.Namespace(recipe=pathlib.Path(sys.argv[1]), allow_pickle=False,\n"
+              "                                             trust_remote_code=False))\n"
+              "print(len(refs), 'torch' in sys.modules)\n")
+    res = subprocess.run([sys.executable, "-c", script, str(recipe)], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["3", "False"]
+    with pytest.raises(RecipeError, match="did you mean 'ties'"):
+        Recipe.from_yaml("merge_method: tiez\nmodels: [{model: a}]\n", check_params=False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import yaml
 from merge_core import provenance
 from merge_core.provenance import (
     build_provenance,
+    escape_markdown,
     file_sha256,
     hash_in_background,
     sha256_file,
@@ -164,7 +166,7 @@ def test_shared_licence_card_and_manifest(licensed, tmp_path):
     assert yaml.safe_load(_yaml_block(readme)) == prov["recipe"]
     for src, role in [(base, "base"), (a, "model"), (b, "model")]:
         weights = src.path / "model.safetensors"
-        row = (f"| {role} | {src.ref} | local folder | apache-2.0 | model.safetensors | "
+        row = (f"| {role} | {escape_markdown(src.ref)} | local folder | apache-2.0 | model.safetensors | "
                f"`{_sha(weights)}` |")
         assert row in readme
     assert f"| model.safetensors | `{'f' * 64}` |" in readme
@@ -200,9 +202,9 @@ def test_mixed_licences(licensed, tmp_path):
     assert front["license"] == "other"
     assert front["license_name"]
     assert front["base_model"] == [base.ref, llama.ref, unknown.ref]
-    assert f"- {base.ref}: apache-2.0" in readme
-    assert f"- {llama.ref}: llama3" in readme
-    assert f"- {unknown.ref}: unknown" in readme
+    assert f"- {escape_markdown(base.ref)}: apache-2.0" in readme
+    assert f"- {escape_markdown(llama.ref)}: llama3" in readme
+    assert f"- {escape_markdown(unknown.ref)}: unknown" in readme
     assert "[paper]" not in readme
     assert [s["role"] for s in prov["sources"]] == ["model"] * 3
 
@@ -260,3 +262,62 @@ def test_recipe_with_backticks_keeps_its_fence(licensed, tmp_path):
     recipe_yaml = "merge_method: linear\n# a comment with ``` inside\nmodels: []\n"
     readme = write_and_read(tmp_path / "out", _provenance(None, [src], recipe_yaml))
     assert "````yaml\n" + recipe_yaml + "````\n" in readme
+
+
+HOSTILE_LICENCE = "mit\n# Injected heading\n<script>alert(1)</script>\n| x | y |"
+
+
+def _hostile(tmp_path: Path, tiny_zoo, name: str, licence: str) -> Path:
+    return _with_card(tiny_zoo["ft_a"], tmp_path / name, _card(licence))
+
+
+def _body(readme: str) -> str:
+    return readme.split("---\n", 2)[2]
+
+
+def test_hostile_licences_and_references_stay_text(tiny_zoo, tmp_path):
+    """A licence string with newlines, HTML and pipes, and a model reference with ``|`` and
+    Markdown: no heading, tag, link or table cell of their own in the card."""
+    odd = _hostile(tmp_path, tiny_zoo, "a|b_[x](http://evil)", HOSTILE_LICENCE)
+    plain = _hostile(tmp_path, tiny_zoo, "plain", "apache-2.0")
+    sources = [resolve_model(str(odd)), resolve_model(str(plain))]
+    prov = _provenance(None, sources, "merge_method: ties\n")
+    readme = write_and_read(tmp_path / "out", prov)
+    body = _body(readme)
+    headings = [line for line in body.splitlines() if line.startswith("#")]
+    assert all(h.startswith(("# ties", "# TIES", "## ")) for h in headings), headings
+    assert "Injected heading" in body and "# Injected" not in body.replace("\\# Injected", "")
+    assert "<script>" not in body and "&lt;script&gt;" in body
+    assert "](http://evil)" not in body
+    rows = [line for line in body.splitlines() if line.startswith("| model |")]
+    assert len(rows) == 2
+    for row in rows:                       # six cells each: no | of a value split a cell
+        assert len(re.split(r"(?<!\\)\|", row)) == 8, row
+    # the front matter is YAML that reads back as the sources' own values
+    front = _front_matter(readme)
+    assert front["license"] == "other"
+    assert front["base_model"] == [sources[0].ref, sources[1].ref]
+
+
+def test_hostile_values_in_the_front_matter_read_back(tiny_zoo, tmp_path):
+    """A shared licence is copied into the front matter: written by the YAML dumper, it reads
+    back exactly and cannot end the front matter early."""
+    twins = [_hostile(tmp_path, tiny_zoo, f"t{i}", "x\n---\ntitle: injected") for i in range(2)]
+    sources = [resolve_model(str(p)) for p in twins]
+    readme = write_and_read(tmp_path / "out", _provenance(None, sources, "merge_method: ties\n"))
+    front = _front_matter(readme)
+    assert front["license"] == "x\n---\ntitle: injected" and "title" not in front
+    assert [line for line in readme.splitlines() if line == "---"] == ["---", "---"]
+    assert "All sources declare the licence x --- title: injected," in readme.replace("\\", "")
+
+
+@pytest.mark.parametrize("text, shown", [
+    ("mit\n# heading", "mit \\# heading"),
+    ("<b>bold</b> & co", "&lt;b&gt;bold&lt;/b&gt; &amp; co"),
+    ("a|b", "a\\|b"),
+    ("- item", "\\- item"),
+    ("1. item", "1\\. item"),
+    ("apache-2.0", "apache-2.0"),
+])
+def test_escape_markdown(text, shown):
+    assert escape_markdown(text) == shown

@@ -122,12 +122,13 @@ def test_count_nonfinite_kernel_matches_torch(dtype):
 
 
 def test_kernels_take_the_resident_thread_count():
-    from merge_core.methods import _kernels
+    from merge_core.devices import cpu_cores
+    from merge_core.methods.kernels import threads
 
     for n in (1, 3):
         with runtime.settings(threads=n):
-            assert _kernels._thread_count() == n
-    assert _kernels._thread_count() == max(1, _kernels.cpu_cores() - 1)   # unset: all cores but one
+            assert threads.thread_count() == n
+    assert threads.thread_count() == max(1, cpu_cores() - 1)   # unset: all cores but one
 
 
 def test_cache_budget_setting(monkeypatch):
