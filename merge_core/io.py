@@ -87,7 +87,7 @@ class SafetensorsFile:
         target = dtype or st_dtype
         if torch.device(device).type == "cpu" and hasattr(os, "preadv"):
             # pread copies from the page cache in one call: no page faults on the mapping
-            # (3-4x faster than copying out of the mmap, and nothing to madvise away)
+            # (faster than copying out of the mmap; see docs/methods.md), nothing to madvise away
             out = torch.empty(e.shape, dtype=st_dtype)
             self._pread_into(out, e, name)
             return out if target == st_dtype else out.to(target)

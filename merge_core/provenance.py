@@ -36,7 +36,7 @@ _MIXED_LICENCE = "mixed-source-licences"
 
 def sha256_file(path: Path, *, chunk: int = 32 << 20) -> str:
     """sha256 of a file, hashed straight from its memory map: no copy out of the page cache
-    (reading it in chunks spent 40% of the time copying). Chunks of ``chunk`` bytes:
+    (reading it in chunks spent much of the time copying; see docs/methods.md). Chunks of ``chunk`` bytes:
     hashlib releases the GIL for each, so other threads run meanwhile."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:

@@ -14,6 +14,10 @@ running beside it (another thread, another context) is unaffected:
   reader, writer and hashing threads; a resident merge has none of those.
 - ``NonFiniteTally``: the CPU kernel counts inf/NaN values as it writes them, which
   spares the resident merge its health-check pass over each tensor.
+
+What a method author must know of them (they are seen by the methods without being
+arguments) is stated on the protocol, ``merge_core.methods.base.MergeMethod``, and in
+docs/methods.md ("Adding a method"): they may make a merge faster, never different.
 """
 
 from __future__ import annotations
@@ -86,8 +90,8 @@ def sort_ascending(a: torch.Tensor) -> torch.Tensor:
     """``a`` (flat, non-negative or NaN) sorted ascending, NaN last, as ``torch.sort``.
 
     On CPU the bit patterns are sorted as unsigned integers (they order like the values
-    when the sign bit is clear) by numpy's vectorized sort: an order of magnitude faster
-    than ``torch.sort`` there, and it covers bfloat16, which numpy lacks.
+    when the sign bit is clear) by numpy's vectorized sort: much faster than ``torch.sort``
+    there (see docs/methods.md), and it covers bfloat16, which numpy lacks.
     """
     if a.device.type != "cpu" or a.element_size() not in _UNSIGNED:
         return torch.sort(a).values
