@@ -22,6 +22,7 @@ from matplotlib.ticker import MaxNLocator
 from search import trials as T
 from search.campaign import Campaign
 from search.genome import GenomeSpace
+from search.evidence import domain_accuracies as accuracies
 from search.trials import baselines, scalar
 
 TrialState = optuna.trial.TrialState
@@ -218,20 +219,24 @@ def domains_figure(entries: Sequence[Entry], domains: Sequence[str]) -> Figure:
     width = 0.8 / len(entries)
     top = 0.0
     for i, (label, t, colour) in enumerate(entries):
-        doms = t.user_attrs.get(T.A_DOMAINS) or {}
-        accs = [float(doms[d]["acc"]) if d in doms else math.nan for d in domains]
+        found = accuracies(t)
+        accs = [found[d]["acc"] if d in found else math.nan for d in domains]
+        # 95% Wilson intervals as error bars: a bar's height alone hides how few items it rests on
+        lows = [a - found[d]["ci95"][0] if d in found else 0.0 for a, d in zip(accs, domains)]
+        highs = [found[d]["ci95"][1] - a if d in found else 0.0 for a, d in zip(accs, domains)]
         bars = ax.bar(x + (i - (len(entries) - 1) / 2) * width, accs, width, label=label, color=colour,
-                      edgecolor="black" if i == 0 else None)
+                      edgecolor="black" if i == 0 else None, yerr=[lows, highs], capsize=2,
+                      error_kw={"elinewidth": 0.8, "alpha": 0.7})
         if len(entries) * len(domains) <= 24:  # beyond, the numbers overlap; the table has them
             ax.bar_label(bars, labels=["" if math.isnan(a) else f"{a:.3f}" for a in accs], fontsize=7,
                          padding=1)
-        top = max([top, *[a for a in accs if not math.isnan(a)]])
+        top = max([top, *[found[d]["ci95"][1] for d in domains if d in found]])
     n_items = {}
     for _, t, _ in entries:
         for d, v in (t.user_attrs.get(T.A_DOMAINS) or {}).items():
             n_items.setdefault(d, v.get("n"))
     ax.set_xticks(x, [f"{d}\n(n={n_items[d]})" if n_items.get(d) else d for d in domains])
-    ax.set_ylabel("dev accuracy")
+    ax.set_ylabel("dev accuracy (bars: 95% Wilson interval)")
     ax.set_ylim(0, min(1.0, top * 1.15) if top > 0 else 1.0)
     ax.set_title("Best trial versus baselines, per domain")
     ax.grid(axis="y", alpha=0.3)

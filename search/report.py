@@ -23,6 +23,7 @@ import optuna
 
 TrialState = optuna.trial.TrialState
 
+from search import evidence as E
 from search import trials as T
 from search.errors import SearchError
 from search.campaign import Campaign
@@ -71,22 +72,37 @@ def trial_table(study: optuna.Study, campaign: Campaign, *, top: int) -> str:
     domains = domain_order(campaign, list(rows.values()))
     multi = is_multi_objective(study)
     front = {t.number for t in study.best_trials} if multi else set()
-    head = ["trial", "kind", "score", *[f"{d} acc" for d in domains]]
+    head = ["trial", "kind", "score", *[f"{d} acc [95% CI]" for d in domains]]
     head += ["Pareto"] if multi else []
     head += ["eval s", "worker", "note"]
     out = ["<table>", "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"]
     for t in sorted(rows.values(), key=lambda t: -scalar(t)):
         attrs = t.user_attrs
-        doms = attrs.get(T.A_DOMAINS) or {}
+        accs = E.domain_accuracies(t)
         kind = f"baseline {attrs[T.A_BASELINE]}" if T.A_BASELINE in attrs else "search"
         cells = [_td(f"#{t.number}"), _td(kind), _td(f"{scalar(t):.4f}", num=True)]
-        cells += [_td(f"{doms[d]['acc']:.3f}" if d in doms else "-", num=True) for d in domains]
+        cells += [_td(E.accuracy_text(accs[d]["correct"], accs[d]["n"]) if d in accs else "-", num=True)
+                  for d in domains]
         cells += [_td("yes" if t.number in front else "")] if multi else []
         seconds = attrs.get(T.A_EVAL)
         cells += [_td(f"{seconds:.1f}" if isinstance(seconds, (int, float)) else "-", num=True),
                   _td(attrs.get(T.A_WORKER, "-")),
                   _td(f"same recipe as #{attrs[T.A_CACHED]}" if attrs.get(T.A_CACHED) is not None else "")]
         out.append("<tr>" + "".join(cells) + "</tr>")
+    out.append("</table>")
+    return "\n".join(out)
+
+
+def comparison_table(study: optuna.Study, best: optuna.trial.FrozenTrial) -> str:
+    """The best trial minus each baseline, paired on the same dev items."""
+    rows = E.best_vs_baselines(study, best)
+    if not rows:
+        return ""
+    out = ["<table>", "<tr><th>baseline</th><th>best minus baseline [95% CI], McNemar exact p</th>"
+           "<th>items right only by best / only by baseline</th></tr>"]
+    for label, t, cmp in rows:
+        counts = f"{cmp.only_a} / {cmp.only_b}" if cmp is not None else "-"
+        out.append(f"<tr>{_td(f'#{t.number} {label}')}{_td(E.comparison_text(cmp))}{_td(counts, num=True)}</tr>")
     out.append("</table>")
     return "\n".join(out)
 
@@ -248,7 +264,13 @@ def write_report(directory: Path, *, out: Path | None = None, top: int = TOP) ->
         sections.append(_pareto_section(study, out))
         sections.append(_domains_section(study, campaign, best[0], out))
         sections.append(Section(f"Top {top} trials and baselines",
-                                html_body=trial_table(study, campaign, top=top)))
+                                html_body=trial_table(study, campaign, top=top),
+                                note="accuracies with 95% Wilson intervals"))
+        sections.append(Section("Is the best trial really better? (paired, same dev items)",
+                                html_body=comparison_table(study, best[0]),
+                                note="Newcombe's 95% interval for the paired difference and McNemar's exact "
+                                     "two-sided p, items pooled over domains. Note: "
+                                     + E.selection_note(len(T.finished_trials(study)))))
     failures = failures_table(study)
     if failures:
         sections.append(Section("Failed trials", html_body=failures))

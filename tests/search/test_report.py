@@ -22,6 +22,7 @@ import pytest
 import yaml
 from matplotlib.image import imread
 
+from evals.stats import encode_bits
 from search import trials as T
 from search.storage import StorageError, study_directions
 from search.campaign import load_campaign
@@ -51,8 +52,20 @@ def write_campaign(directory: Path, *, sampler: str = "cmaes", split: bool = Fal
 
 
 def _domains(rng: np.random.Generator) -> dict[str, dict[str, float]]:
-    return {d: {"acc": float(rng.uniform(0.3, 0.7)), "gold_prob": float(rng.uniform(0.2, 0.6)), "n": 50}
+    # accuracies are whole items out of 50, as an evaluation gives them
+    return {d: {"acc": int(rng.integers(15, 36)) / 50, "gold_prob": float(rng.uniform(0.2, 0.6)), "n": 50}
             for d in DOMAINS}
+
+
+def _items(rng: np.random.Generator, domains: dict) -> dict[str, str]:
+    """Per-item correctness consistent with each domain's accuracy, in a random order."""
+    out = {}
+    for d, v in domains.items():
+        right = round(v["acc"] * v["n"])
+        bits = [i < right for i in range(v["n"])]
+        rng.shuffle(bits)
+        out[d] = encode_bits(bits)
+    return out
 
 
 def _attrs(rng: np.random.Generator, number: int, **extra) -> dict:
@@ -80,6 +93,7 @@ def build_study(directory: Path, *, sampler: str = "cmaes", split: bool = False,
         score = float(np.mean([v["acc"] for v in domains.values()]))
         values = [domains[d]["acc"] for d in DOMAINS] if multi else [score]
         attrs = _attrs(rng, len(study.trials), **{T.A_DOMAINS: domains, T.A_SCORE: score,
+                                                  T.A_ITEMS: _items(rng, domains),
                                                   T.A_STAGE1: score + 0.01, **extra})
         study.add_trial(optuna.trial.create_trial(params=params, distributions=dists, values=values,
                                                   user_attrs=attrs))
