@@ -142,3 +142,20 @@ def test_cache_budget_setting(monkeypatch):
     monkeypatch.setenv(CACHE_ENV, "lots")
     with pytest.raises(MergeError, match=CACHE_ENV):
         cache_budget(None, cpu)
+
+
+def test_resident_models_check_compatibility_up_front(tiny_zoo, tmp_path, monkeypatch):
+    """The compatibility checks run directly (no probe recipe), before any tensor is read."""
+    from merge_core import resident
+    from search.demo.tiny import llama_config, make_llama
+
+    other = make_llama(tmp_path / "wider", seed=5, config=llama_config(hidden=48),
+                       tokenizer_dir=tiny_zoo["tokenizer"])
+    reads = []
+    monkeypatch.setattr(resident.TensorReader, "get", lambda self, *a, **k: reads.append(a))
+    with pytest.raises(ValueError, match="wider"):
+        ResidentModels(str(tiny_zoo["base"]), [str(tiny_zoo["ft_a"]), str(other)], device="cpu")
+    assert reads == []
+    monkeypatch.undo()
+    fine = ResidentModels(str(tiny_zoo["base"]), [str(tiny_zoo["ft_a"])], device="cpu")
+    assert fine.__dict__.get("_plans", {}) == {}             # nothing planned for the check
