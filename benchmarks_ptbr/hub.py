@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from benchmarks_ptbr.items import DataError
+from benchmarks_ptbr.items import DataError, SuiteError
 
 SKIP_MIRRORED = "in_other_mirror"  # skip reason: already loaded from another hub dataset
 from benchmarks_ptbr.sources import (
@@ -130,7 +130,7 @@ def load_hub(domain: str, *, paths: dict[str, str] | None = None) -> DomainItems
     """Items of ``domain`` from its hub datasets; ``paths`` maps a dataset id to a local copy."""
     specs = [(h, s) for h, s in HUB_DATASETS if h.domain == domain]
     if not specs:
-        raise ValueError(f"no Hugging Face dataset is mapped for the {domain!r} domain; "
+        raise SuiteError(f"no Hugging Face dataset is mapped for the {domain!r} domain; "
                          f"hub domains are {', '.join(HUB_DOMAINS)} (use --data-dir for the rest)")
     out = DomainItems(domain)
     seen: dict[str, str] = {}

@@ -40,6 +40,11 @@ class DataError(BrmergeError):
     """A data file is malformed; the message names the file, the line and the fix."""
 
 
+class SuiteError(BrmergeError):
+    """A suite cannot be built as asked (unknown domain, split or source, no data directory,
+    a bad limit); the message names the option and the fix."""
+
+
 def problem_reason(value: Any, *, at: str) -> str:
     """The skip reason a ``problem`` field gives: ``duplicate_of:<id>`` is ``duplicate``, any
     other value is its part before the first colon (``missing_context``, ...)."""

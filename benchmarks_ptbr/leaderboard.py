@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks_ptbr.fewshot import DEFAULT_NUM_FEWSHOT, select_shots
-from benchmarks_ptbr.items import SKIP_FEWSHOT, SKIP_OUTSIDE_SPLITS
+from benchmarks_ptbr.items import SKIP_FEWSHOT, SKIP_OUTSIDE_SPLITS, SuiteError
 from benchmarks_ptbr.sources import Source, load_data_dir
 
 LEADERBOARD = "leaderboard"  # the suite's source and split name
@@ -87,7 +87,7 @@ def load_leaderboard(*, data_dir: Path, domains: Sequence[str] | None = None,
     domains = tuple(domains) if domains else LEADERBOARD_DOMAINS
     unknown = [d for d in domains if d not in LEADERBOARD_TASKS]
     if unknown:
-        raise ValueError(f"the leaderboard suite has no {', '.join(unknown)} domain; "
+        raise SuiteError(f"the leaderboard suite has no {', '.join(unknown)} domain; "
                          f"choose from {', '.join(LEADERBOARD_DOMAINS)}")
     tasks = []
     for domain in domains:

@@ -23,6 +23,7 @@ from benchmarks_ptbr.items import (
     SKIP_OTHER_TRACK,
     SKIP_OUTSIDE_SPLITS,
     DataError,
+    SuiteError,
     Item,
     as_bool,
     check_key,
@@ -226,7 +227,7 @@ def load_data_dir(domain: str, data_dir: Path,
     split table (the leaderboard suite passes its own years)."""
     data_dir = Path(data_dir).expanduser()
     if not data_dir.is_dir():
-        raise FileNotFoundError(f"data directory {str(data_dir)!r} does not exist; pass "
+        raise DataError(f"data directory {str(data_dir)!r} does not exist; pass "
                                 "--data-dir DIR or set BRMERGE_DATA_DIR to the PT-BR data folder")
     out = DomainItems(domain)
     seen: dict[str, str] = {}
@@ -240,7 +241,7 @@ def load_data_dir(domain: str, data_dir: Path,
     if not found:
         expected = ", ".join(f"{s.name}/derived/*.jsonl" for s in sources
                              if s.domain == domain)
-        raise FileNotFoundError(f"no {domain} data under {data_dir} (expected {expected}); "
+        raise DataError(f"no {domain} data under {data_dir} (expected {expected}); "
                                 "point --data-dir / BRMERGE_DATA_DIR at the PT-BR data folder")
     drop_repeated_content(out)
     return out
@@ -249,7 +250,7 @@ def load_data_dir(domain: str, data_dir: Path,
 def load_sample(domain: str, sample_dir: Path = SAMPLE_DIR) -> DomainItems:
     """The shipped sample suite: ``sample/<domain>.jsonl`` with an explicit ``split`` field."""
     if domain not in SAMPLE_SOURCE_FOR:
-        raise ValueError(f"the sample suite has no {domain!r} domain; "
+        raise SuiteError(f"the sample suite has no {domain!r} domain; "
                          f"choose from {', '.join(SAMPLE_DOMAINS)}")
     out = DomainItems(domain)
     classify(_jsonl_rows(sample_dir / f"{domain}.jsonl"), SAMPLE_SOURCE_FOR[domain], out, seen={})

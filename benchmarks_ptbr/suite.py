@@ -16,7 +16,7 @@ from benchmarks_ptbr.fewshot import (
     excluded_ids,
     select_shots,
 )
-from benchmarks_ptbr.items import SKIP_FEWSHOT, Item
+from benchmarks_ptbr.items import SKIP_FEWSHOT, Item, SuiteError
 from benchmarks_ptbr.prompts import DESCRIPTIONS, GEN_MAX_TOKENS, build_context, build_messages
 from benchmarks_ptbr.sources import (
     DOMAINS,
@@ -114,7 +114,7 @@ def stratified_limit(items: Sequence[Item], limit: int | None) -> tuple[Item, ..
     if limit is None or limit >= len(items):
         return tuple(items)
     if limit <= 0:
-        raise ValueError(f"limit={limit} must be a positive number of items per task")
+        raise SuiteError(f"limit={limit} must be a positive number of items per task")
     by_exam: dict[str, list[Item]] = defaultdict(list)
     for item in items:
         by_exam[item.exam].append(item)
@@ -143,14 +143,14 @@ def _domain_items(domain: str, *, source: str, data_dir: Path | None,
         return load_sample(domain)
     if source == "data":
         if data_dir is None:
-            raise ValueError(f"no data directory for the {domain!r} items: pass --data-dir DIR or "
+            raise SuiteError(f"no data directory for the {domain!r} items: pass --data-dir DIR or "
                              f"set {DATA_DIR_ENV}, or use the shipped sample suite")
         return load_data_dir(domain, data_dir)
     if source == "hub":
         from benchmarks_ptbr.hub import load_hub
 
         return load_hub(domain, paths=hub_paths)
-    raise ValueError(f"unknown item source {source!r}; choose from {', '.join(SOURCES)}")
+    raise SuiteError(f"unknown item source {source!r}; choose from {', '.join(SOURCES)}")
 
 
 def _leaderboard_suite(*, split: str, source: str, domains: Sequence[str] | None,
@@ -159,11 +159,11 @@ def _leaderboard_suite(*, split: str, source: str, domains: Sequence[str] | None
     from benchmarks_ptbr.leaderboard import load_leaderboard
 
     if split != "leaderboard" or source != "leaderboard":
-        raise ValueError(f"split={split!r} with source={source!r}: the leaderboard suite is "
+        raise SuiteError(f"split={split!r} with source={source!r}: the leaderboard suite is "
                          "split='leaderboard', source='leaderboard'")
     resolved = resolve_data_dir(data_dir)
     if resolved is None:
-        raise ValueError(f"the leaderboard suite reads the PT-BR data: pass --data-dir DIR or "
+        raise SuiteError(f"the leaderboard suite reads the PT-BR data: pass --data-dir DIR or "
                          f"set {DATA_DIR_ENV}")
     return load_leaderboard(data_dir=resolved, domains=domains, limit=limit,
                             num_fewshot=num_fewshot)
@@ -183,11 +183,11 @@ def load_suite(*, split: str, source: str = "sample", domains: Sequence[str] | N
         return _leaderboard_suite(split=split, source=source, domains=domains,
                                   data_dir=data_dir, limit=limit, num_fewshot=num_fewshot)
     if split not in SPLITS:
-        raise ValueError(f"split={split!r}; choose 'dev' (search) or 'test' (held-out reports)")
+        raise SuiteError(f"split={split!r}; choose 'dev' (search) or 'test' (held-out reports)")
     if source not in SOURCES:
-        raise ValueError(f"source={source!r}; choose from {', '.join(SOURCES)}")
+        raise SuiteError(f"source={source!r}; choose from {', '.join(SOURCES)}")
     if num_fewshot < 0:
-        raise ValueError(f"num_fewshot={num_fewshot} must be 0 or more")
+        raise SuiteError(f"num_fewshot={num_fewshot} must be 0 or more")
     available = SAMPLE_DOMAINS if source == "sample" else DOMAINS
     if source == "hub":
         from benchmarks_ptbr.hub import HUB_DOMAINS
@@ -196,7 +196,7 @@ def load_suite(*, split: str, source: str = "sample", domains: Sequence[str] | N
     domains = tuple(domains) if domains else available
     unknown = [d for d in domains if d not in available]
     if unknown:
-        raise ValueError(f"unknown domain(s) {', '.join(unknown)} for the {source} suite; "
+        raise SuiteError(f"unknown domain(s) {', '.join(unknown)} for the {source} suite; "
                          f"choose from {', '.join(available)}")
     resolved = resolve_data_dir(data_dir) if source == "data" else None
     preferred = SAMPLE_FEWSHOT_IDS if source == "sample" else FEWSHOT_IDS
@@ -213,7 +213,7 @@ def load_suite(*, split: str, source: str = "sample", domains: Sequence[str] | N
             scorable = [i for i in scorable if i.id not in drop]
             skipped[SKIP_FEWSHOT] = len(drop)
         if not scorable:
-            raise ValueError(f"no scorable {domain} items in the {split} split of the {source} "
+            raise SuiteError(f"no scorable {domain} items in the {split} split of the {source} "
                              "suite; check the data directory and the split years")
         kept = stratified_limit(scorable, limit)
         tasks.append(Task(

@@ -10,6 +10,12 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from evals.results import EvalResult, TaskMetrics
+from merge_core.errors import BrmergeError
+
+
+class FitnessError(BrmergeError):
+    """Weights or domains do not fit the result; the message names them and the fix."""
+
 
 # Weight of gold_prob in a domain score; accuracy keeps 1 - TIE_BREAK_WEIGHT. Small, so a
 # gain of one item in ~100 outweighs a 0.1 change in gold_prob: a tie-break, not a target.
@@ -23,7 +29,7 @@ DEFAULT_WEIGHTS: dict[str, float] = {"legal": 1.0, "health": 1.0, "enem": 1.0, "
 def domain_score(metrics: TaskMetrics, *, tie_break: float = TIE_BREAK_WEIGHT) -> float:
     """``(1 - tie_break) * acc + tie_break * gold_prob`` (plain accuracy for generation)."""
     if not 0.0 <= tie_break <= 1.0:
-        raise ValueError(f"tie_break={tie_break} must be between 0 and 1")
+        raise FitnessError(f"tie_break={tie_break} must be between 0 and 1")
     if metrics.gold_prob is None:
         return metrics.acc
     return (1.0 - tie_break) * metrics.acc + tie_break * metrics.gold_prob
@@ -34,7 +40,7 @@ def _by_domain(result: EvalResult | Mapping[str, TaskMetrics]) -> dict[str, Task
     out: dict[str, TaskMetrics] = {}
     for name, metrics in tasks.items():
         if metrics.domain in out:
-            raise ValueError(f"two tasks of domain {metrics.domain!r} (one is {name!r}); "
+            raise FitnessError(f"two tasks of domain {metrics.domain!r} (one is {name!r}); "
                              "score one split per result")
         out[metrics.domain] = metrics
     return out
@@ -48,14 +54,14 @@ def weighted_score(result: EvalResult | Mapping[str, TaskMetrics], *,
     domains = _by_domain(result)
     unknown = [d for d in weights if weights[d] < 0]
     if unknown:
-        raise ValueError(f"negative weight for {', '.join(unknown)}; weights must be >= 0")
+        raise FitnessError(f"negative weight for {', '.join(unknown)}; weights must be >= 0")
     missing = [d for d in domains if d not in weights]
     if missing:
-        raise ValueError(f"no weight for domain(s) {', '.join(missing)}; "
+        raise FitnessError(f"no weight for domain(s) {', '.join(missing)}; "
                          f"add them to weights (have {', '.join(weights)})")
     total = sum(weights[d] for d in domains)
     if total <= 0:
-        raise ValueError("the weights of the scored domains sum to 0; give one a positive weight")
+        raise FitnessError("the weights of the scored domains sum to 0; give one a positive weight")
     return sum(weights[d] * domain_score(m, tie_break=tie_break)
                for d, m in domains.items()) / total
 
@@ -68,6 +74,6 @@ def objective_vector(result: EvalResult | Mapping[str, TaskMetrics], *,
     order = list(domains) if domains is not None else list(by_domain)
     missing = [d for d in order if d not in by_domain]
     if missing:
-        raise ValueError(f"domain(s) {', '.join(missing)} not in the result "
+        raise FitnessError(f"domain(s) {', '.join(missing)} not in the result "
                          f"(have {', '.join(by_domain)})")
     return tuple(domain_score(by_domain[d], tie_break=tie_break) for d in order)

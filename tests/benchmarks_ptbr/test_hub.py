@@ -11,7 +11,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import pytest  # noqa: E402
 
 from benchmarks_ptbr.hub import load_hub  # noqa: E402
-from benchmarks_ptbr.items import DataError  # noqa: E402
+from benchmarks_ptbr.items import DataError, SuiteError  # noqa: E402
 from benchmarks_ptbr.suite import load_suite  # noqa: E402
 
 
@@ -77,7 +77,7 @@ def test_enem_hub_layouts_map_and_mirrors_are_counted(hub_copies):
 def test_hub_suite_and_bad_hub_rows(hub_copies, tmp_path):
     suite = load_suite(split="test", source="hub", domains=["legal"], hub_paths=hub_copies)
     assert [i.id for i in suite.tasks[0].items] == ["2016-19_1"]
-    with pytest.raises(ValueError, match="no Hugging Face dataset is mapped for the 'health'"):
+    with pytest.raises(SuiteError, match="no Hugging Face dataset is mapped for the 'health'"):
         load_hub("health", paths=hub_copies)
     bad = tmp_path / "bad_oab"
     _jsonl(bad / "train.jsonl", [_oab("2010-01", 1, "2010", key="E")])

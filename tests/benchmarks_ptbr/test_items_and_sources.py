@@ -70,9 +70,9 @@ def test_string_typed_values_and_skip_counts(tmp_path):
 
 
 def test_missing_data_dir_and_missing_domain_files(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(DataError, match="does not exist"):
         load_data_dir("legal", tmp_path / "nope")
-    with pytest.raises(FileNotFoundError, match="oab_exams/derived/\\*.jsonl"):
+    with pytest.raises(DataError, match="oab_exams/derived/\\*.jsonl"):
         load_data_dir("legal", tmp_path)
 
 

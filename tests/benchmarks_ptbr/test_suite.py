@@ -8,7 +8,7 @@ import pytest
 
 from benchmarks_ptbr.extract import INVALID, extract_letter
 from benchmarks_ptbr.fewshot import FEWSHOT_IDS, SAMPLE_FEWSHOT_IDS
-from benchmarks_ptbr.items import Item
+from benchmarks_ptbr.items import Item, SuiteError
 from benchmarks_ptbr.prompts import build_context, format_query
 from benchmarks_ptbr.sources import load_sample
 from benchmarks_ptbr.suite import load_suite, resolve_data_dir, stratified_limit
@@ -65,7 +65,7 @@ def test_limit_is_stratified_by_exam_and_deterministic():
     assert stratified_limit(items, 20) == chosen
     assert [i for i in items if i in chosen] == list(chosen)  # original order kept
     assert stratified_limit(items, 500) == tuple(items)
-    with pytest.raises(ValueError, match="limit=0"):
+    with pytest.raises(SuiteError, match="limit=0"):
         stratified_limit(items, 0)
 
 
@@ -111,9 +111,9 @@ def test_extract_letter_only_among_labels():
 def test_errors_for_bad_suite_options(monkeypatch):
     monkeypatch.delenv("BRMERGE_DATA_DIR", raising=False)
     assert resolve_data_dir(None) is None
-    with pytest.raises(ValueError, match="pass --data-dir DIR or set BRMERGE_DATA_DIR"):
+    with pytest.raises(SuiteError, match="pass --data-dir DIR or set BRMERGE_DATA_DIR"):
         load_suite(split="dev", source="data")
-    with pytest.raises(ValueError, match="split='train'"):
+    with pytest.raises(SuiteError, match="split='train'"):
         load_suite(split="train")
-    with pytest.raises(ValueError, match="unknown domain\\(s\\) healthbench for the sample suite"):
+    with pytest.raises(SuiteError, match="unknown domain\\(s\\) healthbench for the sample suite"):
         load_suite(split="dev", domains=["healthbench"])

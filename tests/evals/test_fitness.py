@@ -2,7 +2,13 @@ from __future__ import annotations
 
 import pytest
 
-from evals.fitness import TIE_BREAK_WEIGHT, domain_score, objective_vector, weighted_score
+from evals.fitness import (
+    TIE_BREAK_WEIGHT,
+    FitnessError,
+    domain_score,
+    objective_vector,
+    weighted_score,
+)
 from evals.results import EvalResult, TaskMetrics
 
 
@@ -30,7 +36,7 @@ def test_weighted_score_and_vector():
     assert weighted_score(r, weights={"legal": 1, "health": 0, "healthbench": 0}) \
         == pytest.approx(0.5)
     assert objective_vector(r, domains=["health", "legal"]) == pytest.approx((1.0, 0.5))
-    with pytest.raises(ValueError, match="no weight for domain\\(s\\) healthbench"):
+    with pytest.raises(FitnessError, match="no weight for domain\\(s\\) healthbench"):
         weighted_score(r, weights={"legal": 1, "health": 1})
-    with pytest.raises(ValueError, match="enem not in the result"):
+    with pytest.raises(FitnessError, match="enem not in the result"):
         objective_vector(r, domains=["enem"])
