@@ -64,7 +64,8 @@ def comparison_dict(cmp: PairedComparison | None) -> dict[str, Any] | None:
     if cmp is None:
         return None
     return {"diff": cmp.diff, "ci95": [cmp.low, cmp.high], "p_value": cmp.p_value, "n": cmp.n,
-            "only_a": cmp.only_a, "only_b": cmp.only_b, "verdict": verdict(cmp)}
+            "only_a": cmp.only_a, "only_b": cmp.only_b, "verdict": verdict(cmp),
+            "text": format_comparison(cmp)}
 
 
 def comparison_text(cmp: PairedComparison | None, *, ascii: bool = False) -> str:

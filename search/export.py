@@ -11,12 +11,14 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import optuna
 
+from search import evidence as E
 from search import scoring
 from search import trials as T
 from search.errors import SearchError
@@ -55,10 +57,11 @@ def pick_trial(study: optuna.Study, number: int | None) -> optuna.trial.FrozenTr
 
 
 def _score(evaluator, model, campaign: Campaign):
-    """(score, {domain: acc}, {domain: per-item correctness}) of ``model``."""
+    """(score, {domain: accuracy with its interval}, {domain: per-item correctness}) of ``model``."""
     res = evaluator.evaluate(model)
-    return (scoring.score(campaign, res), {m.domain: m.acc for m in res.tasks.values()},
-            scoring.per_item(res)[0])
+    items = scoring.per_item(res)[0]
+    domains = {d: E.accuracy(sum(v), len(v)) for d, v in items.items()}
+    return scoring.score(campaign, res), domains, items
 
 
 def export_trial(directory: Path, *, out: Path, trial: int | None = None, device: str = "auto",
@@ -110,7 +113,8 @@ def export_trial(directory: Path, *, out: Path, trial: int | None = None, device
         log(f"dev re-score {dev:.6f} equals trial {chosen.number}'s score: the export is the searched model")
         test, test_domains, test_items = _score(test_eval, model, campaign)
         rows = [{"name": f"exported (trial {chosen.number})", "trial": chosen.number, "dev": dev,
-                 "test": test, "dev_domains": dev_domains, "test_domains": test_domains}]
+                 "test": test, "dev_domains": dev_domains, "test_domains": test_domains,
+                 "test_items": T.encode_items(test_items)}]
         del model
         base_trials = baselines(study)
         if base_trials:
@@ -120,8 +124,11 @@ def export_trial(directory: Path, *, out: Path, trial: int | None = None, device
                 resident.materialize(Recipe.from_yaml(t.user_attrs[T.A_RECIPE]), live)
                 b_test, b_test_domains, b_test_items = _score(test_eval, live, campaign)
                 rows.append({"name": name, "trial": t.number, "dev": scalar(t), "test": b_test,
-                             "dev_domains": {d: v["acc"] for d, v in t.user_attrs.get(T.A_DOMAINS, {}).items()},
-                             "test_domains": b_test_domains})
+                             "dev_domains": E.domain_accuracies(t), "test_domains": b_test_domains,
+                             "test_items": T.encode_items(b_test_items),
+                             "exported_minus_this": {
+                                 "dev": E.comparison_dict(E.compare(dev_items, T.item_bits(t))),
+                                 "test": E.comparison_dict(E.compare(test_items, b_test_items))}})
         _write_card(staging, campaign, study, chosen, rows)
         replace_output(staging, out, overwrite=overwrite, protected=protected)
     finally:
@@ -146,18 +153,45 @@ def _write_card(folder: Path, campaign: Campaign, study: optuna.Study, chosen: o
               "eval_limit": campaign.limit, "scores": rows}
     prov.setdefault("extra", {})["search"] = search
     domains = [d for d in campaign.objectives]
-    table = ["| model | dev score | test score | " + " | ".join(f"{d} dev / test" for d in domains) + " |",
-             "| --- | --- | --- | " + " | ".join("---" for _ in domains) + " |"]
+    table = ["| model | dev score | test score | " + " | ".join(f"{d} dev / test acc [95% CI]" for d in domains)
+             + " |", "| --- | --- | --- | " + " | ".join("---" for _ in domains) + " |"]
     for r in rows:
-        cells = [r["name"], f"{r['dev']:.4f}", f"{r['test']:.4f}" if r["test"] is not None else "-"]
-        cells += [f"{r['dev_domains'].get(d, float('nan')):.3f} / {r['test_domains'].get(d, float('nan')):.3f}"
-                  for d in domains]
+        cells = [_cell(r["name"]), f"{r['dev']:.4f}", f"{r['test']:.4f}" if r["test"] is not None else "-"]
+        cells += [f"{_acc(r['dev_domains'].get(d))} / {_acc(r['test_domains'].get(d))}" for d in domains]
         table.append("| " + " | ".join(cells) + " |")
+    paired = [f"- vs {_cell(r['name'])}: dev {_cmp(r, 'dev')}; test {_cmp(r, 'test')}" for r in rows[1:]]
     split_note = ("the shipped sample suite" if campaign.suite == "sample"
                   else "the PT-BR exam suites")
-    body = (f"Found by a brmerge search campaign `{campaign.name}`: {campaign.sampler} sampler over per-"
+    gap = rows[0]["test"] - rows[0]["dev"] if rows[0]["test"] is not None else None
+    body = (f"Found by a brmerge search campaign `{_cell(campaign.name)}`: {campaign.sampler} sampler over per-"
             f"{campaign.granularity} coefficients of `{campaign.method}`, {finished} of {campaign.trials} "
             f"trials, trial {chosen.number} selected on the dev split of {split_note}. Test scores are "
             "held-out items never used by the search. Baselines: the uniform merge (equal weights, "
-            "default density) and each fine-tune alone.\n\n" + "\n".join(table))
+            "default density) and each fine-tune alone. Accuracies carry 95% Wilson intervals.\n\n"
+            + "\n".join(table)
+            + "\n\nThe exported model minus each baseline, paired on the same items (accuracy difference "
+              "[Newcombe 95% interval], McNemar exact two-sided p, verdict at 0.05):\n\n"
+            + ("\n".join(paired) if paired else "- no baseline completed")
+            + f"\n\nSelection: {E.selection_note(finished)}."
+            + (f" Dev score {rows[0]['dev']:.4f} -> test score {rows[0]['test']:.4f} "
+               f"(gap {gap:+.4f})." if gap is not None else ""))
     write_model_card(folder, prov, extra_sections=[("Search and scores", body)])
+
+
+def _cell(text: Any) -> str:
+    """Text from users or sources, safe in a Markdown table cell and in HTML."""
+    import html
+
+    return html.escape(" ".join(str(text).split())).replace("|", "\\|")
+
+
+def _acc(entry: Mapping[str, Any] | None) -> str:
+    if not entry:
+        return "-"
+    low, high = entry["ci95"]
+    return f"{entry['acc']:.3f} [{low:.2f}, {high:.2f}]"
+
+
+def _cmp(row: Mapping[str, Any], split: str) -> str:
+    d = (row.get("exported_minus_this") or {}).get(split)
+    return d["text"] if d else E.comparison_text(None)
