@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import signal
 import sys
 import threading
@@ -40,6 +41,9 @@ def run(args: argparse.Namespace) -> int:
         from merge_core.materialize import merge_to_disk
         from merge_core.recipe import Recipe
 
+        # The imports (torch, numba, ...) made millions of objects that live until exit; frozen,
+        # the garbage collector skips them, during the merge and in its pass at interpreter exit.
+        gc.freeze()
         recipe = Recipe.from_file(args.recipe)
         text = args.recipe.read_text(encoding="utf-8")
         if args.seed is not None:
