@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from merge_core.dtypes import to_safetensors
+from merge_core.errors import BrmergeError
 from merge_core.plan import tied_input
 from merge_core.sources import ModelSource, SourceError, read_safetensors_header
 
 
-class IncompatibleModelsError(ValueError):
+class IncompatibleModelsError(BrmergeError):
     """Sources that cannot be merged together; one line naming the model, tensor and fix."""
 
 
@@ -37,8 +38,8 @@ _VOCAB_TENSORS = ("embed_tokens.weight", "lm_head.weight", "wte.weight", "word_e
 _FIX_FAMILY = "merge fine-tunes of one base model"
 _FIX_LAYERS = ("merge fine-tunes of one base model, or stack layers with `slices` and "
                "merge_method passthrough")
-_FIX_VOCAB = ("merge models with the same vocabulary size (brmerge does not remap embedding "
-              "rows, so tokenizer_source cannot reconcile them)")
+_FIX_VOCAB = ("set tokenizer_source (base, union or a model) to align embedding rows by token, "
+              "or merge models with the same vocabulary")
 _FIX_TOKENIZER = ("set `tokenizer_source` in the recipe to choose the output tokenizer, or merge "
                   "models that share a tokenizer")
 
@@ -65,7 +66,8 @@ def read_tensor_infos(source: ModelSource) -> dict[str, TensorInfo]:
 
 def check_compatible(sources: Sequence[ModelSource], *,
                      infos: Mapping[str, Mapping[str, TensorInfo]] | None = None,
-                     same_layers: bool = True, tokenizer_source: str | None = None) -> None:
+                     same_layers: bool = True, tokenizer_source: str | None = None,
+                     align_vocab: bool = False) -> None:
     """Raise IncompatibleModelsError at the first reason ``sources`` cannot be merged.
 
     ``sources[0]`` is the reference (the base model, or the first model). ``infos`` maps a
@@ -86,6 +88,8 @@ def check_compatible(sources: Sequence[ModelSource], *,
             _check_names(ref, ref_infos, src, src_infos)
     for src, src_infos in zip(others, other_infos):
         _check_shapes(ref, ref_infos, src, src_infos)
+    if align_vocab:  # rows are matched by token string (merge_core.vocab): sizes and ids may differ
+        return
     for src, src_infos in zip(others, other_infos):
         _check_vocab(ref, ref_infos, src, src_infos)
     for src in others:

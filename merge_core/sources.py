@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from merge_core.errors import BrmergeError
+
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
@@ -38,7 +40,7 @@ _COMMIT_SHA = re.compile(r"^[0-9a-f]{40}$")
 _TRUE = {"1", "ON", "YES", "TRUE"}
 
 
-class SourceError(ValueError):
+class SourceError(BrmergeError):
     """A model cannot be used as a merge source; the message names the model and the fix."""
 
 

@@ -80,10 +80,13 @@ def test_a_plain_value_error_is_a_bug_and_keeps_its_traceback():
 
 def test_domain_errors_share_the_root():
     from benchmarks_ptbr.items import DataError
+    from merge_core.checks import IncompatibleModelsError
     from merge_core.errors import BrmergeError, MergeError
+    from merge_core.sources import SourceError
     from search.campaign import CampaignError
     from search.errors import SearchError
     from search.storage import StorageError
 
-    for cls in (DataError, MergeError, CampaignError, SearchError, StorageError):
+    for cls in (DataError, MergeError, CampaignError, SearchError, StorageError, SourceError,
+                IncompatibleModelsError):
         assert issubclass(cls, BrmergeError), cls
