@@ -22,13 +22,17 @@ def layer_count_key(config: Mapping[str, Any]) -> str:
 
 
 def stacked_config(config: Mapping[str, Any], *, num_layers: int,
-                   layer_sources: Sequence[tuple[Mapping[str, Any], int]]) -> dict[str, Any]:
+                   layer_sources: Sequence[tuple[Mapping[str, Any], int]],
+                   vocab_size: int | None = None) -> dict[str, Any]:
     """``config`` for a model of ``num_layers`` layers where output layer ``i`` is layer
     ``layer_sources[i][1]`` of the model whose config is ``layer_sources[i][0]``.
 
     With no ``layer_sources`` (a merge that keeps the depth) only the count is set.
+    ``vocab_size``: the output vocabulary's rows, when embeddings were aligned by token.
     """
     out = copy.deepcopy(dict(config))
+    if vocab_size is not None:
+        out["vocab_size"] = vocab_size
     key = layer_count_key(out)
     depth = out.get(key)
     out[key] = num_layers

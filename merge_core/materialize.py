@@ -36,6 +36,7 @@ from merge_core.provenance import build_provenance, write_model_card
 from merge_core.recipe import Recipe
 from merge_core.sources import ModelSource, resolve_model
 from merge_core.tokenizers import tokenizer_files
+from merge_core.vocab import AlignedFetch, plan_vocabulary
 
 WORKERS_ENV = "BRMERGE_MERGE_WORKERS"
 FEW_CORES = 4            # up to this many cores, a CPU disk merge runs one tensor per core
@@ -183,14 +184,17 @@ def prepare(recipe: Recipe, sources: Mapping[str, ModelSource]) -> MergePlan:
     """Compatibility checks, then the plan: everything that can fail before any tensor is read."""
     infos = {ref: read_tensor_infos(src) for ref, src in sources.items()}
     ordered = [sources[ref] for ref in recipe.referenced_models()]
+    vocab = plan_vocabulary(recipe, sources)   # tokenizers only: rows aligned by token string
     check_compatible(ordered, infos=infos, same_layers=not recipe.slices,
-                     tokenizer_source=recipe.tokenizer_source)
-    return build_plan(recipe, infos=infos, configs={ref: src.config for ref, src in sources.items()})
+                     tokenizer_source=recipe.tokenizer_source, align_vocab=vocab is not None)
+    return build_plan(recipe, infos=infos, configs={ref: src.config for ref, src in sources.items()},
+                      vocab=vocab)
 
 
 def output_config(plan: MergePlan, sources: Mapping[str, ModelSource]) -> dict[str, Any]:
     config = stacked_config(sources[plan.config_source].config, num_layers=plan.num_layers,
-                            layer_sources=[(sources[ref].config, i) for ref, i in plan.layer_sources])
+                            layer_sources=[(sources[ref].config, i) for ref, i in plan.layer_sources],
+                            vocab_size=plan.vocab.size if plan.vocab is not None else None)
     dtypes = {t.out_dtype for t in plan.tensors}
     if len(dtypes) == 1:
         config["dtype"] = dtypes.pop()
@@ -243,6 +247,10 @@ def merge_to_disk(recipe: Recipe, out_dir: str | Path, *, device: str = "auto",
             def fetch(ref: str, name: str) -> torch.Tensor:
                 return readers[ref].get(name, device=dev)
 
+            if plan.vocab is not None:  # embedding/head rows rebuilt for the output vocabulary
+                fetch = AlignedFetch(plan.vocab, fetch, dtype=getattr(torch, plan.compute_dtype)
+                                     if plan.compute_dtype else None)
+
             bar = _progress(len(plan.tensors), progress, desc=f"merging ({plan.method})")
             # Writing (a copy into the page cache, GIL released) overlaps the next merge;
             # one write in flight keeps one extra output tensor in memory at most.
@@ -272,8 +280,9 @@ def merge_to_disk(recipe: Recipe, out_dir: str | Path, *, device: str = "auto",
 
 
 def _copy_side_files(plan: MergePlan, sources: Mapping[str, ModelSource]) -> dict[str, Path | str]:
-    files: dict[str, Path | str] = tokenizer_files(sources[plan.tokenizer_source].path,
-                                                   chat_template=plan.chat_template, sources=sources)
+    files: dict[str, Path | str] = tokenizer_files(
+        sources[plan.tokenizer_source].path, chat_template=plan.chat_template, sources=sources,
+        rebuilt=dict(plan.vocab.tokenizer_files) if plan.vocab is not None else None)
     gen = sources[plan.config_source].path / "generation_config.json"
     if gen.is_file():
         files["generation_config.json"] = gen

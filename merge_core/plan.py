@@ -18,6 +18,7 @@ from merge_core.dtypes import recipe_dtype_of
 from merge_core.errors import MergeError, RecipeError
 from merge_core.methods.base import BasePolicy, Scope
 from merge_core.recipe import FrozenMap, Recipe, evaluate_setting
+from merge_core.vocab import VocabPlan, is_vocab_tensor
 
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
 
@@ -75,6 +76,8 @@ class MergePlan:
     # With ``slices``: output layer i is layer layer_sources[i][1] of model layer_sources[i][0]
     # (the slice's first source), for the config's per-layer settings. Empty otherwise.
     layer_sources: tuple[tuple[str, int], ...] = ()
+    # Embedding and head rows aligned by token string (tokenizer_source / tokenizer block).
+    vocab: VocabPlan | None = None
 
 
 
@@ -109,7 +112,7 @@ def _sort_key(name: str) -> tuple[int, int, str]:
 
 
 def build_plan(recipe: Recipe, *, infos: Mapping[str, Mapping[str, HasShape]],
-               configs: Mapping[str, Mapping[str, Any]]) -> MergePlan:
+               configs: Mapping[str, Mapping[str, Any]], vocab: VocabPlan | None = None) -> MergePlan:
     method = recipe.method()
     known = {p.name: p for p in method.params}
     for ref in recipe.referenced_models():
@@ -193,6 +196,8 @@ def build_plan(recipe: Recipe, *, infos: Mapping[str, Mapping[str, HasShape]],
             raise MergeError(f"base model {base!r} is not among the inputs of {out_name}")
         ref_info = infos[inputs[0][0]][inputs[0][1]]
         shape = tuple(ref_info.shape)
+        if vocab is not None and is_vocab_tensor(out_name):
+            shape = (vocab.size, *shape[1:])
         out_dtype = out_dtype_name or (recipe_dtype_of(ref_info.dtype) or "float32")
         shared = resolve((slice_params, recipe.parameters), tensor=out_name, t=t, names=shared_names,
                          where="parameters")
@@ -218,9 +223,9 @@ def build_plan(recipe: Recipe, *, infos: Mapping[str, Mapping[str, HasShape]],
     for name in post:
         plan_tensor(name, [(r, name, p) for r, _, p in last_sources], last_base, last_params, 0.0, None)
 
-    tok = recipe.tokenizer_source
-    tokenizer_source = reference if tok in (None, "base") else tok
+    tok = recipe.vocabulary_source()
+    tokenizer_source = reference if tok in (None, "base", "union") else tok
     return MergePlan(method=method.name, tensors=tuple(plans), compute_dtype=recipe.dtype,
                      config_source=reference, tokenizer_source=tokenizer_source, num_layers=out_layer,
                      chat_template=recipe.chat_template,
-                     layer_sources=tuple(layer_sources) if recipe.slices else ())
+                     layer_sources=tuple(layer_sources) if recipe.slices else (), vocab=vocab)

@@ -20,17 +20,21 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 _TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
 
 
-def tokenizer_files(tok_dir: Path, *, chat_template: str | None,
-                    sources: Mapping[str, ModelSource]) -> dict[str, Path | str]:
-    """Output file name -> source path or text: ``tok_dir``'s tokenizer, with ``chat_template``.
+def tokenizer_files(tok_dir: Path, *, chat_template: str | None, sources: Mapping[str, ModelSource],
+                    rebuilt: Mapping[str, str] | None = None) -> dict[str, Path | str]:
+    """Output file name -> source path or text: ``tok_dir``'s tokenizer (or the ``rebuilt``
+    one's files, a union or added tokens), with ``chat_template``.
 
     ``chat_template`` is the recipe's value (a name, "auto" or a Jinja string); None keeps
     the tokenizer's own template.
     """
     files: dict[str, Path | str] = {}
-    for name in TOKENIZER_FILES:
-        if (tok_dir / name).is_file():
-            files[name] = tok_dir / name
+    if rebuilt:
+        files.update(rebuilt)
+    else:
+        for name in TOKENIZER_FILES:
+            if (tok_dir / name).is_file():
+                files[name] = tok_dir / name
     if chat_template is None:
         return files
     template = chat_templates.resolve(chat_template)
@@ -42,8 +46,9 @@ def tokenizer_files(tok_dir: Path, *, chat_template: str | None,
     for name in _TEMPLATE_FILES:
         files.pop(name, None)
     config_file = tok_dir / "tokenizer_config.json"
-    if config_file.is_file():
-        config = _read_json(config_file)
+    if "tokenizer_config.json" in files:
+        current = files["tokenizer_config.json"]
+        config = _read_json(current) if isinstance(current, Path) else json.loads(current)
         config.pop("chat_template", None)  # the .jinja file below is the one template
         files["tokenizer_config.json"] = json.dumps(config, indent=2, ensure_ascii=False) + "\n"
     files["chat_template.jinja"] = template

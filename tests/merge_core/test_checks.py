@@ -172,11 +172,12 @@ def test_embedding_rows_mismatch_names_the_tensor(tiny_zoo, odd_zoo):
     assert "has 384" in msg and "tokenizer_source" in msg
 
 
-def test_vocab_mismatch_is_refused_even_with_tokenizer_source(tiny_zoo, odd_zoo):
-    # No embedding remapping exists, so picking an output tokenizer cannot make rows line up.
+def test_vocab_mismatch_passes_when_rows_are_aligned_by_token(tiny_zoo, odd_zoo):
+    # merge_core.vocab rebuilds every model's rows for the output vocabulary first.
+    pair = [_src(tiny_zoo["base"]), _src(odd_zoo["big_vocab"])]
     with pytest.raises(IncompatibleModelsError, match="vocab_size 400.*tokenizer_source"):
-        check_compatible([_src(tiny_zoo["base"]), _src(odd_zoo["big_vocab"])],
-                         tokenizer_source="base")
+        check_compatible(pair, tokenizer_source="base")
+    check_compatible(pair, tokenizer_source="base", align_vocab=True)
 
 
 def test_tokenizer_mismatch(tiny_zoo, odd_zoo):
