@@ -21,6 +21,7 @@ import optuna
 import yaml
 
 from merge_core.errors import BrmergeError
+from search import locks
 from search import storage as S
 from search import trials as T
 from search.campaign import Campaign, parse_campaign
@@ -77,16 +78,29 @@ class Driver:
         if self._echo:
             self._echo(message)
 
-    def _num_layers(self) -> int:
+    def _on_done(self, bar) -> Callable[[], None]:
+        def done() -> None:
+            bar.update(1)
+            self.lock.check()   # the lease was taken over (this driver was presumed dead): stop
+        return done
+
+    def _preflight(self) -> int:
+        """Every model resolved and checked (exists, safetensors, no remote code, compatible)
+        here, before a study exists and before Ray starts: a problem is one line now, not an
+        actor's traceback and a study left with a RUNNING trial. Returns the base's layer count."""
+        from merge_core.checks import check_compatible
         from merge_core.plan import num_layers
         from merge_core.sources import resolve_model
 
-        src = resolve_model(self.campaign.base_model)
-        return num_layers(src.config, list(src.tensor_files()))
+        refs = [self.campaign.base_model, *self.campaign.models]
+        sources = [resolve_model(r) for r in refs]
+        check_compatible(sources)
+        base = sources[0]
+        return num_layers(base.config, list(base.tensor_files()))
 
     def _open(self) -> tuple[optuna.Study, optuna.storages.BaseStorage, GenomeSpace, list]:
         c = self.campaign
-        space = GenomeSpace(c, self._num_layers())
+        space = GenomeSpace(c, self.num_layers if hasattr(self, 'num_layers') else self._preflight())
         baselines = space.baselines()
         sampler = make_sampler(c.sampler, seed=c.seed, x0=baselines[0][1], n_baselines=len(baselines))
         location = S.resolve(c, self.directory)
@@ -124,7 +138,19 @@ class Driver:
             copy.write_text(Path(c.source_file).read_text(encoding="utf-8"), encoding="utf-8")
 
     def run(self) -> optuna.Study:
-        """Run the campaign to its budget (or timeout, or a stop signal); returns the study."""
+        """Run the campaign to its budget (or timeout, or a stop signal); returns the study.
+
+        The campaign lock is taken first: a second driver, or ``--resume`` while one is alive,
+        is refused before it touches the study (a resume would mark the live trials interrupted).
+        """
+        self.num_layers = self._preflight()   # before the lock, which writes to the storage
+        location = S.resolve(self.campaign, self.directory)
+        with locks.acquire(self.directory, location=location, study_name=self.campaign.name) as lock:
+            self.lock = lock
+            self.log(f"storage {location} ({location.source})")
+            return self._run()
+
+    def _run(self) -> optuna.Study:
         c = self.campaign
         study, rdb, space, baselines = self._open()
         self.study, self.space = study, space
@@ -132,7 +158,7 @@ class Driver:
         bar = _bar(c.trials, len(T.finished_trials(study)), self.progress)
         sched = Scheduler(study=study, storage=rdb, space=space, budget=c.trials,
                           multi_objective=c.multi_objective, alpha=c.prune_alpha, timeout=c.timeout,
-                          log=self.log, on_done=lambda: bar.update(1))
+                          log=self.log, on_done=self._on_done(bar))
         if self.resume:
             sched.requeue_interrupted()
         else:
@@ -156,6 +182,9 @@ class Driver:
                     self.loop_started = time.time()
                     sched.run()
                     self.loop_ended = time.time()
+                except locks.LockError:
+                    executor.close()   # another driver owns the study now: leave its trials alone
+                    raise
                 except KeyboardInterrupt as stop:
                     executor.close()
                     self.log(f"stopped ({stop or 'SIGINT'}): in-flight trials are queued again for --resume")

@@ -60,11 +60,12 @@ class Row:
     key: str                       # base | legal | health | uniform | best
     name: str
     source: str                    # "direct evaluation" or "study trial"
-    domains: dict[str, dict[str, float]]   # domain -> {acc, gold_prob, n, correct, score}
+    domains: dict[str, dict[str, Any]]     # domain -> {acc, gold_prob, n, correct, score, ci95}
     combined: float
     trial: int | None = None
     model: str | None = None
     baseline: str | None = None    # the trial's baseline name, if it was one
+    items: dict[str, list[bool]] = field(default_factory=dict, repr=False)  # per-item correctness on dev
 
 
 @dataclass
@@ -127,10 +128,11 @@ def _ticking(desc: str, *, enabled: bool) -> Iterator[None]:
         bar.close()
 
 
-def _domain_entry(acc: float, gold_prob: float, n: int) -> dict[str, float]:
+def _domain_entry(acc: float, gold_prob: float, n: int) -> dict[str, Any]:
     from evals.fitness import TIE_BREAK_WEIGHT
+    from search.evidence import accuracy
 
-    return {"acc": acc, "gold_prob": gold_prob, "n": n, "correct": round(acc * n),
+    return {**accuracy(round(acc * n), n), "acc": acc, "gold_prob": gold_prob,
             "score": (1 - TIE_BREAK_WEIGHT) * acc + TIE_BREAK_WEIGHT * gold_prob}
 
 
@@ -144,6 +146,7 @@ def evaluate_sources(zoo: Zoo, *, progress: bool) -> list[Row]:
     from evals.fitness import weighted_score
     from evals.harness import Evaluator
     from search.demo.zoo import progress_bar
+    from search.scoring import per_item
 
     tokenizer = AutoTokenizer.from_pretrained(str(zoo.base))
     evaluator = Evaluator.for_suite(tokenizer, split="dev", source="sample", domains=list(DOMAINS),
@@ -157,9 +160,10 @@ def evaluate_sources(zoo: Zoo, *, progress: bool) -> list[Row]:
             model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
             result = evaluator.evaluate(model)
             domains = {m.domain: _domain_entry(m.acc, m.gold_prob, m.n) for m in result.tasks.values()}
+            items = {d: list(v) for d, v in per_item(result)[0].items()}
             rows.append(Row(key=key, name=name, source="direct evaluation", domains=domains,
                             combined=weighted_score(result, weights={d: 1.0 for d in DOMAINS}),
-                            model=str(path)))
+                            model=str(path), items=items))
             bar.update(1)
     finally:
         bar.close()
@@ -219,7 +223,7 @@ def trial_row(t, *, key: str, name: str) -> Row:
     domains = {d: _domain_entry(v["acc"], v["gold_prob"], v["n"])
                for d, v in t.user_attrs.get(T.A_DOMAINS, {}).items()}
     return Row(key=key, name=name, source="study trial", domains=domains, combined=scalar(t), trial=t.number,
-               baseline=t.user_attrs.get(T.A_BASELINE))
+               baseline=t.user_attrs.get(T.A_BASELINE), items=T.item_bits(t))
 
 
 def study_rows(study) -> list[Row]:
@@ -246,21 +250,42 @@ def claim(rows: list[Row]) -> dict[str, Any]:
     margins = {name: best.combined - r.combined for name, r in rivals.items()}
     correct = {name: sum(best.domains[d]["correct"] for d in DOMAINS)
                - sum(r.domains[d]["correct"] for d in DOMAINS) for name, r in rivals.items()}
+    from search.evidence import compare, comparison_dict
+
+    paired = {name: comparison_dict(compare(best.items, r.items)) for name, r in rivals.items()}
     searched = not best.baseline  # a baseline trial is one of the rivals again, not a find
     return {"best_beats_specialists_and_uniform": searched and all(m > MIN_MARGIN for m in margins.values()),
             "best_is_searched": searched, "combined_margins": margins, "more_questions_right": correct,
-            "questions": sum(int(best.domains[d]["n"]) for d in DOMAINS)}
+            "questions": sum(int(best.domains[d]["n"]) for d in DOMAINS),
+            # best minus each rival on the same dev items: difference [95% CI], McNemar exact p
+            "paired": paired}
 
 
 def format_table(rows: list[Row]) -> list[str]:
-    head = f"{'':34}" + "".join(f"{d:>16}" for d in DOMAINS) + f"{'combined':>11}"
+    head = f"{'':34}" + "".join(f"{d:>26}" for d in DOMAINS) + f"{'combined':>11}"
     lines = [head, "-" * len(head)]
     for r in rows:
-        cells = "".join(f"{r.domains[d]['correct']:>5}/{r.domains[d]['n']:<2} {r.domains[d]['score']:.3f}"
-                        .rjust(16) for d in DOMAINS)
+        cells = "".join(_cell(r.domains[d]).rjust(26) for d in DOMAINS)
         lines.append(f"{r.name[:33]:34}{cells}{r.combined:>11.4f}")
-    lines.append("each domain: questions right / scored, then 0.9 x accuracy + 0.1 x mean gold-letter "
-                 "probability; combined: the mean of the two (the search's objective)")
+    lines.append("each domain: questions right / scored, the accuracy's 95% Wilson interval, then 0.9 x "
+                 "accuracy + 0.1 x mean gold-letter probability; combined: the mean of the two (the "
+                 "search's objective)")
+    return lines
+
+
+def _cell(entry: Mapping[str, Any]) -> str:
+    low, high = entry["ci95"]
+    return f"{entry['correct']:>2}/{entry['n']:<2} [{low:.2f}, {high:.2f}] {entry['score']:.3f}"
+
+
+def paired_lines(verdict: Mapping[str, Any]) -> list[str]:
+    """The best merge minus each rival, paired on the same dev items."""
+    from search.evidence import comparison_text
+
+    lines = ["best searched merge minus each, on the same dev questions (accuracy difference "
+             "[95% CI], McNemar exact p):"]
+    for name, d in verdict["paired"].items():
+        lines.append(f"  {name}: {d['text'] if d else comparison_text(None)}")
     return lines
 
 
@@ -276,7 +301,7 @@ def write_summary(demo: Demo, *, seed: int, zoo: Zoo, budget: int) -> Path:
         "report": str(demo.report),
         "study": {"name": CAMPAIGN_NAME, "storage": f"sqlite:///{(demo.directory / 'study.db').resolve()}"},
         "zoo": {"root": str(zoo.root), "built_now": zoo.built, "models": MODEL_NAMES},
-        "rows": [asdict(r) for r in demo.rows],
+        "rows": [{k: v for k, v in asdict(r).items() if k != "items"} for r in demo.rows],
         "claim": demo.claim,
         "note": HONESTY,
     }
@@ -321,6 +346,11 @@ def run_demo(*, directory: Path = DEFAULT_DIR, trials: int = DEFAULT_TRIALS, see
     for line in format_table(rows):
         echo(line)
     echo(_verdict_line(verdict))
+    for line in paired_lines(verdict):
+        echo(line)
+    from search.evidence import selection_note
+
+    echo("note: " + selection_note(len(finished_trials(study))))
     echo(HONESTY)
 
     from search.report import write_report

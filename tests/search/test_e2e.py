@@ -199,3 +199,41 @@ def test_driver_killed_with_sigkill_resumes_without_losing_or_repeating(tiny_zoo
     digests = [t.user_attrs[T.A_DIGEST] for t in trials
                if t.state == optuna.trial.TrialState.COMPLETE and T.A_CACHED not in t.user_attrs]
     assert len(digests) == len(set(digests))
+
+
+def test_sigterm_stops_like_ctrl_c_and_resume_finishes_the_budget(tiny_zoo, tmp_path):
+    """What Slurm and Kubernetes send: trials in flight are interrupted and queued, the driver
+    exits with the resume hint, and --resume ends at exactly the budget."""
+    cfg = _write_campaign(tmp_path / "c.yaml", tiny_zoo, name="term", budget={"trials": 6},
+                          eval={"suite": "sample", "limit": 6, "stage1": False})
+    directory = tmp_path / "camp"
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    cmd = [sys.executable, "-m", "search", "search", str(cfg), "--dir", str(directory), "--quiet"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    storage = f"sqlite:///{(directory / 'study.db').resolve()}"
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            time.sleep(0.5)
+            try:
+                trials = optuna.load_study(study_name="term", storage=storage).get_trials(deepcopy=False)
+            except Exception:  # not created yet
+                continue
+            if any(t.state.is_finished() for t in trials) and \
+                    any(t.state == optuna.trial.TrialState.RUNNING for t in trials):
+                break
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err[-2000:]
+    assert "--resume" in out and "Traceback" not in err
+    trials = optuna.load_study(study_name="term", storage=storage).get_trials(deepcopy=False)
+    assert not any(t.state == optuna.trial.TrialState.RUNNING for t in trials)
+    assert any(t.user_attrs.get(T.A_INTERRUPTED) for t in trials)
+    assert "stopped (SIGTERM)" in (directory / "campaign.log").read_text()
+    resumed = subprocess.run(cmd + ["--resume"], cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert len(finished_trials(load_study(directory))) == 6
