@@ -106,3 +106,31 @@ def test_baselines_uniform_first_then_each_model_alone():
     assert all(v == 1.0 for k, v in uniform.items())
     alone = base[1][1]
     assert alone["m0.weight.L00"] == 1.0 and alone["m1.weight.L03"] == 0.0 and alone["m1.density.L03"] == 1.0
+
+
+def _staged(**ev):
+    return _campaign(objectives={"legal": 1.0, "health": 1.0}, eval={"suite": "sample", **ev})
+
+
+def test_stage1_false_turns_staging_off_and_null_is_automatic():
+    assert _staged(limit=200, stage1=False).stage1 is None
+    assert _staged(limit=200, stage1=None).stage1 == 50          # a quarter of limit
+    assert _staged(limit=200).stage1 == 50                        # null is the default
+    assert _staged(limit=None).stage1 is None                     # every item scored: no stage 1
+    # never below the size at which the pruning test can fire: 5 pooled items at alpha 0.05 -> 3 per domain
+    assert _staged(limit=8).stage1 == 3
+    assert _staged(limit=3).stage1 is None                        # no larger full stage would remain
+
+
+def test_a_stage1_too_small_for_the_pruning_test_is_refused():
+    from evals.stats import min_items_for_significance
+
+    assert min_items_for_significance(0.05) == 5
+    with pytest.raises(CampaignError, match="can never fire on fewer than 3 items per task"):
+        _staged(limit=20, stage1=2)
+    # a stricter level needs more items: 0.5**7 <= 0.01 -> 7 pooled -> 4 per domain
+    with pytest.raises(CampaignError, match="fewer than 4 items"):
+        _staged(limit=20, stage1=3, prune_alpha=0.01)
+    assert _staged(limit=20, stage1=4, prune_alpha=0.01).prune_alpha == 0.01
+    with pytest.raises(CampaignError, match="prune_alpha"):
+        _staged(limit=20, prune_alpha=0.9)
