@@ -4,11 +4,23 @@
 recipe, a missing model, an invalid campaign, ...). The command line prints these as one line
 and exits with status 2; any other exception is a bug and keeps its traceback. It lives here,
 in the lowest layer, so that ``merge_core``, ``evals``, ``benchmarks_ptbr`` and ``search`` can
-all raise it without importing each other; importing this module loads nothing else.
+all raise it without importing each other; importing this module loads nothing but ``difflib``.
+
+``did_you_mean`` is the one helper that suggests the closest valid name in such a message.
 
 It subclasses ``ValueError`` so callers that caught the old ``ValueError`` subclasses keep
 working; new code catches ``BrmergeError``.
 """
+
+
+import difflib
+from collections.abc import Iterable
+
+
+def did_you_mean(name: object, options: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for the option closest to ``name``, or ``""``."""
+    close = difflib.get_close_matches(str(name), list(options), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 class BrmergeError(ValueError):

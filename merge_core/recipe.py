@@ -8,7 +8,6 @@ key, ``seed`` (for DARE/DELLA masks), which mergekit ignores.
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 from collections.abc import Iterator, Mapping, Sequence
@@ -20,7 +19,7 @@ import yaml
 
 from merge_core import chat_templates, methods
 from merge_core.dtypes import RECIPE_DTYPES
-from merge_core.errors import RecipeError
+from merge_core.errors import RecipeError, did_you_mean
 from merge_core.methods.base import BasePolicy, Scope
 
 DTYPES = RECIPE_DTYPES
@@ -139,7 +138,7 @@ class Recipe:
                 if key == "modules":
                     errors.append(f"{key!r} is not supported by brmerge yet: use models or slices")
                 else:
-                    errors.append(f"unknown key {key!r}{_did_you_mean(key, _TOP_KEYS)}")
+                    errors.append(f"unknown key {key!r}{did_you_mean(key, _TOP_KEYS)}")
         method_name = data.get("merge_method")
         if not method_name:
             errors.append("merge_method is missing: name one of " + ", ".join(methods.names()))
@@ -278,7 +277,7 @@ class Recipe:
             for name, setting in params.items():
                 if name not in known:
                     errors.append(f"{where}: parameter {name!r} is not used by {method.name}"
-                                  f"{_did_you_mean(name, known)} (its parameters: {', '.join(known)})")
+                                  f"{did_you_mean(name, known)} (its parameters: {', '.join(known)})")
                 elif per_model and known[name].scope is Scope.SHARED:
                     errors.append(f"{where}: {name!r} applies to the whole merge; move it to the top-level parameters")
                 else:
@@ -339,11 +338,6 @@ def _represent_list(dumper: yaml.SafeDumper, data: list) -> yaml.Node:
 _FlowListDumper.add_representer(list, _represent_list)
 
 
-def _did_you_mean(name: str, options: Sequence[str] | Mapping[str, Any]) -> str:
-    close = difflib.get_close_matches(str(name), list(options), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
 def _ref(value: Any) -> str | None:
     return None if value is None else str(value)
 
@@ -393,7 +387,7 @@ def _tokenizer_block(item: Any, errors: list[str]) -> FrozenMap | None:
         errors.append("tokenizer must be a mapping with source, tokens and/or pad_to_multiple_of")
         return None
     for key in set(item) - {"source", "tokens", "pad_to_multiple_of"}:
-        errors.append(f"tokenizer.{key} is not a tokenizer setting{_did_you_mean(key, ('source', 'tokens', 'pad_to_multiple_of'))}")
+        errors.append(f"tokenizer.{key} is not a tokenizer setting{did_you_mean(key, ('source', 'tokens', 'pad_to_multiple_of'))}")
     if not isinstance(item.get("source", "union"), str):
         errors.append(f"tokenizer.source must be base, union or a model reference, got {item['source']!r}")
     pad = item.get("pad_to_multiple_of")

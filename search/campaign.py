@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import copy
-import difflib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -17,7 +16,7 @@ from typing import Any
 import yaml
 
 from benchmarks_ptbr.sources import DOMAINS
-from merge_core.errors import BrmergeError
+from merge_core.errors import BrmergeError, did_you_mean
 from search.samplers import MULTI_OBJECTIVE, SAMPLERS
 
 SUITES = ("sample", "dev", "test")
@@ -156,11 +155,6 @@ def _merge_defaults(data: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _hint(key: str, options: list[str]) -> str:
-    close = difflib.get_close_matches(key, options, n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
 def parse_campaign(data: Any, *, source: str = "campaign") -> Campaign:
     """Validate a campaign mapping; raise ``CampaignError`` listing every problem."""
     from merge_core import methods
@@ -172,7 +166,7 @@ def parse_campaign(data: Any, *, source: str = "campaign") -> Campaign:
     top_keys = ["name", "base_model", "models", *DEFAULTS]
     for key in data:
         if key not in top_keys:
-            errors.append(f"unknown key {key!r}{_hint(str(key), top_keys)}")
+            errors.append(f"unknown key {key!r}{did_you_mean(str(key), top_keys)}")
     for key, allowed in (("search", DEFAULTS["search"]), ("eval", DEFAULTS["eval"]),
                          ("budget", DEFAULTS["budget"]), ("workers", DEFAULTS["workers"]),
                          ("ray", DEFAULTS["ray"])):
@@ -182,7 +176,7 @@ def parse_campaign(data: Any, *, source: str = "campaign") -> Campaign:
         elif isinstance(sub, Mapping):
             for k in sub:
                 if k not in allowed:
-                    errors.append(f"unknown key {key}.{k}{_hint(str(k), list(allowed))}")
+                    errors.append(f"unknown key {key}.{k}{did_you_mean(str(k), list(allowed))}")
     d = _merge_defaults({k: v for k, v in data.items() if not (
         k in ("search", "eval", "budget", "workers", "ray") and not isinstance(v, Mapping))})
 
@@ -225,7 +219,7 @@ def parse_campaign(data: Any, *, source: str = "campaign") -> Campaign:
     for pname, rng in raw_params.items():
         if per_model_params and pname not in per_model_params:
             errors.append(f"search.params.{pname}: {method_name} has no per-model parameter {pname!r}"
-                          f"{_hint(str(pname), per_model_params)}; it has {', '.join(per_model_params)}")
+                          f"{did_you_mean(str(pname), per_model_params)}; it has {', '.join(per_model_params)}")
             continue
         if (not isinstance(rng, (list, tuple)) or len(rng) != 2
                 or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in rng)
@@ -244,14 +238,14 @@ def parse_campaign(data: Any, *, source: str = "campaign") -> Campaign:
 
     sampler = d.get("sampler")
     if sampler not in SAMPLERS:
-        errors.append(f"sampler {sampler!r} is not one of {', '.join(SAMPLERS)}{_hint(str(sampler), list(SAMPLERS))}")
+        errors.append(f"sampler {sampler!r} is not one of {', '.join(SAMPLERS)}{did_you_mean(str(sampler), list(SAMPLERS))}")
     objectives = d.get("objectives")
     if not isinstance(objectives, Mapping) or not objectives:
         errors.append("objectives must map domains to weights, e.g. {legal: 1.0, health: 1.0}")
         objectives = {}
     for dom, w in objectives.items():
         if dom not in DOMAINS:
-            errors.append(f"objectives.{dom}: unknown domain{_hint(str(dom), list(DOMAINS))}; "
+            errors.append(f"objectives.{dom}: unknown domain{did_you_mean(str(dom), list(DOMAINS))}; "
                           f"choose from {', '.join(DOMAINS)}")
         elif isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0:
             errors.append(f"objectives.{dom} {w!r} must be a weight >= 0")

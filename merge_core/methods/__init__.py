@@ -8,10 +8,9 @@ imports the method's file. ``get(name)`` fails with the known names and the clos
 
 from __future__ import annotations
 
-import difflib
 import importlib
 
-from merge_core.errors import RecipeError
+from merge_core.errors import RecipeError, did_you_mean
 from merge_core.methods.base import BasePolicy, MergeMethod, MergeParams, Param, Scope
 
 # method name -> the module that defines it; each module exposes METHODS, a tuple of method objects.
@@ -89,9 +88,8 @@ def check_name(name: str) -> None:
     if name in _METHODS or name in _REGISTRY:
         return
     known = names()
-    close = difflib.get_close_matches(str(name), known, n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    raise RecipeError(f"unknown merge_method {name!r}{hint}; known methods: {', '.join(known)}")
+    raise RecipeError(f"unknown merge_method {name!r}{did_you_mean(name, known)}; "
+                      f"known methods: {', '.join(known)}")
 
 
 __all__ = ["BasePolicy", "MergeMethod", "MergeParams", "Param", "Scope", "get", "names",

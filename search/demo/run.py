@@ -129,11 +129,12 @@ def _ticking(desc: str, *, enabled: bool) -> Iterator[None]:
 
 
 def _domain_entry(acc: float, gold_prob: float, n: int) -> dict[str, Any]:
-    from evals.fitness import TIE_BREAK_WEIGHT
+    from evals.fitness import domain_score
+    from evals.results import TaskMetrics
     from search.evidence import accuracy
 
-    return {**accuracy(round(acc * n), n), "acc": acc, "gold_prob": gold_prob,
-            "score": (1 - TIE_BREAK_WEIGHT) * acc + TIE_BREAK_WEIGHT * gold_prob}
+    score = domain_score(TaskMetrics(domain="", acc=acc, n=n, chance=0.0, gold_prob=gold_prob))
+    return {**accuracy(round(acc * n), n), "acc": acc, "gold_prob": gold_prob, "score": score}
 
 
 # -- the steps --------------------------------------------------------------------------------
