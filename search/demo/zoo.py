@@ -57,7 +57,7 @@ class ZooRecipe:
 
     seed: int = 0
     vocab_size: int = 1024       # ~120 tokens a question: short sequences are what a CPU can afford
-    hidden: int = 64             # 128 trained ~2x slower on a busy 2-core CPU
+    hidden: int = 64             # 128 trains too slowly for a demo on a 2-core CPU
     layers: int = 4
     heads: int = 4
     intermediate: int = 256
@@ -72,7 +72,7 @@ class ZooRecipe:
     base_items: int = 2          # base exam texts: description + 1..base_items questions
     specialist_items: int = 1    # specialist texts: description + this many answered questions
     prose_fraction: float = 0.3  # share of base texts that are prose rather than questions
-    threads: int = 1             # one thread: on 2 busy cores, two threads were 3-8x slower
+    threads: int = 1             # one thread: the demo's two workers already keep 2 cores busy
     version: int = 1             # bump when the training code changes what it produces
 
     def digest(self) -> str:
