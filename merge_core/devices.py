@@ -1,18 +1,34 @@
-"""Device selection shared by the merge, the resident API and the evaluator."""
+"""Device selection shared by the merge, the resident API, the evaluator and the CLI.
+
+Importing this module does not import torch (the command line builds its ``--device``
+options from it before any command runs).
+"""
 
 from __future__ import annotations
 
+import argparse
 import os
-
-import torch
+from typing import TYPE_CHECKING
 
 from merge_core.errors import MergeError
 
+if TYPE_CHECKING:
+    import torch
+
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
+DEVICE_HELP = "auto (CUDA when present), cpu, or cuda[:N]"
+
+
+def add_device_option(parser: argparse.ArgumentParser, *, what: str) -> None:
+    """The one ``--device`` option of every command that runs tensors."""
+    parser.add_argument("--device", default="auto", metavar="DEVICE",
+                        help=f"where {what}: {DEVICE_HELP} (default: auto)")
 
 
 def resolve_device(name: str | torch.device = "auto") -> torch.device:
     """``auto`` is CUDA when present, else CPU; ``cuda`` without a GPU is an error."""
+    import torch
+
     if isinstance(name, torch.device):
         return name
     text = str(name).strip().lower()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from merge_core.devices import add_device_option
+
 HELP = ("Score a model on the PT-BR suites (sample, dev, test, or the Open PT LLM Leaderboard's "
         "ENEM and OAB) and print accuracy per task.")
 
@@ -37,8 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-fewshot", type=int, default=3, metavar="K",
                         help="few-shot examples per prompt (default 3)")
     parser.add_argument("--json", default=None, metavar="OUT", help="also write results as JSON")
-    parser.add_argument("--device", default="auto",
-                        help="where to run the model: auto (CUDA when present), cpu, cuda[:N]")
+    add_device_option(parser, what="the model runs")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="allow the model repository's own Python code (off by default)")
 

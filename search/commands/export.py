@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from merge_core.devices import add_device_option
+
 HELP = "export a trial's merge (default: the best), verified by re-scoring, with dev/test scores in its card"
 
 
@@ -12,8 +14,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("dir", type=Path, help="campaign directory")
     p.add_argument("--trial", type=int, default=None, help="trial number (default: the best trial)")
     p.add_argument("--out", type=Path, required=True, help="output model folder")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                   help="device for the merge and the scoring (default: auto)")
+    add_device_option(p, what="the merge and the scoring run")
     p.add_argument("--shard-size", default="5GB", help="largest weights shard (default: 5GB)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -10,6 +10,8 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from merge_core.devices import add_device_option
 from types import FrameType
 
 HELP = "merge models with a mergekit-compatible recipe into a Hugging Face model folder"
@@ -18,8 +20,7 @@ HELP = "merge models with a mergekit-compatible recipe into a Hugging Face model
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", type=Path, help="recipe YAML (mergekit format; see docs/methods.md)")
     p.add_argument("--out", required=True, type=Path, help="output model folder (created atomically)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                   help="where tensors are merged; auto uses CUDA when present (default: auto)")
+    add_device_option(p, what="tensors are merged")
     p.add_argument("--shard-size", default="5GB", help="largest weights shard, e.g. 5GB, 500MB (default: 5GB)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="also read pickle checkpoints (.bin); pickle can run code, so only for trusted models")
