@@ -121,6 +121,31 @@ def test_claim_is_what_the_rows_say(demo_run):
     assert margins["uniform merge"] >= 0
 
 
+def test_intervals_and_paired_comparisons_are_numbers_that_follow_from_the_rows(demo_run):
+    from evals.stats import mcnemar_exact, wilson_interval
+
+    directory, summary = demo_run
+    rows, paired = _rows(summary), summary["claim"]["paired"]
+    for r in rows.values():
+        for d in DOMAINS:
+            e = r["domains"][d]
+            assert e["ci95"] == list(wilson_interval(e["correct"], e["n"]))
+            assert e["ci95"][0] <= e["acc"] <= e["ci95"][1]
+    best = rows["best"]
+    for name, key in (("legal specialist", "legal"), ("health specialist", "health"), ("uniform merge", "uniform")):
+        cmp = paired[name]
+        right = sum(best["domains"][d]["correct"] for d in DOMAINS)
+        theirs = sum(rows[key]["domains"][d]["correct"] for d in DOMAINS)
+        # the paired difference is the difference of the accuracies on the same 36 questions
+        assert cmp["n"] == sum(best["domains"][d]["n"] for d in DOMAINS)
+        assert cmp["diff"] * cmp["n"] == pytest.approx(right - theirs)
+        assert cmp["only_a"] - cmp["only_b"] == right - theirs
+        assert cmp["p_value"] == mcnemar_exact(cmp["only_a"], cmp["only_b"])
+        assert cmp["ci95"][0] <= cmp["diff"] <= cmp["ci95"][1]
+    text = (directory / "best-merge" / "README.md").read_text()
+    assert "McNemar" in text and "[95% CI]" in text
+
+
 def test_report_and_export_with_card(demo_run):
     directory, summary = demo_run
     export = Path(summary["export"])
