@@ -25,10 +25,10 @@ from merge_core.errors import MergeError
 from merge_core.io import (
     OutputTensor,
     ShardedWriter,
-    TensorReader,
     check_output,
     parse_size,
 )
+from merge_core.lora import open_reader
 from merge_core.methods import runtime
 from merge_core.methods.base import MergeParams
 from merge_core.plan import MergePlan, TensorPlan, build_plan
@@ -238,7 +238,7 @@ def merge_to_disk(recipe: Recipe, out_dir: str | Path, *, device: str = "auto",
     hasher = threading.Thread(target=provenance_job, name="brmerge-hash", daemon=True)
     hasher.start()
 
-    readers = {ref: TensorReader(src.weight_files, pickle_ok=allow_pickle) for ref, src in sources.items()}
+    readers = {ref: open_reader(src, pickle_ok=allow_pickle) for ref, src in sources.items()}
     outputs = [OutputTensor(t.name, t.shape, torch_dtype(t.out_dtype)) for t in plan.tensors]
     try:
         with ShardedWriter(out_dir, outputs, max_shard_bytes=max_shard, overwrite=overwrite,

@@ -25,7 +25,8 @@ from torch import nn
 from merge_core.checks import check_compatible
 from merge_core.devices import resolve_device
 from merge_core.errors import MergeError
-from merge_core.io import TensorReader, count_nonfinite, parse_size
+from merge_core.io import TensorReader, count_nonfinite, parse_size  # noqa: F401 (TensorReader: tests patch it)
+from merge_core.lora import open_reader
 from merge_core.methods import runtime
 from merge_core.plan import MergePlan
 from merge_core.recipe import Recipe
@@ -82,7 +83,7 @@ class ResidentModels:
         check_compatible([self.sources[r] for r in refs])   # up front, before any tensor is read
         self.tensors: dict[str, dict[str, torch.Tensor]] = {}
         for ref in refs:
-            with TensorReader(self.sources[ref].weight_files, pickle_ok=allow_pickle) as r:
+            with open_reader(self.sources[ref], pickle_ok=allow_pickle) as r:
                 self.tensors[ref] = {name: r.get(name, device=self.device) for name in r.names()}
         self._cache_setting = magnitude_cache_bytes
         cache_budget(magnitude_cache_bytes, self.device)      # a bad setting fails here, not mid-search

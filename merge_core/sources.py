@@ -55,6 +55,9 @@ class ModelSource:
     format: Literal["safetensors", "pickle"]
     # A dict copy (picklable, for Ray); excluded from eq/hash so sources stay hashable.
     config: Mapping[str, Any] = field(compare=False, hash=False, repr=False)
+    # A LoRA adapter folder applied on read (``base+adapter`` or an adapter folder as the ref);
+    # read the tensors through ``merge_core.lora.open_reader``, which applies it.
+    adapter: Path | None = None
 
     def tensor_files(self) -> dict[str, Path]:
         """Tensor name -> the weight file holding it."""
@@ -81,8 +84,33 @@ class ModelSource:
 def resolve_model(ref: str, *, revision: str | None = None, allow_pickle: bool = False,
                   cache_dir: str | Path | None = None,
                   trust_remote_code: bool = False) -> ModelSource:
-    """Resolve a recipe's model reference (local folder or ``org/name[@revision]``)."""
+    """Resolve a recipe's model reference: a local folder or ``org/name[@revision]``, or a
+    LoRA adapter on a model (``model+adapter``, mergekit's syntax, or an adapter folder
+    whose adapter_config.json names its base model)."""
     local = Path(ref).expanduser()
+    if "+" in ref and not local.is_dir():
+        parts = ref.split("+")
+        if len(parts) != 2 or not all(parts):
+            raise SourceError(f"model '{ref}': write a LoRA adapter on a model as model+adapter "
+                              "(one '+')")
+        base = resolve_model(parts[0], revision=revision, allow_pickle=allow_pickle, cache_dir=cache_dir,
+                             trust_remote_code=trust_remote_code)
+        if base.adapter is not None:
+            raise SourceError(f"model '{ref}': '{parts[0]}' is itself an adapter: name its base model "
+                              "before the '+'")
+        adapter = _resolve_adapter(parts[1], cache_dir=cache_dir, allow_pickle=allow_pickle)
+        return ModelSource(ref=ref, path=base.path, revision=base.revision, weight_files=base.weight_files,
+                           format=base.format, config=base.config, adapter=adapter)
+    if local.is_dir() and (local / ADAPTER_CONFIG).is_file() and not (local / "config.json").is_file():
+        adapter = _resolve_adapter(ref, cache_dir=cache_dir, allow_pickle=allow_pickle)
+        base_ref = _adapter_config(adapter, ref=ref).get("base_model_name_or_path")
+        if not isinstance(base_ref, str) or not base_ref:
+            raise SourceError(f"adapter '{ref}': its {ADAPTER_CONFIG} names no base_model_name_or_path: "
+                              "write the recipe's model as base+adapter")
+        base = resolve_model(base_ref, allow_pickle=allow_pickle, cache_dir=cache_dir,
+                             trust_remote_code=trust_remote_code)
+        return ModelSource(ref=ref, path=base.path, revision=base.revision, weight_files=base.weight_files,
+                           format=base.format, config=base.config, adapter=adapter)
     if local.is_dir():
         if revision is not None:
             # Recording a revision nobody checked out would make the provenance lie.
@@ -99,6 +127,47 @@ def resolve_model(ref: str, *, revision: str | None = None, allow_pickle: bool =
     fmt, files = _find_weights(path, ref=ref, allow_pickle=allow_pickle)
     return ModelSource(ref=ref, path=path, revision=rev, weight_files=files, format=fmt,
                        config=config)
+
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+_ADAPTER_PATTERNS = ["adapter_config.json", "adapter_model.safetensors", "README.md"]
+
+
+def _resolve_adapter(ref: str, *, cache_dir: str | Path | None, allow_pickle: bool) -> Path:
+    """A LoRA adapter folder (local, or a hub id fetched like a model) with its config and weights."""
+    local = Path(ref).expanduser()
+    if local.is_dir():
+        path = local.resolve()
+    else:
+        path, _ = _resolve_hub(ref, revision=None, allow_pickle=allow_pickle, cache_dir=cache_dir,
+                               patterns=_ADAPTER_PATTERNS)
+    if not (path / ADAPTER_CONFIG).is_file():
+        raise SourceError(f"adapter '{ref}' has no {ADAPTER_CONFIG} in {path}: point at a PEFT LoRA "
+                          "adapter folder")
+    if not (path / ADAPTER_WEIGHTS).is_file():
+        raise SourceError(f"adapter '{ref}' has no {ADAPTER_WEIGHTS} in {path}: save the adapter with "
+                          "safetensors (PEFT's default)")
+    _adapter_config(path, ref=ref)
+    return path
+
+
+def _adapter_config(path: Path, *, ref: str) -> dict[str, Any]:
+    try:
+        config = json.loads((path / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise SourceError(f"adapter '{ref}': {ADAPTER_CONFIG} is unreadable ({e}): re-save the adapter") from e
+    if not isinstance(config, dict) or config.get("peft_type", "LORA") != "LORA":
+        kind = config.get("peft_type") if isinstance(config, dict) else None
+        raise SourceError(f"adapter '{ref}' is a {kind} adapter: only LoRA adapters can be merged")
+    if config.get("use_dora"):
+        raise SourceError(f"adapter '{ref}' is a DoRA adapter: merge it into its base with PEFT's "
+                          "merge_and_unload first, then use that folder")
+    for key in ("layer_replication", "trainable_token_indices", "target_parameters"):
+        if config.get(key):
+            raise SourceError(f"adapter '{ref}' uses {key}, which brmerge does not apply: merge it into "
+                              "its base with PEFT's merge_and_unload first, then use that folder")
+    return config
 
 
 def read_safetensors_header(path: Path) -> dict[str, Any]:
@@ -150,7 +219,7 @@ def _offline() -> bool:
 
 
 def _resolve_hub(ref: str, *, revision: str | None, allow_pickle: bool,
-                 cache_dir: str | Path | None) -> tuple[Path, str | None]:
+                 cache_dir: str | Path | None, patterns: list[str] | None = None) -> tuple[Path, str | None]:
     repo_id, _, ref_rev = ref.partition("@")
     if not _HUB_ID.match(repo_id) or ref.startswith((".", "~")):
         raise SourceError(f"model folder '{ref}' not found: check the path "
@@ -174,7 +243,7 @@ def _resolve_hub(ref: str, *, revision: str | None, allow_pickle: bool,
     try:
         folder = snapshot_download(
             repo_id, revision=rev, cache_dir=cache,
-            allow_patterns=_HUB_PATTERNS + (_HUB_PICKLE_PATTERNS if allow_pickle else []),
+            allow_patterns=patterns or _HUB_PATTERNS + (_HUB_PICKLE_PATTERNS if allow_pickle else []),
             ignore_patterns=_HUB_IGNORE, local_files_only=offline,
         )
     except GatedRepoError as e:
