@@ -10,33 +10,93 @@ from __future__ import annotations
 
 import os
 import queue
+import subprocess
+import sys
 import threading
+import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from search.campaign import Campaign
 from search.scheduler import Event, Job
 
 
+LOOPBACK = ("127.0.0.1", "::1", "::ffff:127.0.0.1")
+WATCHDOG = Path(__file__).with_name("ray_watchdog.py")
+
+
 def start_ray(address: str | None = None, *, num_cpus: int | None = None,
               runtime_env: dict[str, Any] | None = None) -> bool:
     """Join the cluster at ``address``, or start a private local one on this machine.
 
-    Without an address this always starts a new cluster (``address="local"``), never joins
-    one that ``ray start`` left on the machine. Returns False when Ray was already initialized
-    in this process (the caller then must not shut it down).
+    Without an address this always starts a new cluster (``address="local"``): it never joins
+    one that ``ray start`` left on the machine, nor the one ``RAY_ADDRESS`` names. That cluster
+    listens on 127.0.0.1 only, starts no metrics exporter, and a watchdog kills all of it within
+    about a second of this process dying, SIGKILL included (``search/ray_watchdog.py``).
+    Returns False when Ray was already initialized in this process (the caller then must not
+    shut it down).
     """
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")   # a cluster of this process only
+    if address:
+        import ray
+
+        if ray.is_initialized():
+            return False
+        ray.init(address=address, log_to_driver=False, runtime_env=runtime_env)
+        return True
+    return _start_local(num_cpus=num_cpus, runtime_env=runtime_env)
+
+
+def _start_local(*, num_cpus: int | None, runtime_env: dict[str, Any] | None) -> bool:
+    # Ray 2.60 on Linux turns a loopback node address into the host's address
+    # (services.resolve_ip_for_localhost) unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER is false,
+    # and every server of the node (GCS, raylet, object manager, workers, dashboard and
+    # runtime-env agents, metrics) binds 0.0.0.0 unless the node address is loopback. No other
+    # bind setting exists in 2.60. Ray reads this variable once, when ``ray`` is first
+    # imported: ray must not be imported before this call (the CLI and the driver import it
+    # only here); a cluster started otherwise keeps Ray's default and a warning says so.
+    imported_before = "ray" in sys.modules
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")   # no usage report leaves the machine
+    import psutil
     import ray
 
     if ray.is_initialized():
         return False
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")   # a cluster of this process only
-    if address:
-        ray.init(address=address, log_to_driver=False, runtime_env=runtime_env)
-    else:
-        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
-                 _node_ip_address="127.0.0.1", log_to_driver=False, runtime_env=runtime_env)
+    me = psutil.Process()
+    before = {p.pid for p in me.children()}
+    # enable_metrics_collection=False (a _system_config key; Ray 2.60 has no public switch):
+    # the raylet starts the dashboard agent with --disable-metrics-collection, so no
+    # Prometheus exporter port is opened. include_dashboard=False: no dashboard UI or HTTP API.
+    ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
+             _node_ip_address="127.0.0.1", log_to_driver=False, runtime_env=runtime_env,
+             _system_config={"enable_metrics_collection": False})
+    _start_watchdog(me, [p for p in me.children() if p.pid not in before])
+    node_ip = ray.util.get_node_ip_address()
+    if node_ip not in LOOPBACK:
+        warnings.warn(f"the local Ray cluster listens on {node_ip}, not only on 127.0.0.1: ray was "
+                      "imported before search.executor.start_ray could set "
+                      "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0; call start_ray before importing ray"
+                      if imported_before else
+                      f"the local Ray cluster listens on {node_ip}, not only on 127.0.0.1",
+                      RuntimeWarning, stacklevel=3)
     return True
+
+
+def _start_watchdog(driver: Any, roots: list[Any]) -> None:
+    """Start ``ray_watchdog.py`` for the cluster whose root processes are ``roots``."""
+    args = []
+    for proc in roots:
+        try:
+            args.append(f"{proc.pid}:{proc.create_time()!r}")
+        except Exception:  # noqa: BLE001 - a root that already exited needs no watching
+            continue
+    # its own session: a Ctrl-C or a kill of the driver's process group leaves the watchdog
+    # alive to clean up; it exits with the cluster or after the driver's death.
+    subprocess.Popen([sys.executable, str(WATCHDOG), str(driver.pid), *args],
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                     start_new_session=True, close_fds=True)
 
 
 def worker_plan(campaign: Campaign, *, n_workers: int | None = None) -> tuple[int, dict[str, Any], int | None]:
