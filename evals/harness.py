@@ -39,6 +39,7 @@ PURPOSES = ("search", "report")
 DEFAULT_BATCH_TOKENS = 16384  # tokens per forward (rows x padded length): fits small GPUs/CPUs
 DEFAULT_MAX_BATCH = 32
 DEFAULT_MAX_LENGTH = 2048     # lm-eval's fallback when neither config nor tokenizer says
+MIN_FILL = 0.75  # a batch row is at least this share of the batch's longest row: little padding
 
 
 def resolve_max_length(model: torch.nn.Module, tokenizer: Any) -> int:
@@ -248,6 +249,9 @@ class Evaluator:
             longest = len(tails[order[start]])
             rows = max(1, min(self.max_batch, self.batch_tokens // max(longest, 1)))
             chunk = order[start:start + rows]
+            # Rows much shorter than the longest would be mostly padding: next batch.
+            chunk = chunk[:next((k for k, i in enumerate(chunk)
+                                 if len(tails[i]) < MIN_FILL * longest), len(chunk))]
             start += len(chunk)
             ids = torch.full((len(chunk), longest), self.pad_id, dtype=torch.long)
             mask = torch.zeros((len(chunk), longest), dtype=torch.long)
