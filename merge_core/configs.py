@@ -31,22 +31,32 @@ def stacked_config(config: Mapping[str, Any], *, num_layers: int,
     ``vocab_size``: the output vocabulary's rows, when embeddings were aligned by token.
     """
     out = copy.deepcopy(dict(config))
+    # A multimodal wrapper keeps the language model's settings in text_config.
+    nested = layer_count_key(out) not in out and isinstance(out.get("text_config"), dict)
+    text = out["text_config"] if nested else out
     if vocab_size is not None:
-        out["vocab_size"] = vocab_size
-    key = layer_count_key(out)
-    depth = out.get(key)
-    out[key] = num_layers
+        (out if "vocab_size" in out else text)["vocab_size"] = vocab_size
+    key = layer_count_key(text)
+    depth = text.get(key)
+    text[key] = num_layers
     if not layer_sources:
         return out
-    for name, value in list(out.items()):
+    layer_sources = [(_text(src), layer) for src, layer in layer_sources]
+    for name, value in list(text.items()):
         if not isinstance(value, list) or not value or isinstance(depth, bool):
             continue
         if name in _INDEX_LISTS:
-            out[name] = [i for i, (src, layer) in enumerate(layer_sources)
-                         if layer in (src.get(name) or ())]
+            text[name] = [i for i, (src, layer) in enumerate(layer_sources)
+                          if layer in (src.get(name) or ())]
         elif isinstance(depth, int) and len(value) == depth and name != "architectures":
-            out[name] = [_entry(src, name, layer, fallback=value) for src, layer in layer_sources]
+            text[name] = [_entry(src, name, layer, fallback=value) for src, layer in layer_sources]
     return out
+
+
+def _text(config: Mapping[str, Any]) -> Mapping[str, Any]:
+    if not any(k in config for k in LAYER_COUNT_KEYS) and isinstance(config.get("text_config"), Mapping):
+        return config["text_config"]
+    return config
 
 
 def _entry(src: Mapping[str, Any], name: str, layer: int, *, fallback: list) -> Any:

@@ -40,11 +40,53 @@ def with_layer(name: str, layer: int) -> str:
     return name[: m.start(1)] + str(layer) + name[m.end(1):]
 
 
+def stack_of(name: str) -> str | None:
+    """The layer stack a tensor belongs to: its name up to the layer index
+    (``model.layers.``, or in a multimodal wrapper ``language_model.model.layers.`` and
+    ``vision_tower.vision_model.encoder.layers.``); None outside the layers."""
+    m = _LAYER.search(name)
+    return name[: m.start(1)] if m else None
+
+
+# Sub-configs of multimodal wrappers, matched by a word in the stack's name; any other stack
+# is the language model's, whose config is the top level or ``text_config``.
+_TOWER_CONFIGS = (("vision", "vision_config"), ("audio", "audio_config"))
+_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+
+
+def _config_count(config: Mapping[str, Any]) -> int | None:
+    return next((int(config[k]) for k in _COUNT_KEYS if isinstance(config.get(k), int)), None)
+
+
+def stack_config(config: Mapping[str, Any], stack: str | None) -> Mapping[str, Any]:
+    """The (sub-)config that describes ``stack``: a tower's own, else the language model's."""
+    for word, key in _TOWER_CONFIGS:
+        if stack is not None and word in stack and isinstance(config.get(key), Mapping):
+            return config[key]
+    if _config_count(config) is None and isinstance(config.get("text_config"), Mapping):
+        return config["text_config"]
+    return config
+
+
+def is_tower(stack: str | None) -> bool:
+    return stack is not None and any(word in stack for word, _ in _TOWER_CONFIGS)
+
+
+def stack_layers(config: Mapping[str, Any], names: Sequence[str], stack: str) -> int:
+    """How many layers ``stack`` has: its config's count, else the highest index in ``names``."""
+    count = _config_count(stack_config(config, stack))
+    if count is not None:
+        return count
+    found = [layer_of(n) for n in names if stack_of(n) == stack]
+    return max((i for i in found if i is not None), default=-1) + 1
+
+
 def num_layers(config: Mapping[str, Any], names: Sequence[str]) -> int:
-    for key in ("num_hidden_layers", "n_layer", "num_layers"):
-        if isinstance(config.get(key), int):
-            return int(config[key])
-    found = [layer_of(n) for n in names]
+    """The language model's layers (the ones per-layer parameters and the search address)."""
+    count = _config_count(stack_config(config, None))
+    if count is not None:
+        return count
+    found = [layer_of(n) for n in names if not is_tower(stack_of(n))]
     return max((i for i in found if i is not None), default=-1) + 1
 
 
@@ -165,9 +207,19 @@ def build_plan(recipe: Recipe, *, infos: Mapping[str, Mapping[str, HasShape]],
         elif any(head in infos[r] for r in recipe.referenced_models()):
             names.add(head)
     ref_names = sorted(names, key=_sort_key)
-    layer_names = [n for n in ref_names if layer_of(n) == 0]  # template of one layer
-    pre = [n for n in ref_names if layer_of(n) is None and _sort_key(n)[0] == 0]
-    post = [n for n in ref_names if layer_of(n) is None and _sort_key(n)[0] == 2]
+    # Layer stacks: the language model's, which slices and per-layer parameters address, and in
+    # multimodal wrappers the towers (vision, audio), each planned with its own layer count.
+    towers = sorted({st for n in ref_names if is_tower(st := stack_of(n))})
+    layer_names = [n for n in ref_names if layer_of(n) == 0 and not is_tower(stack_of(n))]  # one layer
+    outside = [n for n in ref_names if layer_of(n) is None]
+    main_root = layer_names[0].split(".")[0] if towers and layer_names else None
+
+    def input_side(name: str) -> bool:
+        # With towers, everything outside the language model (towers, projector) feeds its input.
+        return _sort_key(name)[0] == 0 or (main_root is not None and name.split(".")[0] != main_root)
+
+    pre = [n for n in outside if input_side(n)]
+    post = [n for n in outside if not input_side(n)]
 
     out_dtype_name = recipe.out_dtype or recipe.dtype
     plans: list[TensorPlan] = []
@@ -208,6 +260,19 @@ def build_plan(recipe: Recipe, *, infos: Mapping[str, Mapping[str, HasShape]],
     first_sources, _, first_base, first_params = slices[0]
     for name in pre:
         plan_tensor(name, [(r, name, p) for r, _, p in first_sources], first_base, first_params, 0.0, None)
+    # Towers: every layer, from the first slice's models; per-layer lists spread over the
+    # tower's own depth, as mergekit does per module. ``layer`` stays None: it counts the
+    # language model's layers only.
+    ref_config = configs.get(reference, {})
+    for tower in towers:
+        depth = stack_layers(ref_config, list(infos[reference]), tower)
+        template = [n for n in ref_names if stack_of(n) == tower and layer_of(n) == 0]
+        for i in range(depth):
+            t = i / (depth - 1) if depth > 1 else 1.0
+            for name in template:
+                out_name = with_layer(name, i)
+                plan_tensor(out_name, [(r, out_name, p) for r, _, p in first_sources], first_base,
+                            first_params, t, None)
     out_layer = 0
     layer_sources: list[tuple[str, int]] = []
     for sources, length, base, slice_params in slices:

@@ -17,6 +17,8 @@ from merge_core.sources import ModelSource
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
+# A multimodal model's processor settings (image preprocessing), which AutoProcessor needs.
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 _TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
 
 
@@ -29,12 +31,10 @@ def tokenizer_files(tok_dir: Path, *, chat_template: str | None, sources: Mappin
     the tokenizer's own template.
     """
     files: dict[str, Path | str] = {}
-    if rebuilt:
-        files.update(rebuilt)
-    else:
-        for name in TOKENIZER_FILES:
-            if (tok_dir / name).is_file():
-                files[name] = tok_dir / name
+    for name in PROCESSOR_FILES + (() if rebuilt else TOKENIZER_FILES):
+        if (tok_dir / name).is_file():
+            files[name] = tok_dir / name
+    files.update(rebuilt or {})
     if chat_template is None:
         return files
     template = chat_templates.resolve(chat_template)

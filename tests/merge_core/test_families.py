@@ -99,3 +99,53 @@ def test_tied_base_with_a_fine_tune_that_saved_its_head(family, head_on, tmp_pat
     head_b = b.get("lm_head.weight", b[embed])
     head_f = f.get("lm_head.weight", f[embed])
     torch.testing.assert_close(out["lm_head.weight"], head_b + 0.5 * (head_f - head_b), rtol=0, atol=1e-6)
+
+
+def test_multimodal_towers_keep_their_own_depth(family_zoo, tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    from merge_core.plan import num_layers
+
+    zoo = family_zoo("gemma3_mm")
+    config = json.loads((zoo["base"] / "config.json").read_text())
+    assert num_layers(config, list(load_state(zoo["base"]))) == 4    # the language model's layers
+    recipe = Recipe.from_dict({
+        "models": [{"model": str(zoo["ft_a"]), "parameters": {"weight": [1.0, 0.0]}},
+                   {"model": str(zoo["ft_b"]), "parameters": {"weight": [0.0, 1.0]}}],
+        "merge_method": "linear", "dtype": "float32"})
+    merge_to_disk(recipe, tmp_path / "out", device="cpu", progress=False)
+    out, a, b = (load_state(p) for p in (tmp_path / "out", zoo["ft_a"], zoo["ft_b"]))
+    assert sorted(out) == sorted(a)
+    vision = "vision_tower.vision_model.encoder.layers.{}.mlp.fc1.weight"
+    text = "language_model.model.layers.{}.mlp.up_proj.weight"
+    # a gradient runs over each stack's own depth: first layer all ft_a, last layer all ft_b
+    assert torch.equal(out[vision.format(0)], a[vision.format(0)])
+    assert torch.equal(out[vision.format(2)], b[vision.format(2)])
+    assert torch.equal(out[text.format(0)], a[text.format(0)])
+    assert torch.equal(out[text.format(3)], b[text.format(3)])
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert "num_hidden_layers" not in written and written["text_config"]["num_hidden_layers"] == 4
+    assert written["vision_config"]["num_hidden_layers"] == 3
+    model = AutoModelForImageTextToText.from_pretrained(str(tmp_path / "out"), dtype=torch.float32)
+    assert type(model).__name__ == "Gemma3ForConditionalGeneration"
+
+
+def test_multimodal_stack_takes_towers_from_the_first_slice(family_zoo, tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    zoo = family_zoo("gemma3_mm")
+    merge_to_disk(_stack(zoo["ft_a"], zoo["ft_b"]), tmp_path / "out", device="cpu", progress=False)
+    out, a, b = (load_state(p) for p in (tmp_path / "out", zoo["ft_a"], zoo["ft_b"]))
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    src = json.loads((zoo["ft_a"] / "config.json").read_text())["text_config"]
+    assert config["text_config"]["num_hidden_layers"] == 6
+    assert config["text_config"]["layer_types"] == src["layer_types"][0:3] + src["layer_types"][1:4]
+    assert config["vision_config"]["num_hidden_layers"] == 3
+    for name in out:
+        if name.startswith(("vision_tower.", "multi_modal_projector.", "language_model.model.embed_tokens")):
+            assert torch.equal(out[name], a[name]), name
+    assert torch.equal(out["language_model.model.layers.5.mlp.up_proj.weight"],
+                       b["language_model.model.layers.3.mlp.up_proj.weight"])
+    assert torch.equal(out["language_model.model.norm.weight"], b["language_model.model.norm.weight"])
+    model = AutoModelForImageTextToText.from_pretrained(str(tmp_path / "out"), dtype=torch.float32)
+    assert model.config.text_config.num_hidden_layers == 6
