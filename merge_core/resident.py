@@ -108,6 +108,9 @@ class ResidentModels:
             if unknown or recipe.slices:
                 raise MergeError(f"the resident models are {sorted(known)}; this recipe also reads "
                                  f"{unknown or 'layer slices'}: build ResidentModels with those models")
+            if recipe.vocabulary_source() is not None:
+                raise MergeError("resident merges keep the models' own vocabulary rows: drop "
+                                 "tokenizer_source/tokenizer from the recipe, or merge it to disk")
             cache[key] = self._prepare(recipe, self.sources)
         return cache[key]
 

@@ -264,3 +264,15 @@ def test_a_row_source_lacking_the_token_is_refused_before_the_merge(vocab_zoo, t
     with pytest.raises(RecipeError, match="has no token '<legal>'"):
         merge_to_disk(Recipe.from_yaml(text), tmp_path / "out", device="cpu", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_resident_merges_refuse_vocabulary_alignment(tiny_zoo):
+    from merge_core.errors import MergeError
+    from merge_core.resident import ResidentModels
+
+    resident = ResidentModels(str(tiny_zoo["base"]), [str(tiny_zoo["ft_a"])], device="cpu")
+    recipe = Recipe.from_dict({"models": [{"model": str(tiny_zoo["ft_a"]), "parameters": {"weight": 1.0}}],
+                               "merge_method": "task_arithmetic", "base_model": str(tiny_zoo["base"]),
+                               "tokenizer_source": "base"})
+    with pytest.raises(MergeError, match="drop tokenizer_source"):
+        resident.plan(recipe)
