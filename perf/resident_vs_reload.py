@@ -17,6 +17,7 @@ the fixed cost per tensor (Python and the kernel call) weighs more: with
 ``--hidden 512 --layers 8 --vocab 8000`` (29M parameters) the ratio was 8.5x on 2 cores.
 
     python perf/resident_vs_reload.py [--hidden 1024 --layers 16 --vocab 32000 --candidates 4]
+                                      [--device cuda]
 """
 
 from __future__ import annotations
@@ -57,7 +58,13 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--candidates", type=int, default=4)
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda: where every way merges")
     args = ap.parse_args()
+    device = args.device
+
+    def sync() -> None:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
 
     work = Path(tempfile.mkdtemp(prefix="brmerge-resident-"))
     try:
@@ -70,8 +77,8 @@ def main() -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-        resident = ResidentModels(str(base), [str(a), str(b)], device="cpu")
-        uncached = ResidentModels(str(base), [str(a), str(b)], device="cpu", magnitude_cache_bytes=0)
+        resident = ResidentModels(str(base), [str(a), str(b)], device=device)
+        uncached = ResidentModels(str(base), [str(a), str(b)], device=device, magnitude_cache_bytes=0)
         module = resident.load_module()
         plain = uncached.load_module()
         n_params = sum(p.numel() for p in module.parameters())
@@ -80,9 +87,10 @@ def main() -> int:
         # per search, at its first candidate)
         t0 = time.perf_counter()
         resident.materialize(recipes[-1], module)
+        sync()
         t_first = time.perf_counter() - t0
         uncached.materialize(recipes[-1], plain)
-        merge_to_disk(recipes[-1], work / "warm", device="cpu", progress=False)
+        merge_to_disk(recipes[-1], work / "warm", device=device, progress=False)
 
         # Each way runs all candidates in turn (a disk merge's writeback then does not slow
         # the next resident merge); a digest of every candidate's weights checks them equal.
@@ -90,7 +98,7 @@ def main() -> int:
             h = hashlib.sha256()
             for k in sorted(state):
                 h.update(k.encode())
-                h.update(state[k].contiguous().view(torch.uint8).numpy().tobytes())
+                h.update(state[k].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
             return h.hexdigest()
 
         t_res, t_plain, t_disk = [], [], []
@@ -98,19 +106,22 @@ def main() -> int:
         for recipe in recipes[:-1]:
             t0 = time.perf_counter()
             resident.materialize(recipe, module)
+            sync()
             t_res.append(time.perf_counter() - t0)
             d_res.append(digest(module.state_dict()))
         for recipe in recipes[:-1]:
             t0 = time.perf_counter()
             uncached.materialize(recipe, plain)
+            sync()
             t_plain.append(time.perf_counter() - t0)
             d_plain.append(digest(plain.state_dict()))
         t_write = []
         for i, recipe in enumerate(recipes[:-1]):
             t0 = time.perf_counter()
-            merge_to_disk(recipe, work / f"c{i}", device="cpu", progress=False)
+            merge_to_disk(recipe, work / f"c{i}", device=device, progress=False)
             t_write.append(time.perf_counter() - t0)
-            loaded = AutoModelForCausalLM.from_pretrained(str(work / f"c{i}"))
+            loaded = AutoModelForCausalLM.from_pretrained(str(work / f"c{i}")).to(device)
+            sync()
             t_disk.append(time.perf_counter() - t0)
             d_disk.append(digest(loaded.state_dict()))
             del loaded
@@ -122,7 +133,7 @@ def main() -> int:
         r, p, d = statistics.mean(t_res), statistics.mean(t_plain), statistics.mean(t_disk)
         cache = resident.magnitudes
         print(f"model: {n_params / 1e6:.1f}M parameters (float32), TIES over 2 fine-tunes, "
-              f"{args.candidates} candidates, {torch.get_num_threads()} threads")
+              f"{args.candidates} candidates, device {device}, {torch.get_num_threads()} threads")
         print(f"(a) resident materialize : {r:.3f} s per candidate  (first candidate, building the "
               f"magnitude cache of {cache.used_bytes / 2**20:.0f} MiB: {t_first:.2f} s)")
         w = statistics.mean(t_write)

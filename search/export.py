@@ -71,6 +71,7 @@ def export_trial(directory: Path, *, out: Path, trial: int | None = None, device
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from merge_core.devices import resolve_device
+    from merge_core.io import check_output, replace_output
     from merge_core.materialize import merge_to_disk
     from merge_core.recipe import Recipe
     from merge_core.resident import ResidentModels
@@ -86,8 +87,6 @@ def export_trial(directory: Path, *, out: Path, trial: int | None = None, device
     if not recipe_yaml:
         raise ExportError(f"trial {chosen.number} has no recipe attribute: was it written by brmerge search?")
     recipe = Recipe.from_yaml(recipe_yaml)
-    from merge_core.io import check_output, replace_output
-
     # --overwrite replaces an earlier brmerge output only: never the campaign or a local source
     protected = (directory, *(r for r in recipe.referenced_models() if Path(r).expanduser().exists()))
     check_output(out, overwrite=overwrite, protected=protected)
@@ -100,8 +99,8 @@ def export_trial(directory: Path, *, out: Path, trial: int | None = None, device
                   recipe_text=recipe_yaml)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(staging))
-        # the workers score a float32 module; so does the proof
-        model = AutoModelForCausalLM.from_pretrained(str(staging), dtype=torch.float32).to(dev_device).eval()
+        model = as_live_module(
+            AutoModelForCausalLM.from_pretrained(str(staging), dtype=torch.float32), dev_device)
         dev_eval = scoring.evaluator(campaign, tokenizer, split=scoring.search_split(campaign))
         test_eval = scoring.evaluator(campaign, tokenizer, split="test", purpose="report")
         dev, dev_domains, dev_items = _score(dev_eval, model, campaign)
@@ -142,7 +141,7 @@ def export_trial(directory: Path, *, out: Path, trial: int | None = None, device
 
 def _write_card(folder: Path, campaign: Campaign, study: optuna.Study, chosen: optuna.trial.FrozenTrial,
                 rows: list[dict[str, Any]]) -> None:
-    from merge_core.provenance import PROVENANCE_FILE, write_model_card
+    from merge_core.provenance import PROVENANCE_FILE, escape_markdown, write_model_card
 
     prov = json.loads((folder / PROVENANCE_FILE).read_text())
     finished = len(T.finished_trials(study))
@@ -156,14 +155,14 @@ def _write_card(folder: Path, campaign: Campaign, study: optuna.Study, chosen: o
     table = ["| model | dev score | test score | " + " | ".join(f"{d} dev / test acc [95% CI]" for d in domains)
              + " |", "| --- | --- | --- | " + " | ".join("---" for _ in domains) + " |"]
     for r in rows:
-        cells = [_cell(r["name"]), f"{r['dev']:.4f}", f"{r['test']:.4f}" if r["test"] is not None else "-"]
+        cells = [escape_markdown(r["name"]), f"{r['dev']:.4f}", f"{r['test']:.4f}" if r["test"] is not None else "-"]
         cells += [f"{_acc(r['dev_domains'].get(d))} / {_acc(r['test_domains'].get(d))}" for d in domains]
         table.append("| " + " | ".join(cells) + " |")
-    paired = [f"- vs {_cell(r['name'])}: dev {_cmp(r, 'dev')}; test {_cmp(r, 'test')}" for r in rows[1:]]
+    paired = [f"- vs {escape_markdown(r['name'])}: dev {_cmp(r, 'dev')}; test {_cmp(r, 'test')}" for r in rows[1:]]
     split_note = ("the shipped sample suite" if campaign.suite == "sample"
                   else "the PT-BR exam suites")
     gap = rows[0]["test"] - rows[0]["dev"] if rows[0]["test"] is not None else None
-    body = (f"Found by a brmerge search campaign `{_cell(campaign.name)}`: {campaign.sampler} sampler over per-"
+    body = (f"Found by a brmerge search campaign `{campaign.name}`: {campaign.sampler} sampler over per-"
             f"{campaign.granularity} coefficients of `{campaign.method}`, {finished} of {campaign.trials} "
             f"trials, trial {chosen.number} selected on the dev split of {split_note}. Test scores are "
             "held-out items never used by the search. Baselines: the uniform merge (equal weights, "
@@ -178,13 +177,6 @@ def _write_card(folder: Path, campaign: Campaign, study: optuna.Study, chosen: o
     write_model_card(folder, prov, extra_sections=[("Search and scores", body)])
 
 
-def _cell(text: Any) -> str:
-    """Text from users or sources, safe in a Markdown table cell and in HTML."""
-    import html
-
-    return html.escape(" ".join(str(text).split())).replace("|", "\\|")
-
-
 def _acc(entry: Mapping[str, Any] | None) -> str:
     if not entry:
         return "-"
@@ -195,3 +187,21 @@ def _acc(entry: Mapping[str, Any] | None) -> str:
 def _cmp(row: Mapping[str, Any], split: str) -> str:
     d = (row.get("exported_minus_this") or {}).get(split)
     return d["text"] if d else E.comparison_text(None)
+
+
+def as_live_module(loaded: Any, device: Any) -> Any:
+    """The exported weights in a module built as a search worker builds its live model (float32,
+    ``from_config``, fresh allocations on the device), so the proof scores them as the trial did.
+
+    A model straight from ``from_pretrained`` can hold memory-mapped weights at other alignments,
+    and the CPU matmul kernels then round differently in the last bits (measured: gold-letter
+    probabilities 1e-7 apart on identical weights), which would fail the exact comparison.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    del loaded
+    return model.eval()

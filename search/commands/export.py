@@ -16,7 +16,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True, help="output model folder")
     add_device_option(p, what="the merge and the scoring run")
     p.add_argument("--shard-size", default="5GB", help="largest weights shard (default: 5GB)")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out if it is an earlier brmerge output (never a source model, the "
+                        "campaign directory, the working directory or one of its parents)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 

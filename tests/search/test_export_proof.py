@@ -1,0 +1,36 @@
+"""The export's proof scores the exported weights exactly as the search worker scored them."""
+
+from __future__ import annotations
+
+import torch
+
+from evals.harness import Evaluator
+from merge_core.materialize import merge_to_disk
+from merge_core.recipe import Recipe
+from merge_core.resident import ResidentModels
+from search.demo.tiny import llama_config, make_llama, make_tokenizer
+from search.export import as_live_module
+
+
+def test_export_rescoring_equals_the_resident_trial_bit_for_bit(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    make_tokenizer(tmp_path / "tok", vocab_size=512)
+    cfg = llama_config(vocab_size=512, hidden=64, layers=4)
+    base = make_llama(tmp_path / "base", config=cfg, tokenizer_dir=tmp_path / "tok")
+    a = make_llama(tmp_path / "a", seed=1, like=base, tokenizer_dir=tmp_path / "tok")
+    b = make_llama(tmp_path / "b", seed=2, like=base, tokenizer_dir=tmp_path / "tok")
+    evaluator = Evaluator.for_suite(AutoTokenizer.from_pretrained(str(tmp_path / "tok")), split="dev",
+                                    source="sample", limit=6, num_fewshot=0)
+    recipe = Recipe.from_dict({"merge_method": "ties", "base_model": str(base), "models": [
+        {"model": str(a), "parameters": {"weight": 0.6, "density": 0.5}},
+        {"model": str(b), "parameters": {"weight": 0.4, "density": 0.5}}]})
+    resident = ResidentModels(str(base), [str(a), str(b)], device="cpu")
+    live = resident.load_module()
+    resident.materialize(recipe, live)
+    trial = evaluator.evaluate(live)
+
+    merge_to_disk(recipe, tmp_path / "out", device="cpu", progress=False)
+    loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), dtype=torch.float32)
+    proof = evaluator.evaluate(as_live_module(loaded, torch.device("cpu")))
+    assert [(i.pred, i.gold_prob) for i in proof.items] == [(i.pred, i.gold_prob) for i in trial.items]
