@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from merge_core.sources import ModelSource, hub_repo_id
+from merge_core.sources import ADAPTER_CONFIG, ADAPTER_WEIGHTS, ModelSource, hub_repo_id
 
 SCHEMA = "brmerge-provenance/1"
 PROVENANCE_FILE = "brmerge_provenance.json"
@@ -137,6 +137,12 @@ def source_licence(source: ModelSource) -> str | None:
     return meta.get("license")
 
 
+def _adapter_files(src: ModelSource) -> tuple[Path, ...]:
+    if src.adapter is None:
+        return ()
+    return tuple(src.adapter / name for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS))
+
+
 def build_provenance(*, recipe: Mapping[str, Any], recipe_yaml: str, method: str,
                      method_title: str, method_reference: str | None,
                      base_model: ModelSource | None, models: Sequence[ModelSource],
@@ -145,16 +151,16 @@ def build_provenance(*, recipe: Mapping[str, Any], recipe_yaml: str, method: str
                      hash_workers: int = 2) -> dict[str, Any]:
     """The provenance manifest: tool, time, method, recipe and every source file's sha256."""
     roles: list[tuple[str, ModelSource]] = []
-    seen: set[tuple[Path, str | None]] = set()
+    seen: set[tuple[Path, str | None, Path | None]] = set()
     # A recipe may list its base among the models too (ties, linear): describe each source once.
     candidates = [("base", base_model)] if base_model is not None else []
     for role, src in candidates + [("model", m) for m in models]:
-        key = (src.path, src.revision)
+        key = (src.path, src.revision, src.adapter)   # base+adapter is another source than base
         if key not in seen:
             seen.add(key)
             roles.append((role, src))
 
-    files = sorted({f for _, src in roles for f in src.weight_files})
+    files = sorted({f for _, src in roles for f in (*src.weight_files, *_adapter_files(src))})
     with ThreadPoolExecutor(max_workers=max(1, hash_workers)) as pool:
         # hashlib releases the GIL on large updates, so threads hash files in parallel.
         digests = dict(zip(files, pool.map(file_sha256, files)))
@@ -173,6 +179,11 @@ def build_provenance(*, recipe: Mapping[str, Any], recipe_yaml: str, method: str
             "files": [{"name": f.relative_to(src.path).as_posix(), "size": f.stat().st_size,
                        "sha256": digests[f]} for f in src.weight_files],
         })
+        if src.adapter is not None:  # a LoRA applied on read: its files are part of the source
+            sources[-1]["adapter"] = {
+                "path": str(src.adapter), "repo_id": hub_repo_id(src.adapter),
+                "files": [{"name": f.name, "size": f.stat().st_size, "sha256": digests[f]}
+                          for f in _adapter_files(src)]}
 
     provenance: dict[str, Any] = {
         "schema": SCHEMA,

@@ -143,3 +143,21 @@ def test_adapter_for_another_base_is_refused(family_zoo, tmp_path):
     with pytest.raises(Exception, match="which its base model lacks"):
         merge_to_disk(recipe, tmp_path / "out", device="cpu", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_provenance_lists_the_adapter_with_its_hashes(family_zoo, tmp_path):
+    from merge_core.provenance import file_sha256
+
+    zoo = family_zoo("llama")
+    adapter = _adapter(zoo["base"], tmp_path / "adapter", r=2, lora_alpha=2, target_modules=["q_proj"])
+    recipe = Recipe.from_dict({"models": [{"model": f"{zoo['base']}+{adapter}", "parameters": {"weight": 0.5}},
+                                          {"model": str(zoo["ft_a"]), "parameters": {"weight": 0.5}}],
+                               "merge_method": "task_arithmetic", "base_model": str(zoo["base"])})
+    merge_to_disk(recipe, tmp_path / "out", device="cpu", progress=False)
+    manifest = next(json.loads(p.read_text()) for p in (tmp_path / "out").glob("*.json")
+                    if "sources" in json.loads(p.read_text()))
+    refs = [s["ref"] for s in manifest["sources"]]
+    assert str(zoo["base"]) in refs and f"{zoo['base']}+{adapter}" in refs   # not folded into the base
+    entry = next(s for s in manifest["sources"] if s["ref"].endswith(str(adapter)))
+    hashes = {f["name"]: f["sha256"] for f in entry["adapter"]["files"]}
+    assert hashes["adapter_model.safetensors"] == file_sha256(adapter / "adapter_model.safetensors")
