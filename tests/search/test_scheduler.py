@@ -104,17 +104,6 @@ def result(job: Job, *, score: float | None = None, final: bool = True,
                          item_ids={"legal": tuple(f"q{i}" for i in range(len(items)))})
 
 
-def make(outcome: Outcome, *, budget: int, workers: int = 2, study: optuna.Study | None = None,
-         space: Space | None = None, **kw) -> tuple[Scheduler, FakeExecutor, optuna.Study]:
-    storage = optuna.storages.InMemoryStorage()
-    study = study or optuna.create_study(storage=storage, study_name="s", direction="maximize",
-                                         sampler=optuna.samplers.RandomSampler(seed=0))
-    ex = FakeExecutor(workers, outcome)
-    sched = Scheduler(study=study, storage=study._storage if study is not None else storage,  # noqa: SLF001
-                      space=space or Space(), executor=ex, budget=budget, **kw)
-    return sched, ex, study
-
-
 def new_study(seed: int = 0) -> tuple[optuna.Study, optuna.storages.InMemoryStorage]:
     storage = optuna.storages.InMemoryStorage()
     return optuna.create_study(storage=storage, study_name="s", direction="maximize",
