@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -183,24 +184,40 @@ def summarize(runs: list[Run], *, trials: int) -> dict[str, Any]:
     return out
 
 
+def _median_reach(reach: Sequence[int | None], budget: int) -> str:
+    """The median of trials-to-target over seeds, a seed that never got there counting as
+    more than the budget."""
+    ordered = sorted(math.inf if x is None else x for x in reach)
+    mid = len(ordered) // 2
+    value = ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+    return f">{budget}" if math.isinf(value) else f"{value:g}"
+
+
 def format_summary(summary: dict[str, Any], baselines: dict[str, float]) -> list[str]:
     cps = summary["checkpoints"]
+    budget = summary["trials"]
     lines = ["best dev score after N trials (mean ± sd over seeds; min-max below)", ""]
-    head = f"{'sampler':8}" + "".join(f"{f'N={n}':>20}" for n in cps) + f"{'to reach target':>20}"
+    head = f"{'sampler':8}" + "".join(f"{f'N={n}':>20}" for n in cps) + f"{'to reach target':>22}"
     lines += [head, "-" * len(head)]
     target = summary["target"]
     for name, s in summary["samplers"].items():
         cells = "".join(f"{_mean_sd(s['best_after'][n]):>20}" for n in cps)
         reach = s["trials_to_target"]
-        reach_text = ", ".join(str(x) if x is not None else f">{summary['trials']}" for x in reach) \
-            if reach is not None else "-"
-        lines.append(f"{name:8}{cells}{reach_text:>20}")
+        reach_text = (f"{_median_reach(reach, budget)} ({sum(x is not None for x in reach)}/{len(reach)} seeds)"
+                      if reach is not None else "-")
+        lines.append(f"{name:8}{cells}{reach_text:>22}")
         ranges = "".join(f"{min(v):.4f}-{max(v):.4f}".rjust(20) for v in (s["best_after"][n] for n in cps))
         lines.append(f"{'':8}{ranges}")
+    if target is not None:
+        lines += ["", "trials each seed needed to reach the target (one column per seed, in seed order):"]
+        for name, s in summary["samplers"].items():
+            lines.append(f"  {name:8}" + " ".join(f"{x if x is not None else f'>{budget}':>4}"
+                                                 for x in s["trials_to_target"]))
     lines.append("")
     if target is not None:
-        lines.append(f"target: the median over seeds of {REFERENCE}'s best after {summary['trials']} trials "
-                     f"= {target:.4f}; 'to reach target' = trials each seed needed (> budget: never)")
+        lines.append(f"target: the median over seeds of {REFERENCE}'s best after {budget} trials = {target:.4f}; "
+                     f"'to reach target': the median over seeds of the trials needed (>{budget}: not within the "
+                     "budget), and how many seeds reached it")
     lines.append("baselines (trials 1-3 of every run): "
                  + ", ".join(f"{k} {v:.4f}" for k, v in baselines.items()))
     lines.append("sampler cost: " + ", ".join(
@@ -225,7 +242,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, default=None,
                         help="JSON file of scores by recipe digest, read first and written at the end")
     parser.add_argument("--json", type=Path, default=None, help="also write the runs and summary here")
+    parser.add_argument("--summary-from", type=Path, default=None, metavar="JSON",
+                        help="print the table of an earlier run's --json file again, running nothing")
     args = parser.parse_args(argv)
+    if args.summary_from is not None:
+        saved = json.loads(args.summary_from.read_text())
+        runs = [Run(**r) for r in saved["runs"]]
+        for line in format_summary(summarize(runs, trials=len(runs[0].scores)), runs[0].baselines):
+            print(line)
+        load = saved.get("load_average")
+        print(f"(from {args.summary_from}: wall time {saved['wall_seconds']:.0f} s"
+              + (f", load average at the end {' '.join(f'{x:.2f}' for x in load)})" if load else ")"))
+        return 0
     names = [s.strip() for s in args.samplers.split(",") if s.strip()]
     bad = [s for s in names if s not in SAMPLERS]
     if bad or not names:
