@@ -126,12 +126,12 @@ class MergePlan:
 
 # An output head tied to the token embedding: a model that did not save the head (its config
 # ties them) gives its embedding instead, as mergekit reads a tied weight. Families whose
-# mergekit architecture has no separate head (Gemma 1 and 2 always tie) drop a saved head.
+# mergekit architecture has no separate head (Gemma 1 always ties) drop a saved head.
 TIED_HEADS: dict[str, tuple[str, ...]] = {
     "lm_head.weight": ("model.embed_tokens.weight", "transformer.wte.weight",
                        "model.language_model.embed_tokens.weight"),
 }
-_NO_HEAD_TYPES = ("gemma", "gemma2")
+_NO_HEAD_TYPES = ("gemma",)
 
 
 def tied_input(name: str, names: Mapping[str, Any] | Sequence[str]) -> str | None:

@@ -352,3 +352,27 @@ def _rel_diff(got, ref) -> float:
     assert got.shape == ref.shape and got.dtype == ref.dtype
     scale = ref.abs().max().item() or 1.0
     return (got.double() - ref.double()).abs().max().item() / scale
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "gpt2", "gemma", "gemma2"])
+@pytest.mark.parametrize("head_on", ["base", "fine_tune"])
+def test_saved_head_on_a_tied_model_matches_mergekit(family: str, head_on: str, tiny_zoo, tmp_path: Path) -> None:
+    from tests.merge_core.families import make_family
+    from tests.merge_core.test_families import _with_saved_head
+
+    zoo = make_family(family, tmp_path, tokenizer_dir=tiny_zoo["tokenizer"], fine_tunes=2, tie=True)
+    saved = _with_saved_head(zoo["base" if head_on == "base" else "ft_a"], tmp_path / "with-head")
+    base, ft = (saved, zoo["ft_a"]) if head_on == "base" else (zoo["base"], saved)
+    text = f"""
+models:
+  - {{model: "{ft}", parameters: {{weight: 0.7, density: 0.6}}}}
+  - {{model: "{zoo['ft_b']}", parameters: {{weight: 0.3, density: 0.8}}}}
+merge_method: ties
+base_model: "{base}"
+dtype: float32
+"""
+    _run_mergekit(text, tmp_path / "theirs")
+    merge_to_disk(Recipe.from_yaml(text), tmp_path / "ours", device="cpu", progress=False)
+    theirs, ours = load_state(tmp_path / "theirs"), load_state(tmp_path / "ours")
+    assert sorted(ours) == sorted(theirs)
+    assert max(_rel_diff(ours[k], ref) for k, ref in theirs.items()) <= TOLERANCE
