@@ -10,6 +10,22 @@ from __future__ import annotations
 # Why these rules: transformers renders chat templates with trim_blocks and lstrip_blocks, so a
 # newline right after a block tag is dropped; every template below strips its own whitespace.
 NAMED: dict[str, str] = {
+    "alpaca": (
+        "{%- set system = messages | selectattr('role', 'equalto', 'system') | list -%}"
+        "{{- (system | last).content | trim if system else '' -}}"
+        "{{- '\n\n' -}}"
+        "{%- set headers = {'user': '### Instruction:\n', 'assistant': '### Response:\n', "
+        "'user_context': '### Input:\n'} -%}"
+        "{%- for message in messages -%}"
+        "{%- if message['role'] in headers -%}"
+        "{{- headers[message['role']] + (message['content'] | trim) -}}"
+        "{%- if not loop.last -%}{{- '\n\n' -}}{%- endif -%}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt and messages[-1]['role'] != 'assistant' -%}"
+        "{{- '### Response:\n' -}}"
+        "{%- endif -%}"
+    ),
     "chatml": (
         "{%- for message in messages -%}"
         "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"

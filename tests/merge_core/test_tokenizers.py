@@ -18,13 +18,24 @@ CONVERSATIONS = [
      {"role": "user", "content": "Tudo bem?"}],
     [{"role": "system", "content": "Seja breve."}, {"role": "user", "content": "Qual a capital?"},
      {"role": "assistant", "content": " Brasília "}],
+    [{"role": "user", "content": "a"}, {"role": "user_context", "content": "ctx"},
+     {"role": "system", "content": " tarde "}, {"role": "assistant", "content": "b"}],
 ]
 LITERAL = "{% for m in messages %}<<{{ m['role'] }}>>{{ m['content'] }}{% endfor %}"
 
 
 def _render(tok, template: str | None = None) -> list[str]:
-    return [tok.apply_chat_template(c, chat_template=template, tokenize=False, add_generation_prompt=g)
-            for c in CONVERSATIONS for g in (False, True)]
+    from jinja2 import TemplateError
+
+    out = []
+    for conversation in CONVERSATIONS:
+        for prompt in (False, True):
+            try:
+                out.append(tok.apply_chat_template(conversation, chat_template=template, tokenize=False,
+                                                   add_generation_prompt=prompt))
+            except TemplateError as e:  # a template refusing a conversation must refuse it alike
+                out.append(f"refused: {e}")
+    return out
 
 
 @pytest.mark.parametrize("name", sorted(chat_templates.NAMED))
