@@ -276,3 +276,13 @@ def test_resident_merges_refuse_vocabulary_alignment(tiny_zoo):
                                "tokenizer_source": "base"})
     with pytest.raises(MergeError, match="drop tokenizer_source"):
         resident.plan(recipe)
+
+
+def test_tokenizer_settings_round_trip_through_yaml(vocab_zoo):
+    recipe = Recipe.from_yaml(_fill(CASES["block_tokens_and_padding"], vocab_zoo))
+    again = Recipe.from_yaml(recipe.to_yaml())
+    assert again == recipe and again.digest() == recipe.digest()
+    assert again.vocabulary_source() == "union"
+    assert again.tokenizer["tokens"]["<saude>"]["source"]["kind"] == "zero"
+    other = Recipe.from_yaml(_fill(CASES["block_tokens_and_padding"], vocab_zoo).replace("64", "32"))
+    assert other.digest() != recipe.digest()
