@@ -230,3 +230,15 @@ def test_sce_select_topk_keeps_the_most_varied_entries():
     assert bool((full != 0).all())           # every entry merged
     # entries 0 and 1 vary across models, 1 the most: the top half of them is entry 1 alone
     assert half[1] != 0 and half[0] == 0 and half[2] == 0 and half[3] == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ALL, ids=lambda m: m.name)
+def test_cuda_equals_cpu(method):
+    base, tensors = _inputs(method, (256, 96), torch.float32)
+    params = _params(method, len(tensors), **({"density": 0.5} if any(
+        p.name == "density" for p in method.params) else {}))
+    cpu = method.merge(base, tensors, params, seed=4)
+    gpu = method.merge(base.cuda() if base is not None else None, [t.cuda() for t in tensors], params, seed=4)
+    assert gpu.device.type == "cuda"
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-5, atol=1e-6)
