@@ -40,8 +40,9 @@ def long_lm(tiny_zoo, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def mistral_tokenizer(tmp_path_factory):
-    """``mistral_tokenizer(file)``: a real Mistral SentencePiece tokenizer shipped in the
-    mistral-common package (``data/<file>``), as transformers loads it (adds BOS)."""
+    """``mistral_tokenizer(file)``: a real Mistral tokenizer shipped in the mistral-common
+    package (``data/<file>``: SentencePiece ``*.model.v*`` or Tekken ``tekken_*.json``), as
+    transformers loads it, adding BOS."""
     import shutil
     from pathlib import Path
 
@@ -54,8 +55,19 @@ def mistral_tokenizer(tmp_path_factory):
     def load(name: str):
         if name not in cache:
             folder = tmp_path_factory.mktemp("mistral_tok")
-            shutil.copy(data / name, folder / "tokenizer.model")
-            cache[name] = LlamaTokenizer.from_pretrained(str(folder), add_bos_token=True)
+            if name.endswith(".json"):  # Tekken (Mistral NeMo and later), BOS added as they do
+                from tokenizers.processors import TemplateProcessing
+                from transformers import PreTrainedTokenizerFast
+
+                shutil.copy(data / name, folder / "tekken.json")
+                tok = PreTrainedTokenizerFast.from_pretrained(str(folder), bos_token="<s>",
+                                                              eos_token="</s>")
+                tok.backend_tokenizer.post_processor = TemplateProcessing(
+                    single="<s> $A", special_tokens=[("<s>", tok.bos_token_id)])
+                cache[name] = tok
+            else:
+                shutil.copy(data / name, folder / "tokenizer.model")
+                cache[name] = LlamaTokenizer.from_pretrained(str(folder), add_bos_token=True)
         return cache[name]
 
     return load

@@ -3,7 +3,7 @@
 Sliding-window and hybrid caches (Mistral, Gemma 2 and 3, Qwen2 with windows) share the
 task prefix when the window covers the whole prompt and fall back to full sequences by
 themselves when it does not; either way the scores are lm-eval's. Tokenizers are Mistral's
-real SentencePiece files from mistral-common, which add a BOS token.
+real SentencePiece and Tekken files from mistral-common, which add a BOS token.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from tests.evals.parity import check_parity, lm_eval_run
 
 V1, V3, V7 = ("tokenizer.model.v1", "mistral_instruct_tokenizer_240323.model.v3",
               "mistral_instruct_tokenizer_241114.model.v7")
+TEKKEN = "tekken_240911.json"
 
 
 def _model(family: str, window: int, vocab: int) -> torch.nn.Module:
@@ -43,11 +44,12 @@ def _model(family: str, window: int, vocab: int) -> torch.nn.Module:
 # (family, window, tokenizer, shares the prefix): a window of 4096 covers the prompts (about
 # 500-1500 tokens), so the cached prefix is exact; 64 does not, so full sequences run.
 CASES = [("mistral", 4096, V3, True), ("mistral", 64, V1, False), ("gemma2", 4096, V7, True),
-         ("gemma2", 64, V3, False), ("gemma3", 4096, V3, True), ("qwen2", 64, V7, False)]
+         ("gemma2", 64, V3, False), ("gemma3", 4096, V3, True), ("qwen2", 64, V7, False),
+         ("mistral", 4096, TEKKEN, True)]
 
 
 @pytest.mark.parametrize(("family", "window", "tok_file", "shares"), CASES,
-                         ids=[f"{c[0]}-w{c[1]}" for c in CASES])
+                         ids=[f"{c[0]}-w{c[1]}-{c[2].split('.')[-1]}" for c in CASES])
 def test_family_matches_lm_eval_item_by_item(mistral_tokenizer, family, window, tok_file, shares):
     tok = mistral_tokenizer(tok_file)
     model = _model(family, window, len(tok))
