@@ -136,7 +136,10 @@ class RayExecutor:
             from search.worker import TrialWorker
 
             worker_factory = TrialWorker
-        self._cls = ray.remote(max_restarts=0, max_concurrency=1, **self.resources)(worker_factory)
+        # SPREAD: the workers go to as many nodes as the cluster has (memory and cores of each
+        # node shared by fewer workers); a replacement goes wherever its resources are free.
+        self._cls = ray.remote(max_restarts=0, max_concurrency=1, scheduling_strategy="SPREAD",
+                               **self.resources)(worker_factory)
         self.actors = [self._actor(i) for i in range(self.n_workers)]
         self._info_refs = [a.info.remote() for a in self.actors]
         self._lock = threading.Lock()
@@ -205,7 +208,9 @@ class RayExecutor:
                     continue
                 try:
                     result = ray.get(ref)
-                except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as exc:
+                except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError,
+                        ray.exceptions.NodeDiedError, ray.exceptions.ObjectLostError) as exc:
+                    # the worker, its node, or the node holding its result is gone: run it again
                     self._events.put(Event(job, error=type(exc).__name__))
                     continue
                 handed = False

@@ -9,6 +9,7 @@ launched, never by name: other Ray clusters may run on the same machine.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -21,8 +22,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-pytest.importorskip("ray")
-pytestmark = pytest.mark.slow
+# not imported here: Ray reads its switches when first imported, in the drivers below
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="needs ray")]
 REPO = Path(__file__).resolve().parents[2]
 LOOPBACK = {"127.0.0.1", "::ffff:127.0.0.1", "::1"}
 
