@@ -39,6 +39,11 @@ def start_ray(address: str | None = None, *, num_cpus: int | None = None,
     """
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")   # a cluster of this process only
     if address:
+        host = (address.rpartition(":")[0] or address).strip("[]")
+        if host in ("127.0.0.1", "localhost", "::1") and "ray" not in sys.modules:
+            # a cluster on this machine's loopback: Ray 2.60 would rewrite the address into the
+            # host's and fail to connect, unless this is set before ray is imported (_start_local)
+            os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
         import ray
 
         if ray.is_initialized():

@@ -34,7 +34,7 @@ LOOPBACK = {"127.0.0.1", "::ffff:127.0.0.1", "::1"}
 DRIVER = """
 import json, os, sys
 from search.executor import start_ray
-start_ray(num_cpus=1)
+start_ray(os.environ.get("BRMERGE_TEST_RAY_ADDRESS"), num_cpus=1)
 import psutil, ray
 @ray.remote
 def pid():
@@ -231,5 +231,15 @@ def test_without_an_address_a_new_cluster_is_started_never_an_existing_one(ray_s
         gcs_port = int(info["gcs"].rsplit(":", 1)[1])
         mine = _listening(_procs(info["pids"]))
         assert ("gcs_server", gcs_port) in {(name, port) for _, port, name in mine}
+    finally:
+        _stop(proc, info["pids"])
+
+
+def test_a_campaign_address_on_loopback_joins_that_cluster(ray_start_head):
+    """``ray.address: 127.0.0.1:PORT`` (a ``ray start --head`` on loopback) is joined as given."""
+    proc, info = _start_driver(BRMERGE_TEST_RAY_ADDRESS=ray_start_head)
+    try:
+        assert info["gcs"] == ray_start_head
+        assert not [p for p in _procs(info["pids"]) if p.name() in ("gcs_server", "raylet")]
     finally:
         _stop(proc, info["pids"])
