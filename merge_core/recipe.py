@@ -386,8 +386,9 @@ def _tokenizer_block(item: Any, errors: list[str]) -> FrozenMap | None:
     if not isinstance(item, Mapping):
         errors.append("tokenizer must be a mapping with source, tokens and/or pad_to_multiple_of")
         return None
-    for key in set(item) - {"source", "tokens", "pad_to_multiple_of"}:
-        errors.append(f"tokenizer.{key} is not a tokenizer setting{did_you_mean(key, ('source', 'tokens', 'pad_to_multiple_of'))}")
+    settings = ("source", "tokens", "pad_to_multiple_of")
+    for key in set(item) - set(settings):
+        errors.append(f"tokenizer.{key} is not a tokenizer setting{did_you_mean(key, settings)}")
     if not isinstance(item.get("source", "union"), str):
         errors.append(f"tokenizer.source must be base, union or a model reference, got {item['source']!r}")
     pad = item.get("pad_to_multiple_of")

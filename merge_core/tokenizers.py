@@ -45,7 +45,6 @@ def tokenizer_files(tok_dir: Path, *, chat_template: str | None, sources: Mappin
         template = Counter(t.strip() for t in found).most_common(1)[0][0]
     for name in _TEMPLATE_FILES:
         files.pop(name, None)
-    config_file = tok_dir / "tokenizer_config.json"
     if "tokenizer_config.json" in files:
         current = files["tokenizer_config.json"]
         config = _read_json(current) if isinstance(current, Path) else json.loads(current)
