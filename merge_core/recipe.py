@@ -2,8 +2,9 @@
 
 Reads mergekit recipes (``models`` or ``slices``, ``base_model``, ``merge_method``,
 ``parameters`` as scalars, per-layer lists or filtered values, ``dtype``,
-``out_dtype``, ``tokenizer_source``) and writes them back. brmerge adds one optional
-key, ``seed`` (for DARE/DELLA masks), which mergekit ignores.
+``out_dtype``, ``tokenizer_source`` or the ``tokenizer`` block, ``chat_template``) and
+writes them back. Model references may be ``model+adapter`` (LoRA). brmerge adds one
+optional key, ``seed`` (for DARE/DELLA masks), which mergekit ignores.
 """
 
 from __future__ import annotations
