@@ -166,3 +166,21 @@ class ResidentModels:
             model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
         model.eval()
         return model
+
+
+def as_live_module(loaded: nn.Module, device: str | torch.device) -> nn.Module:
+    """``loaded``'s weights in a module built as ``ResidentModels.load_module`` builds the live
+    model (float32, ``from_config``, fresh allocations on the device): ``brmerge export`` scores
+    the exported weights in it, so its proof scores them exactly as the trial did.
+
+    A model straight from ``from_pretrained`` can hold memory-mapped weights at other alignments,
+    and the CPU matmul kernels then round differently in the last bits (measured: gold-letter
+    probabilities 1e-7 apart on identical weights), which would fail the exact comparison.
+    """
+    from transformers import AutoModelForCausalLM
+
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    del loaded
+    return model.eval()

@@ -76,12 +76,12 @@ def main() -> int:
 
     def sync() -> None:
         if dev.startswith("cuda"):
-            sync()
+            torch.cuda.synchronize()
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     from evals.harness import Evaluator
-    from search.export import as_live_module
+    from merge_core.resident import as_live_module
 
     hf_logging.disable_progress_bar()
     print(f"{torch.cuda.get_device_name(0) if dev.startswith('cuda') else 'cpu'}, torch {torch.__version__}")
@@ -115,7 +115,11 @@ def main() -> int:
                     other.materialize(recipe, res_model)
                     sync()
             except Exception as exc:  # noqa: BLE001 - reported per method
+                import traceback
+
                 print(f"  {method:<18} resident merge failed: {type(exc).__name__}: {str(exc)[:160]}")
+                if not bad:
+                    print("".join(traceback.format_exc(limit=-12).splitlines(keepends=True)[-40:]))
                 bad += 1
                 continue
             t_res = time.perf_counter() - t0

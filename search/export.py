@@ -74,7 +74,7 @@ def export_trial(directory: Path, *, out: Path, trial: int | None = None, device
     from merge_core.io import check_output, replace_output
     from merge_core.materialize import merge_to_disk
     from merge_core.recipe import Recipe
-    from merge_core.resident import ResidentModels
+    from merge_core.resident import ResidentModels, as_live_module
 
     directory = Path(directory)
     out = Path(out).resolve()
@@ -187,21 +187,3 @@ def _acc(entry: Mapping[str, Any] | None) -> str:
 def _cmp(row: Mapping[str, Any], split: str) -> str:
     d = (row.get("exported_minus_this") or {}).get(split)
     return d["text"] if d else E.comparison_text(None)
-
-
-def as_live_module(loaded: Any, device: Any) -> Any:
-    """The exported weights in a module built as a search worker builds its live model (float32,
-    ``from_config``, fresh allocations on the device), so the proof scores them as the trial did.
-
-    A model straight from ``from_pretrained`` can hold memory-mapped weights at other alignments,
-    and the CPU matmul kernels then round differently in the last bits (measured: gold-letter
-    probabilities 1e-7 apart on identical weights), which would fail the exact comparison.
-    """
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
-    model.load_state_dict(loaded.state_dict())
-    del loaded
-    return model.eval()

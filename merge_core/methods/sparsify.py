@@ -27,13 +27,23 @@ from merge_core import rng
 from merge_core.errors import MergeError
 from merge_core.methods import runtime
 
-CHUNK = 1 << 18          # elements per chunk: float32 temporaries stay in cache
+CHUNK = 1 << 18          # elements per chunk on a CPU: float32 temporaries stay in cache
+# On a GPU each chunk is a handful of kernel launches whose fixed cost dwarfs the work on a
+# small chunk, and device memory is plentiful: chunks as large as a big embedding matrix.
+DEVICE_CHUNK = 1 << 26
 _DIRECT_SELECT = 1 << 16  # below this, a plain kthvalue is as cheap as the bracketing search
 _SAMPLE = 1 << 15
 
 
 def spans(n: int, size: int = CHUNK) -> list[tuple[int, int]]:
     return [(s, min(n, s + size)) for s in range(0, n, size)]
+
+
+def chunk_size(t: torch.Tensor) -> int:
+    """Elements per chunk for work on ``t``'s device. Every operation in a chunk loop is
+    elementwise and random masks hash each element's position, so the size never changes
+    a result, only how many kernel launches it takes."""
+    return CHUNK if t.device.type == "cpu" else DEVICE_CHUNK
 
 
 def kernels_for(*tensors: torch.Tensor) -> ModuleType | None:
@@ -63,7 +73,7 @@ class Delta:
         return torch.sub(self.x[start:end], self.base[start:end]).to(self.work)
 
     def chunks(self) -> Iterator[tuple[int, torch.Tensor]]:
-        for s, e in spans(self.numel):
+        for s, e in spans(self.numel, chunk_size(self.x)):
             yield s, self.chunk(s, e)
 
     def full(self) -> torch.Tensor:

@@ -95,7 +95,7 @@ class TaskArithmetic:
             out = torch.empty_like(flat_base)
         out = out.view(-1)
         # Chunk by chunk: every float32 temporary stays small, whatever the tensor size.
-        for start, end in sparsify.spans(flat_base.numel()):
+        for start, end in sparsify.spans(flat_base.numel(), sparsify.chunk_size(flat_base)):
             weighted = []
             for delta, keep, w in zip(deltas, keeps, weights):
                 d = keep.apply(delta.chunk(start, end), start)

@@ -242,3 +242,21 @@ def test_cuda_equals_cpu(method):
     gpu = method.merge(base.cuda() if base is not None else None, [t.cuda() for t in tensors], params, seed=4)
     assert gpu.device.type == "cuda"
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "della", "breadcrumbs_ties", "task_arithmetic"])
+def test_chunk_size_never_changes_a_merge(method, monkeypatch):
+    """GPUs merge in much larger chunks than CPUs (fewer kernel launches): the bits must not
+    depend on it."""
+    from merge_core.methods import get, sparsify
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(3 * sparsify.CHUNK + 11, generator=g)
+    models = [base + 0.1 * torch.randn(base.shape, generator=g) for _ in range(2)]
+    m = get(method)
+    params = _params(m, 2, density=0.5, epsilon=0.1, gamma=0.01)
+    monkeypatch.setenv("BRMERGE_KERNELS", "torch")   # the chunk loop itself, not the fused CPU kernel
+    small = m.merge(base, models, params, seed=3)
+    monkeypatch.setattr(sparsify, "chunk_size", lambda t: 5 * sparsify.CHUNK)
+    large = m.merge(base, models, params, seed=3)
+    assert torch.equal(small, large)

@@ -9,7 +9,7 @@ from merge_core.materialize import merge_to_disk
 from merge_core.recipe import Recipe
 from merge_core.resident import ResidentModels
 from search.demo.tiny import llama_config, make_llama, make_tokenizer
-from search.export import as_live_module
+from merge_core.resident import as_live_module
 
 
 def test_export_rescoring_equals_the_resident_trial_bit_for_bit(tmp_path):
