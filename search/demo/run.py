@@ -201,8 +201,6 @@ def _start_ray(*, progress: bool) -> bool:
 
 
 def run_search(directory: Path, campaign: Mapping[str, Any], *, progress: bool):
-    import ray
-
     from search.campaign import parse_campaign
     from search.driver import run_campaign
 
@@ -214,6 +212,8 @@ def run_search(directory: Path, campaign: Mapping[str, Any], *, progress: bool):
         return run_campaign(parsed, directory, progress=progress, log=None)
     finally:
         if started:
+            import ray   # only now: start_ray must run before ray is first imported
+
             ray.shutdown()
 
 
