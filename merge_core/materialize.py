@@ -85,7 +85,10 @@ def iter_merged(plan: MergePlan, fetch: Fetch, *, prefetch: bool = True,
     cast = torch_dtype(plan.compute_dtype) if plan.compute_dtype else None
 
     def load(tp: TensorPlan) -> list[torch.Tensor]:
-        xs = [fetch(ref, name) for ref, name in tp.inputs]
+        if isinstance(fetch, AlignedFetch):  # vocabulary rows filled per output tensor
+            xs = fetch.inputs(tp.name, tp.inputs)
+        else:
+            xs = [fetch(ref, name) for ref, name in tp.inputs]
         return [x.to(cast) if cast is not None and x.is_floating_point() else x for x in xs]
 
     def merged(tp: TensorPlan, inputs: list[torch.Tensor] | None = None) -> torch.Tensor:

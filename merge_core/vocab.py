@@ -232,22 +232,34 @@ class AlignedFetch:
         x = self._fetch(ref, name)
         if not is_vocab_tensor(name):
             return x
-        return self._align(ref, name, x)
+        return self._align(ref, name, x, group=None)
+
+    def inputs(self, name: str, inputs: Sequence[tuple[str, str]]) -> list:
+        """The inputs of output tensor ``name``, aligned. Filled rows come from the same inputs
+        (a model that ties its head gives its embedding for the head, and its rows then fill
+        the head's missing rows), so they are kept per output tensor."""
+        if not is_vocab_tensor(name):
+            return [self._fetch(ref, in_name) for ref, in_name in inputs]
+        group = dict(inputs)
+        return [self._align(ref, in_name, self._fetch(ref, in_name), group=(f"output:{name}", group))
+                for ref, in_name in inputs]
 
     def _cast(self, x):
         return x.to(self._dtype) if self._dtype is not None and x.is_floating_point() else x
 
-    def _fill_rows(self, name: str, like) -> dict[int, Any]:
+    def _fill_rows(self, key: str, like, *, names: Mapping[str, str]) -> dict[int, Any]:
+        """Output rows that replace missing ones, for output ``key``; ``names``: the tensor
+        each model gives for it (a model not among them gives ``key`` itself)."""
         import torch
 
         with self._lock:
-            if name in self._filled:
-                return self._filled[name]
+            if key in self._filled:
+                return self._filled[key]
             cache: dict[str, Any] = {}
 
             def tensor(ref: str):
                 if ref not in cache:
-                    cache[ref] = self._cast(self._fetch(ref, name))
+                    cache[ref] = self._cast(self._fetch(ref, names.get(ref, key)))
                 return cache[ref]
 
             rows = {}
@@ -259,19 +271,20 @@ class AlignedFetch:
                 for ref, row in fill.sources:
                     acc = acc + tensor(ref)[row]
                 rows[fill.row] = acc / len(fill.sources) if len(fill.sources) > 1 else acc
-            self._filled[name] = rows
+            self._filled[key] = rows
             return rows
 
-    def _align(self, ref: str, name: str, x):
+    def _align(self, ref: str, name: str, x, *, group: tuple[str, Mapping[str, str]] | None):
         import torch
 
+        key, names = group if group is not None else (name, {})
         x = self._cast(x)
         vocab = self._vocab
         index = torch.tensor(vocab.rows_of(ref), dtype=torch.long, device=x.device)   # [tokens]
         present = index >= 0
         out = torch.zeros((vocab.size, *x.shape[1:]), dtype=x.dtype, device=x.device)
         out[: vocab.tokens][present] = x[index[present]]
-        filled = self._fill_rows(name, x)
+        filled = self._fill_rows(key, x, names=names)
         for fill in vocab.fills:
             if fill.force or not bool(present[fill.row]):
                 out[fill.row] = filled[fill.row]

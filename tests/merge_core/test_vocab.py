@@ -286,3 +286,39 @@ def test_tokenizer_settings_round_trip_through_yaml(vocab_zoo):
     assert again.tokenizer["tokens"]["<saude>"]["source"]["kind"] == "zero"
     other = Recipe.from_yaml(_fill(CASES["block_tokens_and_padding"], vocab_zoo).replace("64", "32"))
     assert other.digest() != recipe.digest()
+
+
+def test_tied_base_with_a_resized_fine_tune_that_saved_its_head_matches_mergekit(tiny_zoo, tmp_path):
+    """The head's missing rows are filled from the models' heads (a tied model's embedding),
+    the embedding's from their embeddings: fills belong to the output tensor."""
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+    from safetensors.torch import load_file, save_file
+
+    from tests.merge_core.families import make_family
+
+    zoo = make_family("llama", tmp_path, tokenizer_dir=tiny_zoo["tokenizer"], fine_tunes=2, tie=True)
+    ft = _added_tokens_fine_tune(zoo["ft_a"], tmp_path / "added", NEW_TOKENS)
+    state = load_file(ft / "model.safetensors")
+    assert "lm_head.weight" not in state
+    embed = state["model.embed_tokens.weight"]
+    state["lm_head.weight"] = embed + 0.05 * torch.randn(embed.shape, generator=torch.Generator().manual_seed(3))
+    save_file(state, ft / "model.safetensors", metadata={"format": "pt"})
+    text = f"""
+models:
+  - {{model: "{ft}", parameters: {{weight: 0.6, density: 0.7}}}}
+  - {{model: "{zoo['ft_b']}", parameters: {{weight: 0.4, density: 0.6}}}}
+merge_method: ties
+base_model: "{zoo['base']}"
+tokenizer_source: union
+dtype: float32
+"""
+    run_merge(MergeConfiguration.model_validate(yaml.safe_load(text)), str(tmp_path / "theirs"),
+              options=MergeOptions(quiet=True, write_model_card=False))
+    merge_to_disk(Recipe.from_yaml(text), tmp_path / "ours", device="cpu", progress=False)
+    theirs, ours = load_state(tmp_path / "theirs"), load_state(tmp_path / "ours")
+    assert sorted(ours) == sorted(theirs) and "lm_head.weight" in ours
+    for key, ref in theirs.items():
+        scale = ref.abs().max().item() or 1.0
+        assert (ours[key].double() - ref.double()).abs().max().item() / scale <= TOLERANCE, key
