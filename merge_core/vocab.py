@@ -49,12 +49,38 @@ class VocabPlan:
     size: int                                    # output rows, padding included
     tokens: int                                  # output tokens (size minus padding)
     rows: tuple[tuple[str, tuple[int, ...]], ...]  # model -> its row for each token, -1 if none
-    fills: tuple[Fill, ...]
+    configured: tuple[Fill, ...]                  # rows the recipe's tokenizer.tokens give
+    base: str | None                              # the recipe's base model
     tokenizer_files: tuple[tuple[str, str], ...]  # the output tokenizer's files, when rebuilt
     source: str                                   # the model whose tokenizer is the output's, or "union"
 
     def rows_of(self, ref: str) -> tuple[int, ...]:
         return dict(self.rows)[ref]
+
+    def fills_for(self, group: Sequence[str]) -> tuple[Fill, ...]:
+        """The filled rows of a tensor merged from the models in ``group`` (mergekit decides
+        them among the models of each tensor's merge, e.g. the last slice's for the head)."""
+        rows = dict(self.rows)
+        configured = {f.row: f for f in self.configured}
+        base = self.base if self.base in group else None
+        out = []
+        for new in range(self.tokens):
+            have = [r for r in group if rows[r][new] >= 0]
+            cfg = configured.get(new)
+            if cfg is not None:
+                if cfg.force or len(have) < len(group):
+                    out.append(cfg)
+            elif len(have) == len(group):
+                continue
+            elif len(have) == 1:
+                out.append(Fill(new, ((have[0], rows[have[0]][new]),)))
+            elif not have:
+                out.append(Fill(new, ()))
+            elif base is not None and base in have:
+                out.append(Fill(new, ((base, rows[base][new]),)))
+            else:
+                out.append(Fill(new, tuple((r, rows[r][new]) for r in have)))
+        return tuple(out)
 
 
 def plan_vocabulary(recipe: Recipe, sources: Mapping[str, ModelSource]) -> VocabPlan | None:
@@ -113,8 +139,8 @@ def plan_vocabulary(recipe: Recipe, sources: Mapping[str, ModelSource]) -> Vocab
                 r[new] = old
         rows[ref] = r
 
-    fills = _fills(vocab, rows, refs=refs, base=base if recipe.base_model else None,
-                   token_cfgs=token_cfgs, tokenizers=tokenizers, vocab_sizes=vocab_sizes)
+    configured = _configured_fills(vocab, rows, refs=refs, token_cfgs=token_cfgs, tokenizers=tokenizers,
+                                   vocab_sizes=vocab_sizes)
     files: tuple[tuple[str, str], ...] = ()
     if rebuilt:
         with tempfile.TemporaryDirectory() as tmp:
@@ -122,7 +148,8 @@ def plan_vocabulary(recipe: Recipe, sources: Mapping[str, ModelSource]) -> Vocab
             files = tuple((p.name, p.read_text(encoding="utf-8")) for p in sorted(Path(tmp).iterdir())
                           if p.is_file())
     return VocabPlan(size=size, tokens=n, rows=tuple((ref, tuple(r)) for ref, r in rows.items()),
-                     fills=tuple(fills), tokenizer_files=files, source=out_source)
+                     configured=tuple(configured), base=recipe.base_model, tokenizer_files=files,
+                     source=out_source)
 
 
 def _vocab_size(config: Mapping[str, Any], fallback: int) -> int:
@@ -164,30 +191,22 @@ def _union(base_tok, tokenizers: Mapping[str, Any], vocab_sizes: Mapping[str, in
     return out
 
 
-def _fills(vocab: Mapping[str, int], rows: Mapping[str, list[int]], *, refs: Sequence[str], base: str | None,
-           token_cfgs: Mapping[str, Any], tokenizers: Mapping[str, Any],
-           vocab_sizes: Mapping[str, int]) -> list[Fill]:
+def _configured_fills(vocab: Mapping[str, int], rows: Mapping[str, list[int]], *, refs: Sequence[str],
+                      token_cfgs: Mapping[str, Any], tokenizers: Mapping[str, Any],
+                      vocab_sizes: Mapping[str, int]) -> list[Fill]:
+    """The rows ``tokenizer.tokens`` gives, checked now (before any tensor is read) for every
+    token some model lacks or that is forced."""
     fills = []
-    for token, new in vocab.items():
-        cfg = token_cfgs.get(token)
-        force = bool(cfg.get("force", False)) if cfg else False
-        have = [ref for ref in refs if rows[ref][new] >= 0]
-        if len(have) == len(refs) and not force:
+    for token, cfg in token_cfgs.items():
+        new = vocab[token]
+        force = bool(cfg.get("force", False))
+        if not force and all(rows[ref][new] >= 0 for ref in refs):
             continue
-        if cfg is not None:
-            if cfg.get("source") is None:
-                raise RecipeError(f"tokenizer.tokens[{token!r}] needs a source: some models lack the token "
-                                  "(or force is set), so name where its row comes from")
-            fills.append(Fill(new, _configured(token, new, cfg["source"], rows=rows, tokenizers=tokenizers,
-                                               vocab_sizes=vocab_sizes), force))
-        elif len(have) == 1:
-            fills.append(Fill(new, ((have[0], rows[have[0]][new]),), force))
-        elif not have:
-            fills.append(Fill(new, (), force))
-        elif base is not None and base in have:
-            fills.append(Fill(new, ((base, rows[base][new]),), force))
-        else:
-            fills.append(Fill(new, tuple((r, rows[r][new]) for r in have), force))
+        if cfg.get("source") is None:
+            raise RecipeError(f"tokenizer.tokens[{token!r}] needs a source: some models lack the token "
+                              "(or force is set), so name where its row comes from")
+        fills.append(Fill(new, _configured(token, new, cfg["source"], rows=rows, tokenizers=tokenizers,
+                                           vocab_sizes=vocab_sizes), force))
     return fills
 
 
@@ -225,7 +244,8 @@ class AlignedFetch:
         self._vocab = vocab
         self._fetch = fetch
         self._dtype = dtype
-        self._filled: dict[str, dict[int, Any]] = {}
+        self._filled: dict[tuple[str, str], dict[int, Any]] = {}
+        self._groups: dict[tuple[str, str], tuple[Fill, ...]] = {}
         self._lock = threading.Lock()
 
     def __call__(self, ref: str, name: str):
@@ -241,15 +261,23 @@ class AlignedFetch:
         if not is_vocab_tensor(name):
             return [self._fetch(ref, in_name) for ref, in_name in inputs]
         group = dict(inputs)
-        return [self._align(ref, in_name, self._fetch(ref, in_name), group=(f"output:{name}", group))
+        return [self._align(ref, in_name, self._fetch(ref, in_name), group=(name, group))
                 for ref, in_name in inputs]
+
+    def _fills(self, key: tuple[str, str], names: Mapping[str, str]) -> tuple[Fill, ...]:
+        with self._lock:
+            if key not in self._groups:
+                group = list(names) or [ref for ref, _ in self._vocab.rows]
+                self._groups[key] = self._vocab.fills_for(group)
+            return self._groups[key]
 
     def _cast(self, x):
         return x.to(self._dtype) if self._dtype is not None and x.is_floating_point() else x
 
-    def _fill_rows(self, key: str, like, *, names: Mapping[str, str]) -> dict[int, Any]:
-        """Output rows that replace missing ones, for output ``key``; ``names``: the tensor
-        each model gives for it (a model not among them gives ``key`` itself)."""
+    def _fill_rows(self, key: tuple[str, str], like, *, names: Mapping[str, str],
+                   fills: Sequence[Fill]) -> dict[int, Any]:
+        """Rows that replace missing ones, for ``key`` (("output" or "input", tensor name));
+        ``names``: the tensor each model gives for it (others give that tensor itself)."""
         import torch
 
         with self._lock:
@@ -259,11 +287,11 @@ class AlignedFetch:
 
             def tensor(ref: str):
                 if ref not in cache:
-                    cache[ref] = self._cast(self._fetch(ref, names.get(ref, key)))
+                    cache[ref] = self._cast(self._fetch(ref, names.get(ref, key[1])))
                 return cache[ref]
 
             rows = {}
-            for fill in self._vocab.fills:
+            for fill in fills:
                 if not fill.sources:
                     rows[fill.row] = torch.zeros(like.shape[1:], dtype=like.dtype, device=like.device)
                     continue
@@ -277,15 +305,16 @@ class AlignedFetch:
     def _align(self, ref: str, name: str, x, *, group: tuple[str, Mapping[str, str]] | None):
         import torch
 
-        key, names = group if group is not None else (name, {})
+        key, names = (("output", group[0]), group[1]) if group is not None else (("input", name), {})
         x = self._cast(x)
         vocab = self._vocab
         index = torch.tensor(vocab.rows_of(ref), dtype=torch.long, device=x.device)   # [tokens]
         present = index >= 0
         out = torch.zeros((vocab.size, *x.shape[1:]), dtype=x.dtype, device=x.device)
         out[: vocab.tokens][present] = x[index[present]]
-        filled = self._fill_rows(key, x, names=names)
-        for fill in vocab.fills:
+        fills = self._fills(key, names)
+        filled = self._fill_rows(key, x, names=names, fills=fills)
+        for fill in fills:
             if fill.force or not bool(present[fill.row]):
                 out[fill.row] = filled[fill.row]
         if vocab.size > vocab.tokens:  # padding rows: the mean of the real ones

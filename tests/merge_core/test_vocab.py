@@ -131,6 +131,14 @@ base_model: "{base}"
 tokenizer_source: "{added}"
 dtype: float32
 """,
+    "union_stacked_slices": """
+slices:
+  - sources: [{model: "{added}", layer_range: [0, 3]}]
+  - sources: [{model: "{ft_b}", layer_range: [1, 4]}]
+merge_method: passthrough
+tokenizer_source: union
+dtype: float32
+""",
     "renamed_token_linear": """
 models:
   - {model: "{base}", parameters: {weight: 0.5}}
