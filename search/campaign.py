@@ -52,7 +52,9 @@ objectives: {legal: 1.0, health: 1.0, enem: 1.0}
 # $BRMERGE_DATA_DIR). stage1: items per task scored first (null: a quarter of limit; false: off);
 # a candidate stops there only if it is in the bottom quarter of the stage-1 scores so far AND
 # significantly worse than the best trial on the same items (exact McNemar, prune_alpha).
-eval: {suite: dev, limit: 200, stage1: 50, prune_alpha: 0.05, data_dir: null}
+# chat_template: score through the models' chat template (instruct fine-tunes), as lm-eval's
+# --apply_chat_template --fewshot_as_multiturn does.
+eval: {suite: dev, limit: 200, stage1: 50, prune_alpha: 0.05, chat_template: false, data_dir: null}
 
 budget: {trials: 200, timeout: null}   # timeout in seconds; the trial count includes baselines
 
@@ -73,6 +75,7 @@ DEFAULTS: dict[str, Any] = {
     "eval": {"suite": "dev", "limit": 200,  # ~200 items per task: stable enough, cheap enough
              "stage1": None,                # null: a quarter of limit (at least the test's minimum); false: off
              "prune_alpha": DEFAULT_PRUNE_ALPHA,
+             "chat_template": False,        # as lm-eval: off unless asked; instruct fine-tunes may want it
              "data_dir": None, "allow_test": False, "num_fewshot": 3},
     "budget": {"trials": 200, "timeout": None},
     "workers": {"count": "auto", "gpus_per_worker": 1},
@@ -114,6 +117,7 @@ class Campaign:
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
     storage_password_env: str | None = None  # storage: {url, password_env}: the password's variable
     prune_alpha: float = DEFAULT_PRUNE_ALPHA
+    chat_template: bool = False             # score prompts through the model's chat template
 
     @property
     def block_size(self) -> int | None:
@@ -261,6 +265,9 @@ def parse_campaign(data: Any, *, source: str = "campaign") -> Campaign:
     limit = ev.get("limit")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         errors.append(f"eval.limit {limit!r} must be a positive number of items per task, or null for all")
+    chat = ev.get("chat_template")
+    if not isinstance(chat, bool):
+        errors.append(f"eval.chat_template {chat!r} must be true or false")
     alpha = ev.get("prune_alpha")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha <= 0.5:
         errors.append(f"eval.prune_alpha {alpha!r} must be a significance level in (0, 0.5], e.g. 0.05")
@@ -322,7 +329,8 @@ def parse_campaign(data: Any, *, source: str = "campaign") -> Campaign:
         name=name, base_model=base, models=tuple(models), method=str(method_name),
         granularity=gran, params=params, split_attn_mlp=bool(split), sampler=str(sampler),
         objectives={k: float(v) for k, v in objectives.items()}, suite=ev["suite"], limit=limit,
-        stage1=stage1, prune_alpha=float(alpha), data_dir=ev.get("data_dir"), allow_test=bool(ev.get("allow_test")),
+        stage1=stage1, prune_alpha=float(alpha), chat_template=chat is True, data_dir=ev.get("data_dir"),
+        allow_test=bool(ev.get("allow_test")),
         num_fewshot=int(ev.get("num_fewshot", 3)), trials=trials,
         timeout=float(timeout) if timeout else None, workers=count, gpus_per_worker=float(gpw),
         ray_address=d["ray"].get("address"), storage=storage, seed=seed, source_file=source, raw=dict(data),

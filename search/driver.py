@@ -34,7 +34,7 @@ from search.scheduler import Scheduler
 # What a resume must keep: every field that changes which candidates exist or how they score.
 SEARCH_FIELDS = ("base_model", "models", "method", "granularity", "params", "split_attn_mlp", "sampler",
                  "objectives", "suite", "limit", "stage1", "prune_alpha", "data_dir", "allow_test",
-                 "num_fewshot", "seed")
+                 "num_fewshot", "chat_template", "seed")
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 

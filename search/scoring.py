@@ -32,7 +32,7 @@ def evaluator(campaign: Campaign, tokenizer: Any, *, split: str = "dev", limit: 
     return Evaluator.for_suite(tokenizer, split=split, source=source, data_dir=campaign.data_dir,
                                domains=scored_domains(campaign), num_fewshot=campaign.num_fewshot,
                                limit=campaign.limit if limit == "campaign" else limit, purpose=purpose,
-                               allow_test=campaign.allow_test)
+                               allow_test=campaign.allow_test, chat_template=campaign.chat_template)
 
 
 def search_split(campaign: Campaign) -> str:

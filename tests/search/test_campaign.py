@@ -134,3 +134,15 @@ def test_a_stage1_too_small_for_the_pruning_test_is_refused():
     assert _staged(limit=20, stage1=4, prune_alpha=0.01).prune_alpha == 0.01
     with pytest.raises(CampaignError, match="prune_alpha"):
         _staged(limit=20, prune_alpha=0.9)
+
+
+def test_chat_template_is_a_boolean_off_by_default():
+    assert _campaign().chat_template is False
+    assert _campaign(eval={"suite": "sample", "chat_template": True}).chat_template is True
+    with pytest.raises(CampaignError, match="eval.chat_template 'yes' must be true or false"):
+        _campaign(eval={"suite": "sample", "chat_template": "yes"})
+
+
+def test_the_leaderboard_suite_is_not_a_search_objective():
+    with pytest.raises(CampaignError, match="eval.suite 'leaderboard'"):
+        _campaign(eval={"suite": "leaderboard"})
