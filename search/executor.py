@@ -89,19 +89,25 @@ def _start_local(*, num_cpus: int | None, runtime_env: dict[str, Any] | None) ->
     return True
 
 
+_WATCHDOGS: list[subprocess.Popen] = []   # kept, so that each is reaped when it ends
+
+
 def _start_watchdog(driver: Any, roots: list[Any]) -> None:
     """Start ``ray_watchdog.py`` for the cluster whose root processes are ``roots``."""
+    import psutil
+
     args = []
     for proc in roots:
         try:
             args.append(f"{proc.pid}:{proc.create_time()!r}")
-        except Exception:  # noqa: BLE001 - a root that already exited needs no watching
+        except psutil.Error:   # a root that already exited needs no watching
             continue
     # its own session: a Ctrl-C or a kill of the driver's process group leaves the watchdog
     # alive to clean up; it exits with the cluster or after the driver's death.
-    subprocess.Popen([sys.executable, str(WATCHDOG), str(driver.pid), *args],
-                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                     start_new_session=True, close_fds=True)
+    _WATCHDOGS[:] = [w for w in _WATCHDOGS if w.poll() is None]
+    _WATCHDOGS.append(subprocess.Popen(
+        [sys.executable, str(WATCHDOG), str(driver.pid), *args], stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True))
 
 
 def worker_plan(campaign: Campaign, *, n_workers: int | None = None) -> tuple[int, dict[str, Any], int | None]:

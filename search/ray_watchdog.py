@@ -38,6 +38,13 @@ def _same(proc: psutil.Process, created: float) -> bool:
         return False
 
 
+def _running(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
 class Tracked:
     def __init__(self, roots: dict[int, float]):
         self.procs: dict[int, tuple[psutil.Process, float]] = {}
@@ -53,8 +60,8 @@ class Tracked:
         return [p for pid, (p, c) in self.procs.items() if (pids is None or pid in pids) and _same(p, c)]
 
     def look(self) -> None:
-        """Add the descendants of every live recorded process."""
-        for proc in self.alive():
+        """Add the descendants of the live roots (every process the cluster started is one)."""
+        for proc in self.alive(self.roots):
             try:
                 children = proc.children(recursive=True)
             except psutil.Error:
@@ -100,7 +107,9 @@ class Tracked:
                 proc.send_signal(signal.SIGKILL)
             except psutil.Error:
                 pass
-        psutil.wait_procs(victims, timeout=5)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and any(_running(p) for p in victims):
+            time.sleep(0.05)   # gone, or a zombie its new parent has not reaped yet
 
 
 def watch(driver: int, roots: dict[int, float]) -> None:
