@@ -28,9 +28,10 @@ def _cmaes(*, seed: int, x0: Mapping[str, float] | None, n_baselines: int) -> op
 
 
 def _tpe(*, seed: int, x0: Mapping[str, float] | None, n_baselines: int) -> optuna.samplers.BaseSampler:
-    # constant_liar: concurrent workers do not all sample the same promising point
+    # constant_liar: concurrent workers do not all sample the same promising point.
+    # (warn_independent_sampling is deprecated since Optuna 4.9 and already off by default.)
     return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True,
-                                      n_startup_trials=max(10, n_baselines + 5), warn_independent_sampling=False)
+                                      n_startup_trials=max(10, n_baselines + 5))
 
 
 def _nsga2(*, seed: int, x0: Mapping[str, float] | None, n_baselines: int) -> optuna.samplers.BaseSampler:
