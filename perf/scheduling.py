@@ -213,8 +213,6 @@ def main() -> int:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     driver_module = importlib.import_module(args.driver)
 
-    import ray
-
     with tempfile.TemporaryDirectory(prefix="brmerge-sched-") as tmp:
         root = Path(tmp)
         models = build_models(root / "models")
@@ -227,6 +225,8 @@ def main() -> int:
                "RAY_AUTH_MODE": os.environ["RAY_AUTH_MODE"]}
         # The driver's own local-cluster settings; it reuses a Ray that is already initialized.
         start_ray(runtime_env={"env_vars": env})
+        import ray   # after start_ray, which must set the loopback settings before ray loads
+
         try:
             load = os.getloadavg()
             print(f"{args.trials} trials, {args.workers} actors on {os.cpu_count()} CPUs, trial seconds "

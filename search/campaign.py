@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -22,7 +23,12 @@ from search.samplers import MULTI_OBJECTIVE, SAMPLERS
 SUITES = ("sample", "dev", "test")
 DEFAULT_PRUNE_ALPHA = 0.05   # the pruning test's level: a candidate stops on evidence at 5%
 # Ranges a search may set; which of them a method uses is the method's decision.
-SEARCHABLE = ("weight", "density", "epsilon", "gamma", "t", "lambda")
+SEARCHABLE = ("weight", "density", "epsilon", "gamma", "t", "lambda", "select_topk")
+# Whole-merge (shared) parameters the genome can search per layer, with the range they must
+# stay in: sce's select_topk is a fraction, nearswap's t a non-negative distance threshold,
+# the task-arithmetic family's lambda a non-negative scale.
+SHARED_SEARCHABLE: dict[str, tuple[float, float]] = {
+    "select_topk": (0.0, 1.0), "t": (0.0, float("inf")), "lambda": (0.0, float("inf"))}
 
 TEMPLATE = """\
 # brmerge campaign: search per-layer merge coefficients of fine-tunes of one base model.
@@ -96,7 +102,7 @@ class Campaign:
     models: tuple[str, ...]
     method: str
     granularity: str                        # "layer" | "global" | "block:N"
-    params: Mapping[str, tuple[float, float]]
+    params: Mapping[str, tuple[float, float]]  # searched ranges, per-model and shared alike
     split_attn_mlp: bool
     sampler: str
     objectives: Mapping[str, float]
@@ -118,6 +124,7 @@ class Campaign:
     storage_password_env: str | None = None  # storage: {url, password_env}: the password's variable
     prune_alpha: float = DEFAULT_PRUNE_ALPHA
     chat_template: bool = False             # score prompts through the model's chat template
+    shared_params: tuple[str, ...] = ()     # the searched parameters set once for the whole merge
 
     @property
     def block_size(self) -> int | None:
@@ -202,14 +209,23 @@ def parse_campaign(data: Any, *, source: str = "campaign") -> Campaign:
 
     method_name = d.get("method")
     per_model_params: list[str] = []
+    shared_params: list[str] = []
     try:
         method = methods.get(str(method_name))
         per_model_params = [p.name for p in method.params if p.scope in (Scope.MODEL, Scope.INPUT)]
-        if method.base.value != "required":
-            errors.append(f"method {method_name!r} does not merge task vectors against a base; "
-                          "use ties, dare_ties, dare_linear, task_arithmetic, breadcrumbs(_ties) or della")
+        shared_params = [p.name for p in method.params
+                         if p.scope is Scope.SHARED and p.name in SHARED_SEARCHABLE]
+        if method.base.value == "ignored":
+            errors.append(f"method {method_name!r} ignores the base model; a campaign merges fine-tunes "
+                          "against their base: use ties, dare_ties, della, sce, multislerp, ...")
+        elif not per_model_params and not shared_params:
+            errors.append(f"method {method_name!r} has no parameter a search can set; "
+                          "use ties, dare_ties, della, sce, nearswap, multislerp, ...")
+        if method_name == "nearswap" and isinstance(models, list) and len(models) != 1:
+            errors.append("method nearswap moves one fine-tune toward its base: give exactly one model")
     except ValueError as exc:
         errors.append(f"method: {exc}")
+    searchable = per_model_params + shared_params
 
     search = d["search"]
     gran = str(search.get("granularity"))
@@ -221,20 +237,26 @@ def parse_campaign(data: Any, *, source: str = "campaign") -> Campaign:
         errors.append("search.params must map parameter names to [low, high] ranges, e.g. {weight: [0, 1]}")
         raw_params = {}
     for pname, rng in raw_params.items():
-        if per_model_params and pname not in per_model_params:
-            errors.append(f"search.params.{pname}: {method_name} has no per-model parameter {pname!r}"
-                          f"{did_you_mean(str(pname), per_model_params)}; it has {', '.join(per_model_params)}")
+        if searchable and pname not in searchable:
+            errors.append(f"search.params.{pname}: {method_name} has no searchable parameter {pname!r}"
+                          f"{did_you_mean(str(pname), searchable)}; it has {', '.join(searchable)}")
             continue
         if (not isinstance(rng, (list, tuple)) or len(rng) != 2
                 or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in rng)
                 or not rng[0] < rng[1]):
             errors.append(f"search.params.{pname} {rng!r} must be [low, high] with low < high")
             continue
-        if pname in ("density", "epsilon", "gamma") and not (0 <= rng[0] and rng[1] <= 1):
+        if not all(math.isfinite(x) for x in rng):
+            errors.append(f"search.params.{pname} {list(rng)} must be finite numbers")
+            continue
+        if pname in ("density", "epsilon", "gamma", "select_topk") and not (0 <= rng[0] and rng[1] <= 1):
             errors.append(f"search.params.{pname} {list(rng)} must lie within [0, 1]")
             continue
+        if pname in shared_params and rng[0] < SHARED_SEARCHABLE[pname][0]:
+            errors.append(f"search.params.{pname} {list(rng)} must not go below {SHARED_SEARCHABLE[pname][0]:g}")
+            continue
         params[str(pname)] = (float(rng[0]), float(rng[1]))
-    if per_model_params and "weight" in per_model_params and "weight" not in raw_params:
+    if "weight" in per_model_params and "weight" not in raw_params:
         errors.append("search.params must include weight: the search needs at least the model weights")
     split = search.get("split_attn_mlp")
     if not isinstance(split, bool):
@@ -327,7 +349,8 @@ def parse_campaign(data: Any, *, source: str = "campaign") -> Campaign:
         raise CampaignError(f"{source}: " + "; ".join(errors))
     return Campaign(
         name=name, base_model=base, models=tuple(models), method=str(method_name),
-        granularity=gran, params=params, split_attn_mlp=bool(split), sampler=str(sampler),
+        granularity=gran, params=params, shared_params=tuple(p for p in params if p in shared_params),
+        split_attn_mlp=bool(split), sampler=str(sampler),
         objectives={k: float(v) for k, v in objectives.items()}, suite=ev["suite"], limit=limit,
         stage1=stage1, prune_alpha=float(alpha), chat_template=chat is True, data_dir=ev.get("data_dir"),
         allow_test=bool(ev.get("allow_test")),

@@ -39,13 +39,14 @@ STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SI
 
 
 @contextmanager
-def stop_on_signals() -> Iterator[None]:
-    """SIGTERM and SIGHUP (what Slurm, Kubernetes and a closed terminal send) stop the
-    campaign as Ctrl-C does: a ``KeyboardInterrupt`` in the driver's thread."""
+def stop_on_signals(request_stop: Callable[[str], None]) -> Iterator[None]:
+    """SIGINT, SIGTERM and SIGHUP (Ctrl-C; what Slurm, Kubernetes and a closed terminal send)
+    ask the scheduler to stop. It stops at its next safe point (never halfway through an ask
+    or a tell), within about a second, and raises ``KeyboardInterrupt`` there."""
     def stop(signum: int, _frame: Any) -> None:
         for s in STOP_SIGNALS:   # a second signal must not cut the clean-up short
             signal.signal(s, signal.SIG_IGN)
-        raise KeyboardInterrupt(signal.Signals(signum).name)
+        request_stop(signal.Signals(signum).name)
 
     old = {s: signal.getsignal(s) for s in STOP_SIGNALS}
     for s in STOP_SIGNALS:
@@ -173,10 +174,10 @@ class Driver:
         sched.attach(executor)
         self.log(f"starting {executor.n_workers} worker(s) with {executor.resources}")
         try:
-            with stop_on_signals(), S.guard(S.resolve(c, self.directory), doing="write to"):
+            with stop_on_signals(sched.request_stop), S.guard(S.resolve(c, self.directory), doing="write to"):
                 try:
                     sched.prefill()   # the first trials are asked while the workers load their models
-                    for info in executor.wait_ready():
+                    for info in executor.wait_ready(sched.check_stop):
                         self.log(f"worker {info['worker']} ready on {info['device']} "
                                  f"({info['load_seconds']:.1f} s)")
                     self.loop_started = time.time()

@@ -163,10 +163,15 @@ class RayExecutor:
     def _actor(self, index: int):
         return self._cls.remote(self.campaign, index, threads=self.threads)
 
-    def wait_ready(self) -> list[dict[str, Any]]:
-        """Block until every worker has loaded its models; their ``info()``."""
+    def wait_ready(self, check: Callable[[], None] = lambda: None) -> list[dict[str, Any]]:
+        """Wait until every worker has loaded its models; their ``info()``. ``check`` is called
+        about twice a second meanwhile (it raises to stop the wait)."""
         import ray
 
+        pending = list(self._info_refs)
+        while pending:
+            check()
+            _, pending = ray.wait(pending, num_returns=len(pending), timeout=0.5)
         return ray.get(self._info_refs)
 
     # -- the Executor protocol ----------------------------------------------------------------

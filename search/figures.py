@@ -145,9 +145,11 @@ def coefficient_grid(space: GenomeSpace, params: Mapping[str, float]) -> Grid:
     grid: Grid = {}
     for p in space.campaign.params:
         rows = []
-        for m, ref in enumerate(space.campaign.models):
+        owners = [(None, "whole merge")] if p in space.campaign.shared_params else \
+            [(m, names[ref]) for m, ref in enumerate(space.campaign.models)]
+        for m, title in owners:
             for part in space.parts:
-                label = names[ref] + (f" · {part}" if part else "")
+                label = title + (f" · {part}" if part else "")
                 # the genome's own expansion, so the heatmap shows exactly what the recipe got
                 rows.append((label, space.per_layer(params, m, p, part)))
         grid[p] = rows

@@ -3,6 +3,9 @@ named for Optuna, and its mapping to a mergekit-compatible recipe.
 
 Parameter names read as ``m<model>.<param>[.attn|.mlp].<group>``, e.g. ``m0.weight.L03``
 (layer 3), ``m1.density.mlp.B1`` (second block of layers, MLP tensors), ``m0.weight.all``.
+A whole-merge parameter (``sce``'s ``select_topk``, ``nearswap``'s ``t``, ``lambda``) is one per
+group, not per model: ``shared.select_topk.L03``; the recipe gets it under its top-level
+``parameters``.
 """
 
 from __future__ import annotations
@@ -38,15 +41,22 @@ class GenomeSpace:
     def parts(self) -> list[str | None]:
         return ["attn", "mlp"] if self.campaign.split_attn_mlp else [None]
 
-    def name(self, model: int, param: str, part: str | None, group: str) -> str:
-        return ".".join(x for x in (f"m{model}", param, part, group) if x is not None)
+    def name(self, model: int | None, param: str, part: str | None, group: str) -> str:
+        owner = "shared" if model is None else f"m{model}"
+        return ".".join(x for x in (owner, param, part, group) if x is not None)
+
+    @property
+    def per_model_params(self) -> list[str]:
+        return [p for p in self.campaign.params if p not in self.campaign.shared_params]
 
     def param_names(self) -> list[str]:
-        return [self.name(m, p, part, g)
-                for m in range(len(self.campaign.models))
-                for p in self.campaign.params
-                for part in self.parts
-                for g in self.groups]
+        per_model = [self.name(m, p, part, g)
+                     for m in range(len(self.campaign.models))
+                     for p in self.per_model_params
+                     for part in self.parts
+                     for g in self.groups]
+        return per_model + [self.name(None, p, part, g) for p in self.campaign.shared_params
+                            for part in self.parts for g in self.groups]
 
     def bounds(self, name: str) -> tuple[float, float]:
         return self.campaign.params[name.split(".")[1]]
@@ -56,7 +66,8 @@ class GenomeSpace:
 
         return {n: optuna.distributions.FloatDistribution(*self.bounds(n)) for n in self.param_names()}
 
-    def per_layer(self, params: Mapping[str, float], model: int, param: str, part: str | None) -> list[float]:
+    def per_layer(self, params: Mapping[str, float], model: int | None, param: str,
+                  part: str | None) -> list[float]:
         c = self.campaign
         if c.granularity == "global":
             return [float(params[self.name(model, param, part, "all")])] * self.num_layers
@@ -71,25 +82,30 @@ class GenomeSpace:
             return values[0]
         return values
 
+    def _value(self, params: Mapping[str, float], model: int | None, p: str) -> Any:
+        if not self.campaign.split_attn_mlp:
+            return self._setting(self.per_layer(params, model, p, None))
+        attn = self.per_layer(params, model, p, "attn")
+        mlp = self.per_layer(params, model, p, "mlp")
+        rest = [(a + b) / 2 for a, b in zip(attn, mlp)]   # other tensors (norms, embeddings): the mean
+        return [{"filter": ATTN_FILTER, "value": self._setting(attn)},
+                {"filter": MLP_FILTER, "value": self._setting(mlp)},
+                {"value": self._setting(rest)}]
+
     def to_recipe(self, params: Mapping[str, float]) -> Recipe:
         c = self.campaign
         models = []
         for m, ref in enumerate(c.models):
-            settings: dict[str, Any] = {}
-            for p in c.params:
-                if c.split_attn_mlp:
-                    attn = self.per_layer(params, m, p, "attn")
-                    mlp = self.per_layer(params, m, p, "mlp")
-                    # other tensors (norms, embeddings) take the mean of the two
-                    rest = [(a + b) / 2 for a, b in zip(attn, mlp)]
-                    settings[p] = [{"filter": ATTN_FILTER, "value": self._setting(attn)},
-                                   {"filter": MLP_FILTER, "value": self._setting(mlp)},
-                                   {"value": self._setting(rest)}]
-                else:
-                    settings[p] = self._setting(self.per_layer(params, m, p, None))
-            models.append({"model": ref, "parameters": settings})
-        return Recipe.from_dict({"merge_method": c.method, "base_model": c.base_model, "models": models,
-                                 "seed": c.seed})
+            entry: dict[str, Any] = {"model": ref}
+            settings = {p: self._value(params, m, p) for p in self.per_model_params}
+            if settings:
+                entry["parameters"] = settings
+            models.append(entry)
+        recipe: dict[str, Any] = {"merge_method": c.method, "base_model": c.base_model, "models": models,
+                                  "seed": c.seed}
+        if c.shared_params:
+            recipe["parameters"] = {p: self._value(params, None, p) for p in c.shared_params}
+        return Recipe.from_dict(recipe)
 
     def constant(self, per_model: Mapping[str, list[float]]) -> dict[str, float]:
         """A genome with one value per (model, param) everywhere, clamped into the ranges.
@@ -99,13 +115,12 @@ class GenomeSpace:
         """
         out = {}
         for name in self.param_names():
-            m = int(name.split(".")[0][1:])
-            p = name.split(".")[1]
+            owner, p = name.split(".")[:2]
             lo, hi = self.bounds(name)
-            if p in per_model:
-                value = per_model[p][m]
-            else:
-                value = hi if p in ("density",) else (lo + hi) / 2
+            if p in per_model and owner != "shared":
+                value = per_model[p][int(owner[1:])]
+            else:   # density-like: keep everything; others: the middle of the range
+                value = hi if p in ("density", "select_topk") else (lo + hi) / 2
             out[name] = min(hi, max(lo, float(value)))
         return out
 
@@ -115,6 +130,8 @@ class GenomeSpace:
         n = len(self.campaign.models)
         default_density = [1.0] * n
         out = [("uniform", self.constant({"weight": [1.0] * n, "density": default_density}))]
+        if "weight" not in self.campaign.params:   # no weights to single a model out with
+            return out
         for i, ref in enumerate(self.campaign.models):
             weights = [1.0 if j == i else 0.0 for j in range(n)]
             out.append((f"model:{ref}", self.constant({"weight": weights, "density": default_density})))

@@ -85,6 +85,7 @@ class Scheduler:
         self.hand_out = True
         self.stopping = False
         self._asking: optuna.trial.Trial | None = None
+        self.stop_reason: str | None = None   # set by request_stop (a signal)
         trials = study.get_trials(deepcopy=False)
         self.n_done = sum(T.counts_toward_budget(t) for t in trials)
         self.cache = {t.user_attrs[T.A_DIGEST]: t.number for t in trials if t.user_attrs.get(T.A_DIGEST)
@@ -124,6 +125,7 @@ class Scheduler:
     def _ask_new(self) -> Job | None:
         """A new trial to run (cached recipes are told, duplicates wait), or None at the budget."""
         while not self.stopping and self.n_done + len(self.live) < self.budget:
+            self.check_stop()
             self._asking = trial = self.study.ask(self.space.distributions())
             recipe = self.space.to_recipe(trial.params)
             job = Job(trial, recipe.digest(), recipe.to_yaml())
@@ -180,16 +182,26 @@ class Scheduler:
         self.ex.submit(job)
 
     # -- the loop ----------------------------------------------------------------------------
+    def request_stop(self, reason: str) -> None:
+        """Ask the loop to stop at its next safe point (a signal handler calls this)."""
+        self.stop_reason = reason
+
+    def check_stop(self) -> None:
+        """Raise ``KeyboardInterrupt`` if a stop was requested: call it only between asks and tells."""
+        if self.stop_reason is not None:
+            raise KeyboardInterrupt(self.stop_reason)
+
     def prefill(self) -> None:
         """Ask the first trials (e.g. while the workers load their models)."""
         while self.ask_ahead():
-            pass
+            self.check_stop()
 
     def run(self) -> None:
         """Run to the budget, or to the timeout; ``interrupt_all`` after a KeyboardInterrupt."""
         self.ex.start(self.handoff)
         self.started = self.clock()
         while True:
+            self.check_stop()
             late = self.timed_out()
             if late or self.stopping:
                 self.hand_out = False

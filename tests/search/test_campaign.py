@@ -47,7 +47,7 @@ def test_test_split_refused_for_search_unless_allowed():
 
 
 def test_param_ranges_validated_against_the_method():
-    with pytest.raises(CampaignError, match="no per-model parameter 'epsilon'"):
+    with pytest.raises(CampaignError, match="no searchable parameter 'epsilon'"):
         _campaign(search={"params": {"weight": [0, 1], "epsilon": [0.1, 0.2]}})
     with pytest.raises(CampaignError, match="within"):
         _campaign(search={"params": {"weight": [0, 1], "density": [0.5, 1.5]}})
@@ -146,3 +146,38 @@ def test_chat_template_is_a_boolean_off_by_default():
 def test_the_leaderboard_suite_is_not_a_search_objective():
     with pytest.raises(CampaignError, match="eval.suite 'leaderboard'"):
         _campaign(eval={"suite": "leaderboard"})
+
+
+def test_whole_merge_parameters_are_searched_per_layer_for_sce_nearswap_and_multislerp():
+    layers = 4
+    sce = _campaign(method="sce", search={"granularity": "layer", "params": {"select_topk": [0.2, 1.0]}})
+    space = GenomeSpace(sce, layers)
+    assert space.param_names() == [f"shared.select_topk.L{i:02d}" for i in range(layers)]
+    params = {n: 0.2 + 0.2 * i for i, n in enumerate(space.param_names())}
+    recipe = yaml.safe_load(space.to_recipe(params).to_yaml())
+    assert recipe["parameters"]["select_topk"] == pytest.approx([0.2, 0.4, 0.6, 0.8])
+    assert all("parameters" not in m for m in recipe["models"])
+    assert [name for name, _ in space.baselines()] == ["uniform"]            # no weights to single out
+    assert set(space.baselines()[0][1].values()) == {1.0}                     # keep everything, like density
+
+    near = _campaign(method="nearswap", models=["a"], search={"granularity": "global", "params": {"t": [0.0, 0.5]}})
+    space = GenomeSpace(near, layers)
+    assert space.param_names() == ["shared.t.all"]
+    assert yaml.safe_load(space.to_recipe({"shared.t.all": 0.25}).to_yaml())["parameters"]["t"] == 0.25
+    with pytest.raises(CampaignError, match="exactly one model"):
+        _campaign(method="nearswap", search={"params": {"t": [0.0, 0.5]}})
+    with pytest.raises(CampaignError, match="must lie within"):
+        _campaign(method="sce", search={"params": {"select_topk": [0.5, 1.5]}})
+
+    multi = _campaign(method="multislerp", search={"granularity": "global", "params": {"weight": [0.0, 1.0]}})
+    space = GenomeSpace(multi, layers)
+    assert space.param_names() == ["m0.weight.all", "m1.weight.all"]
+    recipe = space.to_recipe({"m0.weight.all": 0.3, "m1.weight.all": 0.7})
+    assert yaml.safe_load(recipe.to_yaml())["merge_method"] == "multislerp"
+
+
+def test_non_finite_ranges_and_methods_without_a_base_are_refused():
+    with pytest.raises(CampaignError, match="finite"):
+        _campaign(search={"params": {"weight": [0, float("inf")]}})
+    with pytest.raises(CampaignError, match="ignores the base model"):
+        _campaign(method="karcher", search={"params": {"weight": [0, 1]}})

@@ -28,12 +28,17 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def ray_cluster(tmp_path_factory):
-    ray = pytest.importorskip("ray")
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:   # not imported: start_ray must load it first
+        pytest.skip("ray is not installed")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ["BRMERGE_TEST_KILL_MARKER"] = str(tmp_path_factory.mktemp("marker") / "killed")
     from search.executor import start_ray
 
     start_ray(num_cpus=2)
+    import ray
+
     yield ray
     ray.shutdown()
 

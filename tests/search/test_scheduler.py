@@ -349,3 +349,27 @@ def test_staged_campaign_prunes_only_with_evidence_and_records_the_decision():
     assert pruned > 0
     full = [s for n, s, _ in ex.submitted if s == 2]
     assert len(full) == sum(t.state.name == "COMPLETE" for t in trials)
+
+
+def test_a_stop_request_stops_at_a_safe_point_and_nothing_is_left_running():
+    holder = {}
+
+    def outcome(job):
+        if job.trial.number == 3:
+            holder["sched"].request_stop("SIGTERM")   # as the signal handler does, mid-trial
+        return result(job)
+
+    sched, ex, study = scheduler(outcome, budget=20, workers=2)
+    holder["sched"] = sched
+    sched.prefill()
+    with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
+        sched.run()
+    sched.interrupt_all()
+    trials = study.get_trials()
+    assert not any(t.state.name == "RUNNING" for t in trials)
+    # every asked trial is either recorded or interrupted and queued again; none half-sampled
+    for t in trials:
+        assert t.state.name in ("COMPLETE", "WAITING") or T.interrupted(t)
+        if T.interrupted(t):
+            assert "x" in t.params
+    assert len(T.finished_trials(study)) < 20
