@@ -11,7 +11,8 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,7 +104,9 @@ def export_trial(directory: Path, *, out: Path, trial: int | None = None, device
             AutoModelForCausalLM.from_pretrained(str(staging), dtype=torch.float32), dev_device)
         dev_eval = scoring.evaluator(campaign, tokenizer, split=scoring.search_split(campaign))
         test_eval = scoring.evaluator(campaign, tokenizer, split="test", purpose="report")
-        dev, dev_domains, dev_items = _score(dev_eval, model, campaign)
+        # on a CPU, as many threads as the trial's worker had: a matmul rounds by how it is split
+        with _threads(chosen.user_attrs.get(T.A_THREADS) if dev_device.type == "cpu" else None):
+            dev, dev_domains, dev_items = _score(dev_eval, model, campaign)
         expected = float(chosen.user_attrs.get(T.A_SCORE, chosen.values[0]))
         if dev != expected:
             raise ExportError(f"re-scoring the exported model on dev gave {dev!r}, the trial scored {expected!r}: "
@@ -187,3 +190,17 @@ def _acc(entry: Mapping[str, Any] | None) -> str:
 def _cmp(row: Mapping[str, Any], split: str) -> str:
     d = (row.get("exported_minus_this") or {}).get(split)
     return d["text"] if d else E.comparison_text(None)
+
+
+@contextmanager
+def _threads(n: int | None) -> Iterator[None]:
+    """torch's CPU thread count set to ``n`` for the block (unchanged when ``n`` is None)."""
+    import torch
+
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

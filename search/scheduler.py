@@ -315,7 +315,7 @@ class Scheduler:
 
     def _attrs(self, job: Job, r: T.StageResult) -> None:
         T.record_run(job.trial, domains=r.domains, materialize_s=job.materialize_s, eval_s=job.eval_s,
-                     worker=job.worker, attempts=job.attempts, started=job.started)
+                     worker=job.worker, attempts=job.attempts, started=job.started, threads=r.threads)
 
     def _fail(self, job: Job, reason: str, tb: str | None) -> None:
         T.record_failure(job.trial, reason, traceback=tb, worker=job.worker, attempts=job.attempts)

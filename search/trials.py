@@ -37,6 +37,7 @@ A_PRUNE = "prune_decision"        # why stage 1 did or did not stop the trial
 A_MATERIALIZE = "materialize_seconds"
 A_EVAL = "eval_seconds"
 A_WORKER = "worker"
+A_THREADS = "torch_threads"       # the worker's CPU threads: CPU matmuls round by their split
 A_ERROR = "error"
 A_TRACEBACK = "traceback"
 A_INTERRUPTED = "interrupted"
@@ -72,6 +73,7 @@ class StageResult:
     item_ids: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     materialize_seconds: float = 0.0
     eval_seconds: float = 0.0
+    threads: int | None = None      # torch's CPU threads in the worker (the export's proof uses as many)
     error: str | None = None
     traceback: str | None = None
 
@@ -93,7 +95,7 @@ class StageResult:
 # -- writing the record (the scheduler) ---------------------------------------------------------
 
 def record_run(trial: optuna.trial.Trial, *, domains: Mapping[str, Mapping[str, float]], materialize_s: float,
-               eval_s: float, worker: int, attempts: int, started: float) -> None:
+               eval_s: float, worker: int, attempts: int, started: float, threads: int | None = None) -> None:
     trial.set_user_attr(A_DOMAINS, {d: dict(v) for d, v in domains.items()})
     trial.set_user_attr(A_MATERIALIZE, round(materialize_s, 4))
     trial.set_user_attr(A_EVAL, round(eval_s, 4))
@@ -101,6 +103,8 @@ def record_run(trial: optuna.trial.Trial, *, domains: Mapping[str, Mapping[str, 
     trial.set_user_attr(A_ATTEMPTS, attempts)
     trial.set_user_attr(A_START, started)
     trial.set_user_attr(A_END, time.time())
+    if threads:
+        trial.set_user_attr(A_THREADS, threads)
 
 
 def record_failure(trial: optuna.trial.Trial, reason: str, *, traceback: str | None, worker: int,

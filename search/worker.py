@@ -51,6 +51,8 @@ class TrialWorker:
 
     def run(self, recipe_yaml: str, *, stage: int) -> StageResult:
         """Materialize (stage 1, or a single-stage trial) and evaluate; never raises."""
+        import torch
+
         from merge_core.recipe import Recipe
 
         t0 = time.perf_counter()
@@ -74,7 +76,8 @@ class TrialWorker:
                                score=scoring.score(self.campaign, result),
                                objectives=scoring.objectives(self.campaign, result),
                                domains=scoring.domain_metrics(result), items=items, item_ids=ids,
-                               materialize_seconds=materialize, eval_seconds=time.perf_counter() - t1)
+                               materialize_seconds=materialize, eval_seconds=time.perf_counter() - t1,
+                               threads=torch.get_num_threads() if self.device == "cpu" else None)
         except Exception as exc:  # noqa: BLE001 - the study records it as a FAIL trial, with its traceback
             return StageResult(worker=self.worker_id, stage=stage, error=f"{type(exc).__name__}: {exc}",
                                traceback=traceback.format_exc(limit=8), materialize_seconds=materialize)

@@ -10,6 +10,7 @@ from merge_core.recipe import Recipe
 from merge_core.resident import ResidentModels
 from search.demo.tiny import llama_config, make_llama, make_tokenizer
 from merge_core.resident import as_live_module
+from search.export import _threads
 
 
 def test_export_rescoring_equals_the_resident_trial_bit_for_bit(tmp_path):
@@ -28,9 +29,17 @@ def test_export_rescoring_equals_the_resident_trial_bit_for_bit(tmp_path):
     resident = ResidentModels(str(base), [str(a), str(b)], device="cpu")
     live = resident.load_module()
     resident.materialize(recipe, live)
-    trial = evaluator.evaluate(live)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)             # a search worker with one thread, as the demo runs them
+    try:
+        trial = evaluator.evaluate(live)
+    finally:
+        torch.set_num_threads(before)
 
     merge_to_disk(recipe, tmp_path / "out", device="cpu", progress=False)
     loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), dtype=torch.float32)
-    proof = evaluator.evaluate(as_live_module(loaded, torch.device("cpu")))
+    torch.set_num_threads(2)             # the export's own process may have more
+    with _threads(1):                    # the trial's recorded thread count
+        proof = evaluator.evaluate(as_live_module(loaded, torch.device("cpu")))
+    torch.set_num_threads(before)
     assert [(i.pred, i.gold_prob) for i in proof.items] == [(i.pred, i.gold_prob) for i in trial.items]
