@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import copy
+import importlib.resources
 import math
 import re
 from collections.abc import Mapping
@@ -30,46 +31,8 @@ SEARCHABLE = ("weight", "density", "epsilon", "gamma", "t", "lambda", "select_to
 SHARED_SEARCHABLE: dict[str, tuple[float, float]] = {
     "select_topk": (0.0, 1.0), "t": (0.0, float("inf")), "lambda": (0.0, float("inf"))}
 
-TEMPLATE = """\
-# brmerge campaign: search per-layer merge coefficients of fine-tunes of one base model.
-# Run it with:  brmerge search campaign.yaml   (add --resume to continue after a stop)
-name: legal-health-ptbr
-
-# The model the others were fine-tuned from, and the fine-tunes (local folders or hub ids).
-base_model: path-or-hub-id
-models: [path-or-hub-id, path-or-hub-id]
-
-# Any merge-core method with per-model parameters: ties, dare_ties, task_arithmetic, della, ...
-method: dare_ties
-
-search:
-  granularity: layer          # layer | block:N (N consecutive layers share values) | global
-  params:                     # [low, high] ranges; the method decides which apply
-    weight: [0.0, 1.0]
-    density: [0.1, 1.0]
-  split_attn_mlp: false       # separate values for attention and MLP tensors
-
-sampler: cmaes                # cmaes | tpe | nsga2 | gp | random
-
-# Weighted sum of domain scores; with nsga2 each weighted domain is its own objective (Pareto front).
-objectives: {legal: 1.0, health: 1.0, enem: 1.0}
-
-# Search scores the dev split only. suite: sample (ships with brmerge) or dev (data_dir or
-# $BRMERGE_DATA_DIR). stage1: items per task scored first (null: a quarter of limit; false: off);
-# a candidate stops there only if it is in the bottom quarter of the stage-1 scores so far AND
-# significantly worse than the best trial on the same items (exact McNemar, prune_alpha).
-# chat_template: score through the models' chat template (instruct fine-tunes), as lm-eval's
-# --apply_chat_template --fewshot_as_multiturn does.
-eval: {suite: dev, limit: 200, stage1: 50, prune_alpha: 0.05, chat_template: false, data_dir: null}
-
-budget: {trials: 200, timeout: null}   # timeout in seconds; the trial count includes baselines
-
-workers: {count: auto, gpus_per_worker: 1}   # auto: one per GPU, else one per 2 CPUs
-ray: {address: null}          # null: a local Ray; "auto" or host:port: an existing cluster
-storage: null                 # null: SQLite in the campaign directory; or any Optuna RDB URL, e.g.
-# storage: {url: postgresql+psycopg://user@db-host/brmerge, password_env: BRMERGE_DB_PASSWORD}
-seed: 0
-"""
+# The commented campaign file `brmerge init` writes (package data, read once).
+TEMPLATE = (importlib.resources.files("search") / "campaign_template.yaml").read_text(encoding="utf-8")
 
 DEFAULTS: dict[str, Any] = {
     "method": "ties",                       # deterministic, strong, and mergekit's usual choice

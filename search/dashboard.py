@@ -3,7 +3,7 @@
 Two layers keep a read-only dashboard read-only, both through public interfaces:
 ``ReadOnlyApp`` answers every request that could change something (any method but GET,
 HEAD and OPTIONS) with 403 and a JSON reason before optuna-dashboard sees it, and the
-storage handed to optuna-dashboard is a ``search.storage.PublicStorage`` that refuses
+storage handed to optuna-dashboard is a ``search.public_storage.PublicStorage`` that refuses
 writes and masks the storage URL in what it serves.
 """
 
@@ -16,7 +16,7 @@ from typing import Any
 
 import optuna
 
-from search.storage import PublicStorage
+from search.public_storage import PublicStorage
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")

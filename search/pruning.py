@@ -83,3 +83,15 @@ def decide(score: float, correct: Sequence[bool], *, earlier: Sequence[float],
                              threshold, p, incumbent)
     return PruneDecision(False, f"bottom quarter, but not significantly worse than trial {incumbent} "
                                 f"(p = {p:.3g} > {alpha})", threshold, p, incumbent)
+
+
+def incumbent(study) -> tuple[int | None, list[bool] | None]:
+    """The best fully scored trial so far and its stage-1 per-item correctness (pooled over
+    the domains, sorted), or ``(None, None)``."""
+    from search import trials as T
+
+    best = T.best_trials(study, 1)
+    if not best:
+        return None, None
+    bits = T.item_bits(best[0], stage1=True)
+    return best[0].number, ([c for d in sorted(bits) for c in bits[d]] if bits else None)

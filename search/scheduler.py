@@ -291,14 +291,9 @@ class Scheduler:
         return False
 
     def prune_decision(self, r: T.StageResult) -> pruning.PruneDecision:
-        incumbent = T.best_trials(self.study, 1)
-        inc_bits = None
-        if incumbent:
-            bits = T.item_bits(incumbent[0], stage1=True)
-            inc_bits = [c for d in sorted(bits) for c in bits[d]] if bits else None
+        number, bits = pruning.incumbent(self.study)
         return pruning.decide(float(r.score), r.correct(), earlier=self.stage1_scores,
-                              incumbent_correct=inc_bits,
-                              incumbent=incumbent[0].number if incumbent else None, alpha=self.alpha)
+                              incumbent_correct=bits, incumbent=number, alpha=self.alpha)
 
     def _complete(self, job: Job, r: T.StageResult) -> None:
         trial = job.trial

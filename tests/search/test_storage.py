@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from merge_core.errors import BrmergeError
+from search import public_storage as P
 from search import storage as S
 from search.campaign import CampaignError, parse_campaign
 
@@ -118,15 +119,15 @@ def test_public_storage_refuses_writes_and_masks_reads():
     inner = optuna.storages.InMemoryStorage()
     study = optuna.create_study(study_name="s", storage=inner)
     study.set_user_attr("campaign", {"storage": "postgresql://u:hunter2@h/d"})
-    ro = S.PublicStorage(inner)
+    ro = P.PublicStorage(inner)
     assert "hunter2" not in repr([s.user_attrs for s in ro.get_all_studies()])
     assert ro.get_study_user_attrs(inner.get_study_id_from_name("s"))["campaign"]["storage"] == "postgresql://u:***@h/d"
-    with pytest.raises(S.ReadOnlyStorageError, match="--allow-edits"):
+    with pytest.raises(P.ReadOnlyStorageError, match="--allow-edits"):
         ro.delete_study(inner.get_study_id_from_name("s"))
-    with pytest.raises(S.ReadOnlyStorageError):
+    with pytest.raises(P.ReadOnlyStorageError):
         optuna.load_study(study_name="s", storage=ro).ask()
     assert [s.study_name for s in inner.get_all_studies()] == ["s"]
-    S.PublicStorage(inner, writable=True).delete_study(inner.get_study_id_from_name("s"))
+    P.PublicStorage(inner, writable=True).delete_study(inner.get_study_id_from_name("s"))
     assert inner.get_all_studies() == []
 
 
