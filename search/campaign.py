@@ -250,6 +250,18 @@ def parse_campaign(data: Any, *, source: str = "campaign") -> Campaign:
     limit = ev.get("limit")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         errors.append(f"eval.limit {limit!r} must be a positive number of items per task, or null for all")
+    data_dir = ev.get("data_dir")
+    if data_dir is not None and not (isinstance(data_dir, str) and data_dir.strip()):
+        errors.append(f"eval.data_dir {data_dir!r} must be a folder path (a string), or null for "
+                      "$BRMERGE_DATA_DIR")
+    shots = ev.get("num_fewshot")
+    if isinstance(shots, bool) or not isinstance(shots, int) or shots < 0:
+        errors.append(f"eval.num_fewshot {shots!r} must be a whole number of examples >= 0")
+        shots = 0
+    address = d["ray"].get("address")
+    if address is not None and not (isinstance(address, str) and address.strip()):
+        errors.append(f"ray.address {address!r} must be \"auto\", host:port or ray://host:port (a string), "
+                      "or null for a private local cluster")
     chat = ev.get("chat_template")
     if not isinstance(chat, bool):
         errors.append(f"eval.chat_template {chat!r} must be true or false")
@@ -317,7 +329,7 @@ def parse_campaign(data: Any, *, source: str = "campaign") -> Campaign:
         objectives={k: float(v) for k, v in objectives.items()}, suite=ev["suite"], limit=limit,
         stage1=stage1, prune_alpha=float(alpha), chat_template=chat is True, data_dir=ev.get("data_dir"),
         allow_test=bool(ev.get("allow_test")),
-        num_fewshot=int(ev.get("num_fewshot", 3)), trials=trials,
+        num_fewshot=shots, trials=trials,
         timeout=float(timeout) if timeout else None, workers=count, gpus_per_worker=float(gpw),
         ray_address=d["ray"].get("address"), storage=storage, seed=seed, source_file=source, raw=dict(data),
         storage_password_env=password_env or None,

@@ -120,7 +120,7 @@ class Driver:
             if source is None or not source.is_file() or source.resolve() != copy.resolve():
                 text = source.read_text(encoding="utf-8") if source is not None and source.is_file() \
                     else yaml.safe_dump(dict(c.raw), sort_keys=False)
-                copy.write_text(text, encoding="utf-8")
+                copy.write_text(S.mask_text(text), encoding="utf-8")   # no password in the campaign directory
             return
         stored = T.campaign_attr(study)
         if not stored:
@@ -136,7 +136,7 @@ class Driver:
                               + "): only budget, workers, ray and storage may change on a resume; "
                               "restore those keys, or start a new campaign with another name or --dir")
         if c.source_file and Path(c.source_file).is_file() and Path(c.source_file).resolve() != copy.resolve():
-            copy.write_text(Path(c.source_file).read_text(encoding="utf-8"), encoding="utf-8")
+            copy.write_text(S.mask_text(Path(c.source_file).read_text(encoding="utf-8")), encoding="utf-8")
 
     def run(self) -> optuna.Study:
         """Run the campaign to its budget (or timeout, or a stop signal); returns the study.

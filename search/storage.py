@@ -55,6 +55,14 @@ def mask_url(url: str) -> str:
     return _QUERY_PW.sub(lambda m: m.group(1) + MASK, out)
 
 
+_URL_USERINFO = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^:@/\s'\"]*):(?P<pw>[^@/\s'\"]*)@")
+
+
+def mask_text(text: str) -> str:
+    """``text`` (a campaign file, a log line) with the password of every URL in it masked."""
+    return _QUERY_PW.sub(lambda m: m.group(1) + MASK, _URL_USERINFO.sub(lambda m: f"{m['head']}:{MASK}@", text))
+
+
 def _password(url: str) -> str | None:
     m = _USERINFO.match(url)
     return m["pw"] if m and m["pw"] else None

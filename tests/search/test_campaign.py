@@ -181,3 +181,13 @@ def test_non_finite_ranges_and_methods_without_a_base_are_refused():
         _campaign(search={"params": {"weight": [0, float("inf")]}})
     with pytest.raises(CampaignError, match="ignores the base model"):
         _campaign(method="karcher", search={"params": {"weight": [0, 1]}})
+
+
+def test_untyped_eval_and_ray_fields_are_one_line_errors():
+    with pytest.raises(CampaignError) as err:
+        _campaign(eval={"suite": "sample", "data_dir": 5, "num_fewshot": "3"}, ray={"address": 12345})
+    msg = str(err.value)
+    assert "eval.data_dir 5 must be a folder path" in msg
+    assert "eval.num_fewshot '3'" in msg and "ray.address 12345" in msg and "\n" not in msg
+    with pytest.raises(CampaignError, match="num_fewshot -1"):
+        _campaign(eval={"suite": "sample", "num_fewshot": -1})

@@ -96,3 +96,14 @@ def test_resume_accepts_a_new_budget_and_worker_count(tiny_zoo, tmp_path):
     study, _, _, _ = driver._open()
     driver._record_campaign(study)     # no error: only budget and workers changed
     assert json.loads(json.dumps(study.user_attrs[T.S_CAMPAIGN]))["budget"] == {"trials": 3}
+
+
+def test_the_campaign_copy_in_the_directory_holds_no_password(tiny_zoo, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    _campaign(cfg, tiny_zoo, storage="postgresql+psycopg://brmerge:hunter2@db.example:5432/brmerge")
+    text = cfg.read_text()
+    assert "hunter2" in text
+    driver = Driver(load_campaign(cfg), tmp_path / "camp", progress=False)
+    driver._record_campaign(None)      # what a new study's driver writes
+    copy = (tmp_path / "camp" / "campaign.yaml").read_text()
+    assert "hunter2" not in copy and "brmerge:***@db.example" in copy
