@@ -107,3 +107,27 @@ def test_the_campaign_copy_in_the_directory_holds_no_password(tiny_zoo, tmp_path
     driver._record_campaign(None)      # what a new study's driver writes
     copy = (tmp_path / "camp" / "campaign.yaml").read_text()
     assert "hunter2" not in copy and "brmerge:***@db.example" in copy
+
+
+def test_negative_workers_is_a_one_line_error(tiny_zoo, tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    _campaign(cfg, tiny_zoo)
+    assert main(["search", str(cfg), "--dir", str(tmp_path / "camp"), "--workers", "-1", "--quiet"]) == 2
+    assert "--workers -1" in capsys.readouterr().err
+    assert not (tmp_path / "camp").exists()
+
+
+def test_a_model_asking_for_remote_code_is_refused_before_the_study(tiny_zoo, tmp_path, capsys):
+    import shutil
+
+    remote = tmp_path / "remote-ft"
+    shutil.copytree(tiny_zoo["ft_a"], remote)
+    config = json.loads((remote / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_custom.CustomLM"}
+    (remote / "config.json").write_text(json.dumps(config))
+    cfg = tmp_path / "c.yaml"
+    _campaign(cfg, tiny_zoo, models=[str(remote), str(tiny_zoo["ft_b"])])
+    assert main(["search", str(cfg), "--dir", str(tmp_path / "camp"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "remote-ft" in err[0]
+    assert not (tmp_path / "camp" / "study.db").exists()
