@@ -239,7 +239,7 @@ def domains_figure(entries: Sequence[Entry], domains: Sequence[str]) -> Figure:
             n_items.setdefault(d, v.get("n"))
     ax.set_xticks(x, [f"{d}\n(n={n_items[d]})" if n_items.get(d) else d for d in domains])
     ax.set_ylabel("dev accuracy (bars: 95% Wilson interval)")
-    ax.set_ylim(0, min(1.0, top * 1.15) if top > 0 else 1.0)
+    ax.set_ylim(0, min(1.1, top * 1.15) if top > 0 else 1.0)   # room for the labels above 1.0
     ax.set_title("Best trial versus baselines, per domain")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", frameon=False)
