@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shlex
+from pathlib import Path
 
 import pytest
 
@@ -39,7 +40,7 @@ def test_stock_command_indices_follow_the_shots(data_dir):
     suites = load_suites(options)
     args = shlex.split(stock_command(options, suites))
     metadata = json.loads(args[args.index("--metadata") + 1])
-    assert metadata == {"data_dir": str(data_dir), "num_fewshot": 1}
+    assert metadata == {"data_dir": str(Path(data_dir).resolve()), "num_fewshot": 1}   # the resolved folder
     assert args[args.index("--num_fewshot") + 1] == "1"
     samples = json.loads(args[args.index("--samples") + 1])
     docs = load_task(domain="legal", split="dev", source="data", **metadata)["test"]
