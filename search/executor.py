@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from search.campaign import Campaign
-from search.scheduler import Event, Job
+from search.protocol import Event, Job
 
 
 LOOPBACK = ("127.0.0.1", "::1", "::ffff:127.0.0.1")
