@@ -99,29 +99,33 @@ class Driver:
         base = sources[0]
         return num_layers(base.config, list(base.tensor_files()))
 
-    def _open(self) -> tuple[optuna.Study, optuna.storages.BaseStorage, GenomeSpace, list]:
+    def _open(self, location: S.StorageLocation, num_layers: int
+              ) -> tuple[optuna.Study, optuna.storages.BaseStorage, GenomeSpace, list]:
         c = self.campaign
-        space = GenomeSpace(c, self.num_layers if hasattr(self, 'num_layers') else self._preflight())
+        space = GenomeSpace(c, num_layers)
         baselines = space.baselines()
         sampler = make_sampler(c.sampler, seed=c.seed, x0=baselines[0][1], n_baselines=len(baselines))
-        location = S.resolve(c, self.directory)
         rdb = S.open_rdb(location, wal=True)
         study = S.open_study(c, self.directory, resume=self.resume, sampler=sampler,
                              pruner=optuna.pruners.NopPruner(), location=location, rdb=rdb)
         return study, rdb, space, baselines
 
-    def _record_campaign(self, study: optuna.Study) -> None:
+    def _record_campaign(self, study: optuna.Study | None) -> None:
         """A new study: ``DIR/campaign.yaml`` is written now, once the study exists (a refused
-        search leaves the directory as it was). A resume: refuse a campaign whose search changed."""
+        search leaves the directory as it was). A resume: refuse a campaign whose search changed,
+        else update the copy. The copy never holds a password."""
         c = self.campaign
+        if self.resume:
+            self._check_resume(study)
         copy = self.directory / "campaign.yaml"
-        if not self.resume:
-            source = Path(c.source_file) if c.source_file else None
-            if source is None or not source.is_file() or source.resolve() != copy.resolve():
-                text = source.read_text(encoding="utf-8") if source is not None and source.is_file() \
-                    else yaml.safe_dump(dict(c.raw), sort_keys=False)
-                copy.write_text(S.mask_text(text), encoding="utf-8")   # no password in the campaign directory
-            return
+        source = Path(c.source_file) if c.source_file and Path(c.source_file).is_file() else None
+        if source is not None and source.resolve() != copy.resolve():
+            copy.write_text(S.mask_text(source.read_text(encoding="utf-8")), encoding="utf-8")
+        elif source is None and not self.resume:
+            copy.write_text(S.mask_text(yaml.safe_dump(dict(c.raw), sort_keys=False)), encoding="utf-8")
+
+    def _check_resume(self, study: optuna.Study) -> None:
+        c = self.campaign
         stored = T.campaign_attr(study)
         if not stored:
             return
@@ -135,8 +139,6 @@ class Driver:
             raise DriverError("--resume with a campaign whose search changed (" + "; ".join(changed)
                               + "): only budget, workers, ray and storage may change on a resume; "
                               "restore those keys, or start a new campaign with another name or --dir")
-        if c.source_file and Path(c.source_file).is_file() and Path(c.source_file).resolve() != copy.resolve():
-            copy.write_text(S.mask_text(Path(c.source_file).read_text(encoding="utf-8")), encoding="utf-8")
 
     def run(self) -> optuna.Study:
         """Run the campaign to its budget (or timeout, or a stop signal); returns the study.
@@ -144,16 +146,16 @@ class Driver:
         The campaign lock is taken first: a second driver, or ``--resume`` while one is alive,
         is refused before it touches the study (a resume would mark the live trials interrupted).
         """
-        self.num_layers = self._preflight()   # before the lock, which writes to the storage
+        num_layers = self._preflight()   # before the lock, which writes to the storage
         location = S.resolve(self.campaign, self.directory)
         with locks.acquire(self.directory, location=location, study_name=self.campaign.name) as lock:
             self.lock = lock
             self.log(f"storage {location} ({location.source})")
-            return self._run()
+            return self._run(location, num_layers)
 
-    def _run(self) -> optuna.Study:
+    def _run(self, location: S.StorageLocation, num_layers: int) -> optuna.Study:
         c = self.campaign
-        study, rdb, space, baselines = self._open()
+        study, rdb, space, baselines = self._open(location, num_layers)
         self.study, self.space = study, space
         self._record_campaign(study)
         bar = _bar(c.trials, len(T.finished_trials(study)), self.progress)
@@ -174,7 +176,7 @@ class Driver:
         sched.attach(executor)
         self.log(f"starting {executor.n_workers} worker(s) with {executor.resources}")
         try:
-            with stop_on_signals(sched.request_stop), S.guard(S.resolve(c, self.directory), doing="write to"):
+            with stop_on_signals(sched.request_stop), S.guard(location, doing="write to"):
                 try:
                     sched.prefill()   # the first trials are asked while the workers load their models
                     for info in executor.wait_ready(sched.check_stop):

@@ -44,15 +44,11 @@ def domain_accuracies(t: T.FrozenTrial) -> dict[str, dict[str, Any]]:
     return out
 
 
-def pooled(bits: Mapping[str, Sequence[bool]]) -> list[bool]:
-    return [bool(c) for d in sorted(bits) for c in bits[d]]
-
-
 def compare(a: Mapping[str, Sequence[bool]], b: Mapping[str, Sequence[bool]]) -> PairedComparison | None:
     """A against B on the items both were scored on (None without per-item evidence)."""
     if not a or not b or sorted(a) != sorted(b) or any(len(a[d]) != len(b[d]) for d in a):
         return None
-    return paired_comparison(pooled(a), pooled(b))
+    return paired_comparison(T.pooled(a), T.pooled(b))
 
 
 def compare_trials(a: T.FrozenTrial, b: T.FrozenTrial) -> PairedComparison | None:

@@ -94,4 +94,4 @@ def incumbent(study) -> tuple[int | None, list[bool] | None]:
     if not best:
         return None, None
     bits = T.item_bits(best[0], stage1=True)
-    return best[0].number, ([c for d in sorted(bits) for c in bits[d]] if bits else None)
+    return best[0].number, (T.pooled(bits) if bits else None)

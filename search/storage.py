@@ -92,10 +92,6 @@ class StorageLocation:
     def public(self) -> str:
         return mask_url(self.url)
 
-    @property
-    def is_sqlite(self) -> bool:
-        return self.url.startswith("sqlite")
-
     def __str__(self) -> str:
         return self.public
 

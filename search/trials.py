@@ -88,8 +88,14 @@ class StageResult:
         return all(math.isfinite(v) for v in self.values(multi_objective=multi_objective))
 
     def correct(self) -> list[bool]:
-        """Every item's correctness, domains in sorted order (the pooled paired-test order)."""
-        return [c for d in sorted(self.items) for c in self.items[d]]
+        """Every item's correctness, pooled over the domains (see ``pooled``)."""
+        return pooled(self.items)
+
+
+def pooled(bits: Mapping[str, Sequence[bool]]) -> list[bool]:
+    """Per-item correctness of every domain in one list, domains in sorted order: the one
+    order in which the pruning test and the readers' paired comparisons pool items."""
+    return [bool(c) for d in sorted(bits) for c in bits[d]]
 
 
 # -- writing the record (the scheduler) ---------------------------------------------------------

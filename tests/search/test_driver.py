@@ -93,7 +93,7 @@ def test_resume_accepts_a_new_budget_and_worker_count(tiny_zoo, tmp_path):
     _existing_study(directory, raw)
     _campaign(cfg, tiny_zoo, budget={"trials": 9}, workers={"count": 2})
     driver = Driver(load_campaign(cfg), directory, resume=True, progress=False)
-    study, _, _, _ = driver._open()
+    study, _, _, _ = driver._open(S.resolve(driver.campaign, directory), driver._preflight())
     driver._record_campaign(study)     # no error: only budget and workers changed
     assert json.loads(json.dumps(study.user_attrs[T.S_CAMPAIGN]))["budget"] == {"trials": 3}
 
