@@ -6,20 +6,20 @@ and rules here, and nothing else: a reader never imports the driver, Ray or thre
 
 - Trial user attributes: the ``A_*`` names below.
 - Study user attributes: the ``S_*`` names below.
-- ``StageResult``: what a worker sends back for one evaluation stage (typed, with the
-  traceback of a failure), and its per-item evidence.
+- ``StageResult`` (defined in the Optuna-free ``search.stage``, re-exported here): what a
+  worker sends back for one evaluation stage, and its per-item evidence.
 - "Counts toward the budget": done (COMPLETE, PRUNED or FAIL) and not interrupted.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import optuna
+
+from search.stage import StageResult, pooled  # noqa: F401 - re-exported: the record's readers use them
 
 TrialState = optuna.trial.TrialState
 FrozenTrial = optuna.trial.FrozenTrial
@@ -53,49 +53,6 @@ S_OBJECTIVES = "objective_names"
 S_ITEM_LISTS = "item_lists"       # {"stage1"|"final": {domain: [item ids]}}, stored once per study
 
 DONE = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
-
-
-@dataclass(frozen=True)
-class StageResult:
-    """One evaluation stage of one trial, as a worker reports it (never an exception).
-
-    ``items`` maps a domain to the correctness of each scored item, in the order of the
-    stage's item list (``item_ids``), so that two trials can be compared item by item.
-    """
-
-    worker: int
-    stage: int
-    final: bool = False
-    score: float | None = None
-    objectives: tuple[float, ...] = ()
-    domains: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
-    items: Mapping[str, tuple[bool, ...]] = field(default_factory=dict)
-    item_ids: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
-    materialize_seconds: float = 0.0
-    eval_seconds: float = 0.0
-    threads: int | None = None      # torch's CPU threads in the worker (the export's proof uses as many)
-    error: str | None = None
-    traceback: str | None = None
-
-    @property
-    def failed(self) -> bool:
-        return self.error is not None
-
-    def values(self, *, multi_objective: bool) -> list[float]:
-        return list(self.objectives) if multi_objective else [float(self.score)]
-
-    def finite(self, *, multi_objective: bool) -> bool:
-        return all(math.isfinite(v) for v in self.values(multi_objective=multi_objective))
-
-    def correct(self) -> list[bool]:
-        """Every item's correctness, pooled over the domains (see ``pooled``)."""
-        return pooled(self.items)
-
-
-def pooled(bits: Mapping[str, Sequence[bool]]) -> list[bool]:
-    """Per-item correctness of every domain in one list, domains in sorted order: the one
-    order in which the pruning test and the readers' paired comparisons pool items."""
-    return [bool(c) for d in sorted(bits) for c in bits[d]]
 
 
 # -- writing the record (the scheduler) ---------------------------------------------------------

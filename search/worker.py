@@ -17,7 +17,7 @@ from typing import Any
 
 from search import scoring
 from search.campaign import Campaign
-from search.trials import StageResult
+from search.stage import StageResult
 
 
 class TrialWorker:
