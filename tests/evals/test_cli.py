@@ -99,9 +99,12 @@ def test_leaderboard_suite_reports_dev_overlap(tiny_zoo, data_dir, tmp_path, cap
     assert set(data["tasks"]) == {"ptbr_enem_challenge", "ptbr_oab_exams"}
     assert data["meta"]["mode"] == "generation" and data["meta"]["chat_template"] is False
     enem = data["tasks"]["ptbr_enem_challenge"]
-    assert enem["dev_overlap"] == enem["n"] == 2
-    assert ("dev overlap: 2 of 2 ptbr_enem_challenge items are also in the dev split; a campaign "
+    assert enem["n"] == 2 and enem["dev_overlap"] == 1  # ENEM 2010-2017 of 2010-2018/2022/2023
+    assert ("dev overlap: 1 of 2 ptbr_enem_challenge items are also in the dev split; a campaign "
             "searched on dev is optimistic on them") in printed
+    assert "chat template: off (--no-chat-template)" in printed
+    assert data["meta"]["leaderboard_era"] == "2025" and "normalized" in printed.splitlines()[1]
+    assert "not the same item set" in printed
     assert "ptbr_oab_exams: annulled 10, fewshot 3, excluded_by_leaderboard 12" in printed
     args = _command(printed)
     assert _flag(args, "--tasks") == "ptbr_enem_challenge,ptbr_oab_exams"
