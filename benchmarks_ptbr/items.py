@@ -83,8 +83,17 @@ def where(path: Path | str, line: int) -> str:
 
 def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield ``(line_number, row)`` for each non-blank line; malformed JSON is an error."""
-    with open(path, encoding="utf-8") as fh:
-        for number, text in enumerate(fh, start=1):
+    try:
+        fh = open(path, "rb")   # bytes, so a non-UTF-8 line is reported with its number
+    except OSError as exc:
+        raise DataError(f"cannot read data file {str(path)!r}: {exc.strerror or exc}") from None
+    with fh:
+        for number, raw in enumerate(fh, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{where(path, number)}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at "
+                                f"column {exc.start + 1}); re-save the file as UTF-8") from None
             if not text.strip():
                 continue
             try:

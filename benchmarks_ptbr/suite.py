@@ -205,6 +205,9 @@ def load_suite(*, split: str, source: str = "sample", domains: Sequence[str] | N
         loaded = _domain_items(domain, source=source, data_dir=resolved, hub_paths=hub_paths)
         dev = loaded.items["dev"]
         shots = select_shots(dev, preferred=preferred.get(domain, ()), k=num_fewshot)
+        if len(shots) < num_fewshot:   # lm-eval's sampler refuses this too (random.sample)
+            raise SuiteError(f"num_fewshot={num_fewshot} needs {num_fewshot} {domain} shots from the dev split "
+                             f"of the {source} suite, which has {len(dev)} usable items: ask for fewer shots")
         skipped = dict(loaded.skipped[split])
         scorable = loaded.items[split]
         if split == "dev":
@@ -212,6 +215,10 @@ def load_suite(*, split: str, source: str = "sample", domains: Sequence[str] | N
             drop = excluded_ids(shots, dev)
             scorable = [i for i in scorable if i.id not in drop]
             skipped[SKIP_FEWSHOT] = len(drop)
+        if not scorable and split == "dev" and skipped[SKIP_FEWSHOT]:
+            raise SuiteError(f"the dev split of the {source} suite has {len(loaded.items['dev'])} usable {domain} "
+                             f"items and num_fewshot={num_fewshot} takes {skipped[SKIP_FEWSHOT]} of them as "
+                             "shots (with their twins), leaving none to score: ask for fewer shots")
         if not scorable:
             raise SuiteError(f"no scorable {domain} items in the {split} split of the {source} "
                              "suite; check the data directory and the split years")

@@ -14,6 +14,7 @@ see ``check_output``. The replacement is a swap (``replace_output``).
 
 from __future__ import annotations
 
+import errno
 import json
 import mmap
 import os
@@ -29,7 +30,8 @@ import torch
 
 from merge_core.dtypes import from_safetensors, to_safetensors
 from merge_core.errors import MergeError
-from merge_core.sources import read_safetensors_header
+from merge_core.staging import remove_stale_staging, staging_folder
+from merge_core.safetensors_header import read_header as read_safetensors_header
 
 # Tensors are viewed read-only out of the mapping and copied at once; torch's warning
 # about non-writable buffers does not apply.
@@ -53,17 +55,28 @@ class TensorEntry:
 
 
 def read_header(path: str | Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
-    """Tensor entries (absolute offsets) and ``__metadata__`` of a safetensors file."""
-    header = dict(read_safetensors_header(Path(path)))
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
+    """Tensor entries (absolute offsets) and ``__metadata__`` of a safetensors file, after
+    the header was validated against the file (offsets contiguous, sizes = numel x itemsize,
+    end = file size: ``merge_core.safetensors_header``), so no read leaves the tensor."""
+    n, header = read_safetensors_header(Path(path))
     base = 8 + n
     meta = header.pop("__metadata__", None) or {}
-    entries = {
-        name: TensorEntry(tuple(h["shape"]), h["dtype"], base + h["data_offsets"][0], base + h["data_offsets"][1])
-        for name, h in header.items()
-    }
+    entries = {}
+    for name, h in header.items():
+        if not supported_dtype(h["dtype"]):
+            raise MergeError(f"{path}: tensor {name!r} has dtype {h['dtype']}, which brmerge cannot read "
+                             "(this torch lacks it): convert the model to a float dtype first")
+        entries[name] = TensorEntry(tuple(h["shape"]), h["dtype"], base + h["data_offsets"][0],
+                                    base + h["data_offsets"][1])
     return entries, meta
+
+
+def supported_dtype(code: str) -> bool:
+    try:
+        from_safetensors(code)
+    except KeyError:
+        return False
+    return True
 
 
 class SafetensorsFile:
@@ -144,7 +157,8 @@ class TensorReader:
                 state = torch.load(p, map_location="cpu", mmap=True, weights_only=True)
                 self._pickled.update(state)
             else:
-                raise MergeError(f"{p}: pickle checkpoints are refused; pass --allow-pickle if you trust it")
+                raise MergeError(f"{p}: pickle checkpoints are refused: convert it to safetensors (only "
+                                 "`brmerge merge` reads pickle, with --allow-pickle, if you trust it)")
 
     def names(self) -> list[str]:
         return list(self._where) + [n for n in self._pickled if n not in self._where]
@@ -248,7 +262,8 @@ class ShardedWriter:
         self._protected = tuple(protected)
         self.out_dir = check_output(out_dir, overwrite=overwrite, protected=self._protected)
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp_dir = _new_folder(self.out_dir.parent, f".{self.out_dir.name}.partial-")
+        remove_stale_staging(self.out_dir)
+        self.tmp_dir = staging_folder(self.out_dir, "partial")
         self._overwrite = overwrite
         self._layout = shard_layout(list(tensors), max_shard_bytes)
         self._order = [t for shard in self._layout for t in shard]
@@ -284,6 +299,12 @@ class ShardedWriter:
         self._remaining_in_shard = len(shard)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
+        try:
+            self._write(name, tensor)
+        except OSError as e:
+            raise self._disk_error(e) from None
+
+    def _write(self, name: str, tensor: torch.Tensor) -> None:
         expected = self._order[self._next]
         if name != expected.name:
             raise RuntimeError(f"writer expected tensor {expected.name!r} next, got {name!r}")
@@ -306,6 +327,28 @@ class ShardedWriter:
 
     def commit(self, extra_files: Mapping[str, bytes | str | Path] = {}) -> Path:
         """Finish the shards, add ``extra_files`` (name -> content or source path), move into place."""
+        try:
+            return self._commit(extra_files)
+        except OSError as e:
+            raise self._disk_error(e) from None
+
+    def _disk_error(self, e: OSError) -> OSError | MergeError:
+        """A full disk (or quota) as one line naming the output and the bytes it needs; the
+        partial folder is removed first, so nothing that looks complete is left. Any other
+        OSError is returned unchanged (re-raised by the caller)."""
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            return e
+        self.abort()
+        need = sum(t.nbytes for t in self._order)
+        try:
+            free = f"{shutil.disk_usage(self.out_dir.parent).free:,} bytes are free there"
+        except OSError:
+            free = "the free space is unknown"
+        return MergeError(f"the disk filled while writing {self.out_dir} ({e.strerror}): the output needs "
+                          f"{need:,} bytes of tensors plus its tokenizer and config, {free}; nothing was "
+                          "kept: free space or choose another --out")
+
+    def _commit(self, extra_files: Mapping[str, bytes | str | Path]) -> Path:
         if self._next != len(self._order):
             raise RuntimeError(f"writer got {self._next} of {len(self._order)} tensors")
         if self._handle is not None:
@@ -329,7 +372,10 @@ class ShardedWriter:
 
     def abort(self) -> None:
         if self._handle is not None:
-            self._handle.close()
+            try:
+                self._handle.close()   # flushing may fail again on a full disk: the folder goes anyway
+            except OSError:
+                pass
             self._handle = None
         shutil.rmtree(self.tmp_dir, ignore_errors=True)
 
@@ -399,18 +445,6 @@ def _is_brmerge_output(folder: Path) -> bool:
     except (OSError, ValueError):
         return False
     return isinstance(mark, dict) and str(mark.get("schema", "")).startswith(_OUTPUT_SCHEMA)
-
-
-def _new_folder(parent: Path, prefix: str) -> Path:
-    """A new, uniquely named folder with the usual permissions (0777 less the umask, where
-    ``tempfile.mkdtemp`` would make it 0700 and the output would keep that)."""
-    while True:
-        path = parent / f"{prefix}{secrets.token_hex(4)}"
-        try:
-            path.mkdir(mode=0o777)
-            return path
-        except FileExistsError:
-            continue
 
 
 def count_nonfinite(t: torch.Tensor) -> int:

@@ -34,7 +34,7 @@ from merge_core.methods.base import MergeParams
 from merge_core.plan import MergePlan, TensorPlan, build_plan
 from merge_core.provenance import build_provenance, write_model_card
 from merge_core.recipe import Recipe
-from merge_core.sources import ModelSource, resolve_model
+from merge_core.sources import ModelSource, remote_code_files, resolve_model
 from merge_core.tokenizers import tokenizer_files
 from merge_core.vocab import AlignedFetch, plan_vocabulary
 
@@ -289,6 +289,10 @@ def _copy_side_files(plan: MergePlan, sources: Mapping[str, ModelSource]) -> dic
     gen = sources[plan.config_source].path / "generation_config.json"
     if gen.is_file():
         files["generation_config.json"] = gen
+    # a source accepted with --trust-remote-code: its auto_map's code files go with the config
+    # and tokenizer copied from it (never imported here)
+    for ref in {plan.config_source, plan.tokenizer_source}:
+        files.update(remote_code_files(sources[ref].path))
     return files
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from merge_core import chat_templates, methods
+from merge_core import chat_templates, methods, safe_yaml
 from merge_core.dtypes import RECIPE_DTYPES
 from merge_core.errors import RecipeError, did_you_mean
 from merge_core.methods.base import BasePolicy, Scope
@@ -112,12 +112,8 @@ class Recipe:
     # -- reading and writing -------------------------------------------------
     @classmethod
     def from_yaml(cls, text: str, *, source: str = "recipe", check_params: bool = True) -> Recipe:
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark is not None else ""
-            raise RecipeError(f"{source}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        # aliases bounded: an alias bomb would make ``freeze`` below walk a billion values
+        data = safe_yaml.load(text, source=source, error=RecipeError)
         if not isinstance(data, Mapping):
             raise RecipeError(f"{source}: a recipe is a YAML mapping with merge_method and models or slices")
         return cls.from_dict(data, source=source, check_params=check_params)
@@ -127,7 +123,8 @@ class Recipe:
         p = Path(path)
         if not p.is_file():
             raise RecipeError(f"recipe file {str(p)!r} not found: check the path")
-        return cls.from_yaml(p.read_text(encoding="utf-8"), source=str(p), check_params=check_params)
+        text = safe_yaml.read_text(p, error=RecipeError, what="recipe")
+        return cls.from_yaml(text, source=str(p), check_params=check_params)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, source: str = "recipe", check_params: bool = True) -> Recipe:

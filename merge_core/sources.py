@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,9 +30,6 @@ _HUB_PATTERNS = [
 _HUB_PICKLE_PATTERNS = ["*.bin"]
 # Subfolders hold other formats or variants (onnx/, original/, gguf/...): never the weights we read.
 _HUB_IGNORE = ["*/*"]
-
-# safetensors itself refuses headers above 100 MB; a larger length means a corrupt file.
-_MAX_HEADER_BYTES = 100_000_000
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 _COMMIT_SHA = re.compile(r"^[0-9a-f]{40}$")
@@ -171,29 +167,11 @@ def _adapter_config(path: Path, *, ref: str) -> dict[str, Any]:
 
 
 def read_safetensors_header(path: Path) -> dict[str, Any]:
-    """A safetensors file's JSON header (name -> dtype, shape, offsets); no tensor data read."""
-    try:
-        with open(path, "rb") as f:
-            prefix = f.read(8)
-            if len(prefix) < 8:
-                raise SourceError(f"{path} is not a safetensors file (shorter than 8 bytes): "
-                                  "re-download or re-save it")
-            (size,) = struct.unpack("<Q", prefix)
-            if size > _MAX_HEADER_BYTES:
-                raise SourceError(f"{path} has a {size}-byte header, so it is corrupt: "
-                                  "re-download or re-save it")
-            raw = f.read(size)
-    except OSError as e:
-        raise SourceError(f"cannot read weight file {path}: {e.strerror or e}") from e
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SourceError(f"{path} has an unreadable safetensors header ({e}): "
-                          "re-download or re-save it") from e
-    if not isinstance(header, dict):
-        raise SourceError(f"{path} has a safetensors header that is not a JSON object: "
-                          "re-download or re-save it")
-    return header
+    """A safetensors file's JSON header (name -> dtype, shape, offsets), validated as strictly
+    as the safetensors library does (``merge_core.safetensors_header``); no tensor data read."""
+    from merge_core.safetensors_header import read_header
+
+    return read_header(Path(path))[1]
 
 
 def safetensors_tensor_names(path: Path) -> list[str]:
@@ -324,9 +302,34 @@ def _refuse_remote_code(path: Path, config: Mapping[str, Any], *, ref: str) -> N
         except (OSError, ValueError, AttributeError):
             pass  # an unreadable tokenizer config is the tokenizer loader's problem, not ours
     if where:
-        raise SourceError(f"model '{ref}' needs custom code ({where} has auto_map): pass "
-                          "--trust-remote-code if you trust it, or use a model that runs on "
-                          "transformers' built-in architectures")
+        raise SourceError(f"model '{ref}' needs custom code ({where} has auto_map): use a model that "
+                          "runs on transformers' built-in architectures (`brmerge merge` and `brmerge eval` "
+                          "accept it with --trust-remote-code, if you trust it)")
+
+
+def remote_code_files(path: Path) -> dict[str, Path]:
+    """The code files (``name.py`` -> path) that the ``auto_map`` of ``path``'s config.json and
+    tokenizer_config.json name, for a merge of a model accepted with ``--trust-remote-code``:
+    copied beside the output's config, so the output loads exactly as its source did instead of
+    naming modules it lacks. A reference into another repository (``repo--module.Class``) is
+    fetched from there by transformers and needs no file; nothing here imports the code."""
+    files: dict[str, Path] = {}
+    for name in ("config.json", "tokenizer_config.json"):
+        try:
+            auto_map = json.loads((path / name).read_text(encoding="utf-8")).get("auto_map") or {}
+        except (OSError, ValueError, AttributeError):
+            continue
+        refs: list[str] = []
+        for value in auto_map.values() if isinstance(auto_map, dict) else ():
+            refs += [v for v in (value if isinstance(value, list) else [value]) if isinstance(v, str)]
+        for ref in refs:
+            if "--" in ref or "." not in ref:
+                continue
+            module = ref.rsplit(".", 1)[0]
+            code = path / (module.replace(".", "/") + ".py")
+            if code.is_file() and path.resolve() in code.resolve().parents:
+                files[code.relative_to(path).as_posix()] = code
+    return files
 
 
 def _find_weights(path: Path, *, ref: str,
@@ -345,8 +348,8 @@ def _find_weights(path: Path, *, ref: str,
             more = f", +{len(pickles) - 2} more" if len(pickles) > 2 else ""
             shown = ", ".join(f.name for f in pickles[:2]) + more
         raise SourceError(f"model '{ref}' has only pickle weights ({shown}); pickle can run code "
-                          "when loaded: pass --allow-pickle if you trust it, or convert to "
-                          "safetensors")
+                          "when loaded: convert it to safetensors (only `brmerge merge` reads pickle, with "
+                          "--allow-pickle, if you trust it)")
     return "pickle", pickles
 
 

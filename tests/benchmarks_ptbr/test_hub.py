@@ -75,7 +75,8 @@ def test_enem_hub_layouts_map_and_mirrors_are_counted(hub_copies):
 
 
 def test_hub_suite_and_bad_hub_rows(hub_copies, tmp_path):
-    suite = load_suite(split="test", source="hub", domains=["legal"], hub_paths=hub_copies)
+    suite = load_suite(split="test", source="hub", domains=["legal"], hub_paths=hub_copies,
+                       num_fewshot=2)   # the copy has 2 dev items
     assert [i.id for i in suite.tasks[0].items] == ["2016-19_1"]
     with pytest.raises(SuiteError, match="no Hugging Face dataset is mapped for the 'health'"):
         load_hub("health", paths=hub_copies)

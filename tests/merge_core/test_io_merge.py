@@ -441,7 +441,7 @@ def test_replace_output_protects_a_campaign_and_swaps(tiny_zoo, tmp_path):
 
 def test_export_refuses_a_fine_tune_of_the_campaign(tiny_zoo, tmp_path, monkeypatch):
     """``export --out <a fine-tune the campaign merges> --overwrite`` replaced that model."""
-    import types
+    import optuna
 
     from search import export, trials
 
@@ -450,7 +450,7 @@ def test_export_refuses_a_fine_tune_of_the_campaign(tiny_zoo, tmp_path, monkeypa
     (ft / "brmerge_provenance.json").write_text('{"schema": "brmerge-provenance/1"}')  # even a merge
     before = _snapshot(ft)
     recipe = _recipe({**tiny_zoo, "ft_a": ft}).to_yaml()
-    trial = types.SimpleNamespace(number=0, user_attrs={trials.A_RECIPE: recipe}, values=[0.5])
+    trial = optuna.trial.create_trial(value=0.5, user_attrs={trials.A_RECIPE: recipe})
     monkeypatch.setattr(export, "load_study", lambda directory: None)
     monkeypatch.setattr(export, "load_campaign", lambda path: None)
     monkeypatch.setattr(export, "pick_trial", lambda study, number: trial)
