@@ -12,8 +12,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
+from merge_core.methods.base import Search
 from merge_core.recipe import Recipe
 from search.campaign import Campaign
 
@@ -107,32 +109,43 @@ class GenomeSpace:
             recipe["parameters"] = {p: self._value(params, None, p) for p in c.shared_params}
         return Recipe.from_dict(recipe)
 
+    @cached_property
+    def declared(self) -> dict[str, Search]:
+        """Each searchable parameter's ``Search`` declaration, from the campaign's merge method."""
+        from merge_core import methods
+
+        return {p.name: p.search for p in methods.get(self.campaign.method).params if p.search is not None}
+
     def constant(self, per_model: Mapping[str, list[float]]) -> dict[str, float]:
         """A genome with one value per (model, param) everywhere, clamped into the ranges.
 
-        ``per_model[param][m]`` is model m's value; params not given take the range's upper end
-        for density-like params (no pruning) and the middle otherwise.
+        ``per_model[param][m]`` is model m's value; params not given take the value the method
+        declares neutral (``Search.neutral``), else the middle of the searched range.
         """
+        declared = self.declared
         out = {}
         for name in self.param_names():
             owner, p = name.split(".")[:2]
             lo, hi = self.bounds(name)
+            neutral = declared[p].neutral
             if p in per_model and owner != "shared":
                 value = per_model[p][int(owner[1:])]
-            else:   # density-like: keep everything; others: the middle of the range
-                value = hi if p in ("density", "select_topk") else (lo + hi) / 2
+            else:
+                value = neutral if neutral is not None else (lo + hi) / 2
             out[name] = min(hi, max(lo, float(value)))
         return out
 
     def baselines(self) -> list[tuple[str, dict[str, float]]]:
-        """The uniform merge (equal weights of 1, the method's default density of 1) first,
-        then each model alone (its weight 1, the others 0)."""
+        """The uniform merge (every parameter at its neutral value: weights of 1, nothing
+        pruned) first, then each model alone (its weight at the neutral value, the others 0),
+        when the method has a parameter that singles a model out (``Search.selects_model``)."""
+        out = [("uniform", self.constant({}))]
         n = len(self.campaign.models)
-        default_density = [1.0] * n
-        out = [("uniform", self.constant({"weight": [1.0] * n, "density": default_density}))]
-        if "weight" not in self.campaign.params:   # no weights to single a model out with
+        selecting = {p: spec.neutral for p, spec in self.declared.items()
+                     if spec.selects_model and p in self.campaign.params}
+        if not selecting:   # nothing to single a model out with
             return out
         for i, ref in enumerate(self.campaign.models):
-            weights = [1.0 if j == i else 0.0 for j in range(n)]
-            out.append((f"model:{ref}", self.constant({"weight": weights, "density": default_density})))
+            alone = {p: [kept if j == i else 0.0 for j in range(n)] for p, kept in selecting.items()}
+            out.append((f"model:{ref}", self.constant(alone)))
         return out

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 
 from merge_core.errors import RecipeError, did_you_mean
-from merge_core.methods.base import BasePolicy, MergeMethod, MergeParams, Param, Scope
+from merge_core.methods.base import BasePolicy, MergeMethod, MergeParams, MethodInfo, Param, Scope, Search
 
 # method name -> the module that defines it; each module exposes METHODS, a tuple of method objects.
 _METHODS: dict[str, str] = {
@@ -47,7 +47,28 @@ def register(method: MergeMethod) -> None:
                         "declare every member of merge_core.methods.base.MergeMethod")
     if method.name in _REGISTRY:
         raise ValueError(f"merge method {method.name!r} is registered twice")
+    _check_search(method)
     _REGISTRY[method.name] = method
+
+
+def unregister(name: str) -> None:
+    """Forget a method ``register`` added outside ``_METHODS`` (a test's, a plugin's)."""
+    if name in _METHODS:
+        raise ValueError(f"merge method {name!r} is built in: remove its line in _METHODS instead")
+    _REGISTRY.pop(name, None)
+
+
+def _check_search(method: MergeMethod) -> None:
+    """What a campaign reads off a parameter's ``Search`` must make sense (``search.genome``)."""
+    for p in method.params:
+        if p.search is None:
+            continue
+        if p.kind not in (float, int):
+            raise TypeError(f"merge method {method.name!r}: parameter {p.name!r} is a {p.kind.__name__}; "
+                            "only numbers can be searched (drop its search=)")
+        if p.search.selects_model and p.scope is Scope.SHARED:
+            raise TypeError(f"merge method {method.name!r}: {p.name!r} is one value for the whole merge; "
+                            "selects_model needs a per-model (model or input scope) parameter")
 
 
 _PROTOCOL_MEMBERS = ("name", "title", "reference", "base", "randomized", "min_models", "max_models",
@@ -92,5 +113,5 @@ def check_name(name: str) -> None:
                       f"known methods: {', '.join(known)}")
 
 
-__all__ = ["BasePolicy", "MergeMethod", "MergeParams", "Param", "Scope", "get", "names",
-           "all_methods", "check_name", "register"]
+__all__ = ["BasePolicy", "MergeMethod", "MergeParams", "MethodInfo", "Param", "Scope", "Search", "get",
+           "names", "all_methods", "check_name", "register", "unregister"]

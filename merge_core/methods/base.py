@@ -34,12 +34,44 @@ class BasePolicy(str, Enum):
 
 
 @dataclass(frozen=True)
+class Search:
+    """What a merge search needs to know of a parameter it may set (``Param.search``).
+
+    ``low``/``high``: the widest range a campaign may search (``inf`` for no bound);
+    ``neutral``: its value in the baselines (the uniform merge; a model alone), ``None`` for
+    the middle of the searched range; ``selects_model``: the baselines single a model out by
+    giving it ``neutral`` here and every other model 0 (a model's weight).
+    """
+
+    low: float = 0.0
+    high: float = 1.0
+    neutral: float | None = None
+    selects_model: bool = False
+
+    def __post_init__(self) -> None:
+        # a method author's slip, caught when the method's file is imported
+        if not self.low < self.high:
+            raise TypeError(f"Search low {self.low} must be below high {self.high}")
+        if self.neutral is not None and not self.low <= self.neutral <= self.high:
+            raise TypeError(f"Search neutral {self.neutral} must lie within [{self.low}, {self.high}]")
+        if self.selects_model and not self.neutral:
+            raise TypeError("Search(selects_model=True) needs a non-zero neutral: the value of the model kept")
+
+
+WEIGHT_SEARCH = Search(-float("inf"), float("inf"), neutral=1.0, selects_model=True)
+FRACTION_SEARCH = Search(0.0, 1.0)                 # a share of entries: density, gamma, ...
+KEEP_ALL_SEARCH = Search(0.0, 1.0, neutral=1.0)    # a share kept, whose baseline keeps everything
+NON_NEGATIVE_SEARCH = Search(0.0, float("inf"))
+
+
+@dataclass(frozen=True)
 class Param:
     name: str
     kind: type              # float, bool or int
     scope: Scope
     default: Any = REQUIRED
     doc: str = ""
+    search: Search | None = None   # None: a campaign never searches it (see ``Search``)
 
     @property
     def required(self) -> bool:
@@ -73,6 +105,26 @@ class MergeParams:
 
     shared: Mapping[str, Any] = field(default_factory=dict)
     models: Sequence[Mapping[str, Any]] = ()
+
+
+@dataclass(frozen=True, kw_only=True)
+class MethodInfo:
+    """The capability header of ``MergeMethod``, with the usual values as defaults.
+
+    A method class derives from it (``@dataclass(frozen=True) class Linear(MethodInfo)``) and
+    its ``METHODS`` entries name only what differs, e.g. ``Linear(name="linear",
+    title="Linear", base=BasePolicy.IGNORED)``. A method need not derive from it: the
+    registry checks the members, not the class.
+    """
+
+    name: str
+    title: str
+    reference: str | None = None       # the paper or page the method follows
+    base: BasePolicy = BasePolicy.REQUIRED   # most methods merge task vectors against a base
+    randomized: bool = False
+    writes_out: bool = False           # merge takes no out= unless a method says so
+    min_models: int = 1
+    max_models: int | None = None
 
 
 @runtime_checkable

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from merge_core.methods.base import BasePolicy, MergeParams, Param, Scope, compute_dtype
+from merge_core.methods.base import KEEP_ALL_SEARCH, MergeParams, MethodInfo, Param, Scope, compute_dtype
 
 
 def _task_vectors(base: torch.Tensor, tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -19,21 +19,13 @@ def _task_vectors(base: torch.Tensor, tensors: Sequence[torch.Tensor]) -> tuple[
 
 
 @dataclass(frozen=True)
-class Sce:
-    name: str = "sce"
-    title: str = "SCE"
-    reference: str | None = "https://arxiv.org/abs/2408.07990"
-    base: BasePolicy = BasePolicy.REQUIRED
-    randomized: bool = False
-    writes_out: bool = False      # merge takes no out= (see base.MergeMethod)
-    min_models: int = 1
-    max_models: int | None = None
+class Sce(MethodInfo):
 
     @property
     def params(self) -> tuple[Param, ...]:
         return (
             Param("select_topk", float, Scope.SHARED, 1.0,
-                  "fraction of entries kept: those where the models' deltas vary most"),
+                  "fraction of entries kept: those where the models' deltas vary most", search=KEEP_ALL_SEARCH),
             Param("int8_mask", bool, Scope.SHARED, False, "accepted for mergekit compatibility; no effect"),
         )
 
@@ -68,16 +60,8 @@ def _variance_mask(tvs: torch.Tensor, density: float) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class Ram:
-    name: str
-    title: str
+class Ram(MethodInfo):
     plus: bool                    # RAM+: boost single contributions of models that overlap little
-    reference: str | None = "https://arxiv.org/abs/2601.13572"
-    base: BasePolicy = BasePolicy.REQUIRED
-    randomized: bool = False
-    writes_out: bool = False      # merge takes no out= (see base.MergeMethod)
-    min_models: int = 1
-    max_models: int | None = None
 
     @property
     def params(self) -> tuple[Param, ...]:
@@ -107,5 +91,9 @@ class Ram:
         return (ref + merged.reshape(base.shape)).to(base.dtype)
 
 
-METHODS = (Sce(), Ram(name="ram", title="Reinforced Agent Merging", plus=False),
-           Ram(name="ramplus_tl", title="Reinforced Agent Merging Plus (Tensor-Local)", plus=True))
+_RAM = "https://arxiv.org/abs/2601.13572"
+METHODS = (
+    Sce(name="sce", title="SCE", reference="https://arxiv.org/abs/2408.07990"),
+    Ram(name="ram", title="Reinforced Agent Merging", reference=_RAM, plus=False),
+    Ram(name="ramplus_tl", title="Reinforced Agent Merging Plus (Tensor-Local)", reference=_RAM, plus=True),
+)

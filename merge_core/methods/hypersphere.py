@@ -10,24 +10,18 @@ from dataclasses import dataclass
 import torch
 
 from merge_core.errors import MergeError
-from merge_core.methods.base import BasePolicy, MergeParams, Param, Scope, compute_dtype
+from merge_core.methods.base import (WEIGHT_SEARCH, BasePolicy, MergeParams, MethodInfo,
+                                     Param, Scope, compute_dtype)
 
 
 @dataclass(frozen=True)
-class MultiSlerp:
-    name: str = "multislerp"
-    title: str = "Multi-SLERP"
-    reference: str | None = "https://goddard.blog/posts/multislerp-wow-what-a-cool-idea"
-    base: BasePolicy = BasePolicy.OPTIONAL
-    randomized: bool = False
-    writes_out: bool = False      # merge takes no out= (see base.MergeMethod)
-    min_models: int = 1
-    max_models: int | None = None
+class MultiSlerp(MethodInfo):
 
     @property
     def params(self) -> tuple[Param, ...]:
         return (
-            Param("weight", float, Scope.MODEL, doc="this model's share of the mean direction"),
+            Param("weight", float, Scope.MODEL, doc="this model's share of the mean direction",
+                  search=WEIGHT_SEARCH),
             Param("normalize_weights", bool, Scope.SHARED, True, "divide the weights by their sum"),
             Param("eps", float, Scope.SHARED, 1e-8, "guards divisions by a norm"),
         )
@@ -68,15 +62,7 @@ class MultiSlerp:
 
 
 @dataclass(frozen=True)
-class Karcher:
-    name: str = "karcher"
-    title: str = "Karcher Mean"
-    reference: str | None = "https://arxiv.org/abs/2603.04972"
-    base: BasePolicy = BasePolicy.IGNORED
-    randomized: bool = False
-    writes_out: bool = False      # merge takes no out= (see base.MergeMethod)
-    min_models: int = 1
-    max_models: int | None = None
+class Karcher(MethodInfo):
 
     @property
     def params(self) -> tuple[Param, ...]:
@@ -125,4 +111,9 @@ class Karcher:
         return (scale * mean).reshape(tensors[0].shape).to(tensors[0].dtype)
 
 
-METHODS = (MultiSlerp(), Karcher())
+METHODS = (
+    MultiSlerp(name="multislerp", title="Multi-SLERP", base=BasePolicy.OPTIONAL,
+               reference="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea"),
+    Karcher(name="karcher", title="Karcher Mean", reference="https://arxiv.org/abs/2603.04972",
+            base=BasePolicy.IGNORED),
+)

@@ -7,24 +7,17 @@ from dataclasses import dataclass
 
 import torch
 
-from merge_core.methods.base import BasePolicy, MergeParams, Param, Scope, compute_dtype
+from merge_core.methods.base import (WEIGHT_SEARCH, BasePolicy, MergeParams, MethodInfo,
+                                     Param, Scope, compute_dtype)
 
 
 @dataclass(frozen=True)
-class Linear:
-    name: str = "linear"
-    title: str = "Linear"
-    reference: str | None = "https://arxiv.org/abs/2203.05482"
-    base: BasePolicy = BasePolicy.IGNORED
-    randomized: bool = False
-    writes_out: bool = False      # merge takes no out= (see base.MergeMethod)
-    min_models: int = 1
-    max_models: int | None = None
+class Linear(MethodInfo):
 
     @property
     def params(self) -> tuple[Param, ...]:
         return (
-            Param("weight", float, Scope.INPUT, doc="coefficient of each input"),
+            Param("weight", float, Scope.INPUT, doc="coefficient of each input", search=WEIGHT_SEARCH),
             Param("normalize", bool, Scope.SHARED, True, "divide by the sum of weights"),
         )
 
@@ -43,4 +36,5 @@ class Linear:
         return out.to(first.dtype)
 
 
-METHODS = (Linear(),)
+METHODS = (Linear(name="linear", title="Linear", reference="https://arxiv.org/abs/2203.05482",
+                  base=BasePolicy.IGNORED),)

@@ -8,19 +8,11 @@ from dataclasses import dataclass
 
 import torch
 
-from merge_core.methods.base import BasePolicy, MergeParams, Param, Scope, compute_dtype
+from merge_core.methods.base import MergeParams, MethodInfo, Param, Scope, compute_dtype
 
 
 @dataclass(frozen=True)
-class ModelStock:
-    name: str = "model_stock"
-    title: str = "Model Stock"
-    reference: str | None = "https://arxiv.org/abs/2403.19522"
-    base: BasePolicy = BasePolicy.REQUIRED
-    randomized: bool = False
-    writes_out: bool = False      # merge takes no out= (see base.MergeMethod)
-    min_models: int = 2
-    max_models: int | None = None
+class ModelStock(MethodInfo):
 
     @property
     def params(self) -> tuple[Param, ...]:
@@ -55,4 +47,5 @@ class ModelStock:
         return (ratio * average + (1 - ratio) * w0).reshape(shape).to(base.dtype)
 
 
-METHODS = (ModelStock(),)
+METHODS = (ModelStock(name="model_stock", title="Model Stock", reference="https://arxiv.org/abs/2403.19522",
+                      min_models=2),)

@@ -8,19 +8,11 @@ from dataclasses import dataclass
 
 import torch
 
-from merge_core.methods.base import BasePolicy, MergeParams, Param, Scope
+from merge_core.methods.base import BasePolicy, MergeParams, MethodInfo, Param, Scope
 
 
 @dataclass(frozen=True)
-class Passthrough:
-    name: str = "passthrough"
-    title: str = "Passthrough"
-    reference: str | None = None
-    base: BasePolicy = BasePolicy.IGNORED
-    randomized: bool = False
-    writes_out: bool = False      # merge takes no out= (see base.MergeMethod)
-    min_models: int = 1
-    max_models: int | None = 1
+class Passthrough(MethodInfo):
 
     @property
     def params(self) -> tuple[Param, ...]:
@@ -32,4 +24,4 @@ class Passthrough:
         return tensors[0] if scale is None else tensors[0] * float(scale)
 
 
-METHODS = (Passthrough(),)
+METHODS = (Passthrough(name="passthrough", title="Passthrough", base=BasePolicy.IGNORED, max_models=1),)

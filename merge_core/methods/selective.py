@@ -8,27 +8,20 @@ from dataclasses import dataclass
 
 import torch
 
-from merge_core.methods.base import BasePolicy, MergeParams, Param, Scope, compute_dtype
+from merge_core.methods.base import NON_NEGATIVE_SEARCH, MergeParams, MethodInfo, Param, Scope, compute_dtype
 
 _IQR_FENCE = 1.5          # Tukey's outlier fence: median + 1.5 * IQR
 _KL_EPS = 1e-8            # keeps log(p / q) finite where a softmax underflows
 
 
 @dataclass(frozen=True)
-class NearSwap:
-    name: str = "nearswap"
-    title: str = "NearSwap"
-    reference: str | None = "https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001"
-    base: BasePolicy = BasePolicy.REQUIRED
-    randomized: bool = False
-    writes_out: bool = False      # merge takes no out= (see base.MergeMethod)
-    min_models: int = 1
-    max_models: int | None = 1
+class NearSwap(MethodInfo):
 
     @property
     def params(self) -> tuple[Param, ...]:
         return (Param("t", float, Scope.SHARED,
-                      doc="entries closer than t take the other model's value; farther ones move t/|diff| of the way"),)
+                      doc="entries closer than t take the other model's value; farther ones move t/|diff| of the way",
+                      search=NON_NEGATIVE_SEARCH),)
 
     def merge(self, base: torch.Tensor | None, tensors: Sequence[torch.Tensor],
               params: MergeParams, *, seed: int = 0) -> torch.Tensor:
@@ -40,15 +33,7 @@ class NearSwap:
 
 
 @dataclass(frozen=True)
-class ArceeFusion:
-    name: str = "arcee_fusion"
-    title: str = "Arcee Fusion"
-    reference: str | None = "https://arcee.ai"
-    base: BasePolicy = BasePolicy.REQUIRED
-    randomized: bool = False
-    writes_out: bool = False      # merge takes no out= (see base.MergeMethod)
-    min_models: int = 1
-    max_models: int | None = 1
+class ArceeFusion(MethodInfo):
 
     @property
     def params(self) -> tuple[Param, ...]:
@@ -75,4 +60,8 @@ def _quantiles(flat: torch.Tensor, qs: Sequence[float]) -> list[torch.Tensor]:
     return [torch.kthvalue(flat, int(q * (n - 1)) + 1).values for q in qs]
 
 
-METHODS = (NearSwap(), ArceeFusion())
+METHODS = (   # both move one fine-tune toward (or away from) its base
+    NearSwap(name="nearswap", title="NearSwap", max_models=1,
+             reference="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001"),
+    ArceeFusion(name="arcee_fusion", title="Arcee Fusion", reference="https://arcee.ai", max_models=1),
+)

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from merge_core.methods.base import BasePolicy, MergeParams, Param, Scope, compute_dtype
+from merge_core.methods.base import (NON_NEGATIVE_SEARCH, WEIGHT_SEARCH, BasePolicy, MergeParams,
+                                     MethodInfo, Param, Scope, compute_dtype)
 
 DOT_THRESHOLD = 0.9995  # nearly colinear rows fall back to linear interpolation (mergekit's value)
 
@@ -57,19 +58,12 @@ def nuslerp(t: float, v0: torch.Tensor, v1: torch.Tensor, *, row_wise: bool, fla
 
 
 @dataclass(frozen=True)
-class Slerp:
-    name: str = "slerp"
-    title: str = "SLERP"
-    reference: str | None = "https://en.wikipedia.org/wiki/Slerp"
-    base: BasePolicy = BasePolicy.REQUIRED
-    randomized: bool = False
-    writes_out: bool = False      # merge takes no out= (see base.MergeMethod)
-    min_models: int = 1
-    max_models: int | None = 1
+class Slerp(MethodInfo):
 
     @property
     def params(self) -> tuple[Param, ...]:
-        return (Param("t", float, Scope.SHARED, doc="0 gives the base, 1 the other model"),)
+        return (Param("t", float, Scope.SHARED, doc="0 gives the base, 1 the other model",
+                      search=NON_NEGATIVE_SEARCH),)
 
     def merge(self, base: torch.Tensor | None, tensors: Sequence[torch.Tensor],
               params: MergeParams, *, seed: int = 0) -> torch.Tensor:
@@ -78,20 +72,12 @@ class Slerp:
 
 
 @dataclass(frozen=True)
-class NuSlerp:
-    name: str = "nuslerp"
-    title: str = "NuSLERP"
-    reference: str | None = "https://en.wikipedia.org/wiki/Slerp"
-    base: BasePolicy = BasePolicy.OPTIONAL
-    randomized: bool = False
-    writes_out: bool = False      # merge takes no out= (see base.MergeMethod)
-    min_models: int = 2
-    max_models: int | None = 2
+class NuSlerp(MethodInfo):
 
     @property
     def params(self) -> tuple[Param, ...]:
         return (
-            Param("weight", float, Scope.MODEL, doc="relative weight; t = w1 / (w0 + w1)"),
+            Param("weight", float, Scope.MODEL, doc="relative weight; t = w1 / (w0 + w1)", search=WEIGHT_SEARCH),
             Param("nuslerp_row_wise", bool, Scope.SHARED, False, "SLERP rows, not columns"),
             Param("nuslerp_flatten", bool, Scope.SHARED, True, "SLERP the whole tensor as one vector"),
         )
@@ -113,4 +99,9 @@ class NuSlerp:
         return out.to(tensors[0].dtype)
 
 
-METHODS = (Slerp(), NuSlerp())
+_SLERP = "https://en.wikipedia.org/wiki/Slerp"
+METHODS = (
+    Slerp(name="slerp", title="SLERP", reference=_SLERP, max_models=1),
+    NuSlerp(name="nuslerp", title="NuSLERP", reference=_SLERP, base=BasePolicy.OPTIONAL,
+            min_models=2, max_models=2),
+)

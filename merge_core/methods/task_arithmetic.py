@@ -10,49 +10,49 @@ the sum of the weights that agree with it; ``lambda`` scales the result.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from merge_core import rng
 from merge_core.methods import sparsify
-from merge_core.methods.base import BasePolicy, MergeParams, Param, Scope, compute_dtype
+from merge_core.methods.base import (FRACTION_SEARCH, KEEP_ALL_SEARCH, NON_NEGATIVE_SEARCH, WEIGHT_SEARCH,
+                                     MergeParams, MethodInfo, Param, Scope, compute_dtype)
 
 
-@dataclass(frozen=True)
-class TaskArithmetic:
-    name: str
-    title: str
-    reference: str | None
+_RANDOM_PRUNES = ("random", "della_magprune")   # the prunes that draw masks from the seed
+
+
+@dataclass(frozen=True, kw_only=True)
+class TaskArithmetic(MethodInfo):
     prune: str | None            # None | magnitude | random | magnitude_outliers | della_magprune
     sign_election: bool
     default_normalize: bool
     default_rescale: bool
-    base: BasePolicy = BasePolicy.REQUIRED
-    min_models: int = 1
-    max_models: int | None = None
-    writes_out = True            # merge(..., out=) writes into a caller's tensor (see base.MergeMethod)
+    writes_out: bool = True      # merge(..., out=) writes into a caller's tensor (see base.MergeMethod)
+    randomized: bool = field(init=False, default=False)   # follows from prune: set below
 
-    @property
-    def randomized(self) -> bool:
-        return self.prune in ("random", "della_magprune")
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "randomized", self.prune in _RANDOM_PRUNES)   # frozen: set once here
 
     @property
     def params(self) -> tuple[Param, ...]:
         out = [
-            Param("weight", float, Scope.MODEL, doc="scale of this model's task vector"),
-            Param("density", float, Scope.MODEL, 1.0, "fraction of the task vector kept"),
+            Param("weight", float, Scope.MODEL, doc="scale of this model's task vector", search=WEIGHT_SEARCH),
+            Param("density", float, Scope.MODEL, 1.0, "fraction of the task vector kept", search=KEEP_ALL_SEARCH),
             Param("normalize", bool, Scope.SHARED, self.default_normalize,
                   "divide by the sum of (agreeing) weights"),
             Param("rescale", bool, Scope.SHARED, self.default_rescale,
                   "rescale pruned deltas to their original L1 norm"),
-            Param("lambda", float, Scope.SHARED, 1.0, "scale of the merged task vector"),
+            Param("lambda", float, Scope.SHARED, 1.0, "scale of the merged task vector", search=NON_NEGATIVE_SEARCH),
             Param("int8_mask", bool, Scope.SHARED, False, "accepted for mergekit compatibility; no effect"),
         ]
         if self.prune == "magnitude_outliers":
-            out.append(Param("gamma", float, Scope.MODEL, 0.01, "fraction of largest entries dropped"))
+            out.append(Param("gamma", float, Scope.MODEL, 0.01, "fraction of largest entries dropped",
+                             search=FRACTION_SEARCH))
         if self.prune == "della_magprune":
-            out.append(Param("epsilon", float, Scope.MODEL, 0.15, "spread of keep probabilities"))
+            out.append(Param("epsilon", float, Scope.MODEL, 0.15, "spread of keep probabilities",
+                             search=FRACTION_SEARCH))
         return tuple(out)
 
     def keep_rule(self, delta: sparsify.Delta, p: dict, *, rescale: bool, seed: int,
@@ -133,24 +133,23 @@ class TaskArithmetic:
         return mixed
 
 
+_DARE, _BREADCRUMBS, _DELLA = ("https://arxiv.org/abs/2311.03099", "https://arxiv.org/abs/2312.06795",
+                               "https://arxiv.org/abs/2406.11617")
 METHODS = (
-    TaskArithmetic("task_arithmetic", "Task Arithmetic", "https://arxiv.org/abs/2212.04089",
+    TaskArithmetic(name="task_arithmetic", title="Task Arithmetic", reference="https://arxiv.org/abs/2212.04089",
                    prune=None, sign_election=False, default_normalize=False, default_rescale=False),
-    TaskArithmetic("ties", "TIES", "https://arxiv.org/abs/2306.01708",
+    TaskArithmetic(name="ties", title="TIES", reference="https://arxiv.org/abs/2306.01708",
                    prune="magnitude", sign_election=True, default_normalize=True, default_rescale=False),
-    TaskArithmetic("dare_ties", "DARE TIES", "https://arxiv.org/abs/2311.03099",
+    TaskArithmetic(name="dare_ties", title="DARE TIES", reference=_DARE,
                    prune="random", sign_election=True, default_normalize=False, default_rescale=True),
-    TaskArithmetic("dare_linear", "Linear DARE", "https://arxiv.org/abs/2311.03099",
+    TaskArithmetic(name="dare_linear", title="Linear DARE", reference=_DARE,
                    prune="random", sign_election=False, default_normalize=False, default_rescale=True),
-    TaskArithmetic("breadcrumbs", "Model Breadcrumbs", "https://arxiv.org/abs/2312.06795",
-                   prune="magnitude_outliers", sign_election=False, default_normalize=False,
-                   default_rescale=False),
-    TaskArithmetic("breadcrumbs_ties", "Model Breadcrumbs with TIES", "https://arxiv.org/abs/2312.06795",
-                   prune="magnitude_outliers", sign_election=True, default_normalize=False,
-                   default_rescale=False),
-    TaskArithmetic("della", "DELLA", "https://arxiv.org/abs/2406.11617",
+    TaskArithmetic(name="breadcrumbs", title="Model Breadcrumbs", reference=_BREADCRUMBS,
+                   prune="magnitude_outliers", sign_election=False, default_normalize=False, default_rescale=False),
+    TaskArithmetic(name="breadcrumbs_ties", title="Model Breadcrumbs with TIES", reference=_BREADCRUMBS,
+                   prune="magnitude_outliers", sign_election=True, default_normalize=False, default_rescale=False),
+    TaskArithmetic(name="della", title="DELLA", reference=_DELLA,
                    prune="della_magprune", sign_election=True, default_normalize=True, default_rescale=True),
-    TaskArithmetic("della_linear", "Linear DELLA", "https://arxiv.org/abs/2406.11617",
-                   prune="della_magprune", sign_election=False, default_normalize=False,
-                   default_rescale=True),
+    TaskArithmetic(name="della_linear", title="Linear DELLA", reference=_DELLA,
+                   prune="della_magprune", sign_election=False, default_normalize=False, default_rescale=True),
 )

@@ -260,3 +260,30 @@ def test_chunk_size_never_changes_a_merge(method, monkeypatch):
     monkeypatch.setattr(sparsify, "chunk_size", lambda t: 5 * sparsify.CHUNK)
     large = m.merge(base, models, params, seed=3)
     assert torch.equal(small, large)
+
+
+SELECTING = [m for m in ALL if any(p.search is not None and p.search.selects_model for p in m.params)]
+
+
+@pytest.mark.parametrize("method", SELECTING, ids=lambda m: m.name)
+def test_a_selecting_parameter_singles_a_model_out(method):
+    """What ``Search.selects_model`` promises the search's baselines: that parameter at its
+    neutral value for one model and 0 for the others, the rest at their neutral values (else
+    their defaults), merges to that model."""
+    n = max(method.min_models, min(3, method.max_models or 3))
+    g = torch.Generator().manual_seed(2)
+    base = torch.randn(32, 40, generator=g)
+    tensors = [base + 0.1 * torch.randn(32, 40, generator=g) for _ in range(n)]
+
+    def value(p, *, chosen: bool):
+        if p.search is not None and p.search.selects_model:
+            return p.search.neutral if chosen else 0.0
+        return p.search.neutral if p.search is not None and p.search.neutral is not None else p.default
+
+    for i in range(n):
+        shared = {p.name: value(p, chosen=True) for p in method.params if p.scope is Scope.SHARED}
+        models = [{p.name: value(p, chosen=j == i) for p in method.params if p.scope is not Scope.SHARED}
+                  for j in range(n)]
+        out = method.merge(None if method.base is BasePolicy.IGNORED else base, tensors,
+                           MergeParams(shared=shared, models=models), seed=5)
+        torch.testing.assert_close(out, tensors[i], rtol=1e-5, atol=1e-6)

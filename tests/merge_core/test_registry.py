@@ -74,3 +74,53 @@ def test_names_and_name_checks_import_no_method():
     assert loaded == f"{len(methods._METHODS)} ['merge_core.methods.base']"
     with pytest.raises(RecipeError, match="known methods"):
         methods.get("no_such_method")
+
+
+def test_method_info_states_the_usual_capabilities_so_a_method_names_only_what_differs():
+    @dataclasses.dataclass(frozen=True)
+    class Copy(methods.MethodInfo):
+        params = ()
+
+        def merge(self, base, tensors, params, *, seed=0):
+            return tensors[0]
+
+    method = Copy(name="copy_first", title="Copy", max_models=1)
+    assert (method.reference, method.base, method.randomized, method.writes_out, method.min_models,
+            method.max_models) == (None, methods.BasePolicy.REQUIRED, False, False, 1, 1)
+    methods.register(method)
+    try:
+        assert methods.get("copy_first") is method and "copy_first" in methods.names()
+    finally:
+        methods.unregister("copy_first")
+    assert "copy_first" not in methods.names()
+    with pytest.raises(ValueError, match="built in"):
+        methods.unregister("ties")
+    assert methods.get("ties").randomized is False and methods.get("dare_ties").randomized is True
+
+
+def test_search_declarations_are_checked_when_a_method_is_declared():
+    Search, Param, Scope = methods.Search, methods.Param, methods.Scope
+    with pytest.raises(TypeError, match="below high"):
+        Search(1.0, 0.0)
+    with pytest.raises(TypeError, match="neutral 2.0 must lie within"):
+        Search(0.0, 1.0, neutral=2.0)
+    with pytest.raises(TypeError, match="non-zero neutral"):
+        Search(0.0, 1.0, selects_model=True)
+
+    def method_with(param):
+        @dataclasses.dataclass(frozen=True)
+        class OneParam(methods.MethodInfo):
+            @property
+            def params(self):
+                return (param,)
+
+            def merge(self, base, tensors, params, *, seed=0):
+                return tensors[0]
+
+        return OneParam(name="one_param", title="One parameter")
+
+    with pytest.raises(TypeError, match="only numbers can be searched"):
+        methods.register(method_with(Param("flag", bool, Scope.SHARED, False, search=Search())))
+    with pytest.raises(TypeError, match="selects_model needs a per-model"):
+        methods.register(method_with(Param("w", float, Scope.SHARED, search=Search(neutral=1.0, selects_model=True))))
+    assert "one_param" not in methods.names()
