@@ -16,12 +16,26 @@ each prompt) are run once per task and candidate, then reused through the KV cac
 (:mod:`evals.kv`, the only code that touches transformers' cache). Where a cached prefix
 would not be exact (a sliding window or attention chunk shorter than the prompt, or layers
 that are not attention), the task runs full sequences instead, by itself.
+
+Memory. A forward's KV cache and activations grow with its tokens, and ``max_batch_tokens``
+(``batch_tokens``) bounds them: :func:`batch_memory_tokens` is the rule. At the peak of a batch
+of ``rows`` rows, each ``row_len`` tokens long after a shared prefix of ``prefix_len`` tokens,
+the evaluator holds KV for the one-row prefix cache (``prefix_len``, kept for the next batch)
+plus its widened copy and the rows' own tokens (``rows * (prefix_len + row_len)``), and runs
+activations for ``rows * row_len`` tokens; logits exist for the last position only, ``rows *
+vocab`` values. Without a shared prefix ``prefix_len`` is 0 and a row is the whole prompt.
+Batches are built so that this never exceeds the budget; a single prompt that alone does
+not fit is refused, naming the budget it needs.
+
+Dtype. Log-likelihoods are taken in the model's own dtype, as lm-eval's HFLM takes them
+(``log_softmax`` of the logits as the model returns them), so a bfloat16 model scores as stock
+lm-eval run with ``dtype=bfloat16`` scores it; probabilities over the letters in float32.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,14 +46,14 @@ from benchmarks_ptbr.fewshot import DEFAULT_NUM_FEWSHOT
 from benchmarks_ptbr.prompts import TARGET_DELIMITER
 from benchmarks_ptbr.suite import Suite, load_suite
 from evals import chat, kv
+from evals.batching import Batch, Group, batch_memory_tokens, make_batches, rows_within
 from merge_core.errors import BrmergeError
 from evals.results import EvalResult, ItemResult, suite_meta, summarize
 
 PURPOSES = ("search", "report")
-DEFAULT_BATCH_TOKENS = 16384  # tokens per forward (rows x padded length): fits small GPUs/CPUs
+DEFAULT_BATCH_TOKENS = 16384  # KV tokens per forward (batch_memory_tokens): fits small GPUs/CPUs
 DEFAULT_MAX_BATCH = 32
 DEFAULT_MAX_LENGTH = 2048     # lm-eval's fallback when neither config nor tokenizer says
-MIN_FILL = 0.75  # a batch row is at least this share of the batch's longest row: little padding
 
 
 def resolve_max_length(model: torch.nn.Module, tokenizer: Any) -> int:
@@ -67,28 +81,6 @@ class _Request:
     letter_tokens: tuple[int, ...]  # aligned with ``labels``
     labels: tuple[str, ...]
     gold: int                       # index into ``labels``
-
-
-@dataclass
-class _Batch:
-    rows: torch.Tensor          # [B] request indices
-    input_ids: torch.Tensor     # [B, S] left-padded (the part after the shared prefix, if any)
-    attention_mask: torch.Tensor  # [B, P + S]: P shared-prefix ones, then the rows' own mask
-    position_ids: torch.Tensor  # [B, S]
-    letters: torch.Tensor       # [B, K] letter token ids (0 where the item has fewer options)
-    valid: torch.Tensor         # [B, K] bool
-    gold: torch.Tensor          # [B]
-
-
-@dataclass
-class _Group:
-    """The batches of one task; ``prefix`` holds the tokens every item of the task starts with
-    (description and shots), computed once per candidate and reused through the KV cache."""
-
-    task: str
-    indices: list[int]           # request indices of the task
-    prefix: torch.Tensor | None  # [1, P], or None to run full sequences
-    batches: list[_Batch]
 
 
 def task_contexts(suite: Suite, tokenizer: Any, *, chat_template: bool) -> list[tuple[Any, Any, str]]:
@@ -165,7 +157,8 @@ class Evaluator:
     def __init__(self, tokenizer: Any, suite: Suite, *, purpose: str = "search",
                  allow_test: bool = False, max_length: int | None = None,
                  batch_tokens: int = DEFAULT_BATCH_TOKENS, max_batch: int = DEFAULT_MAX_BATCH,
-                 share_prefix: bool = True, chat_template: bool = False):
+                 share_prefix: bool = True, chat_template: bool = False,
+                 first: Collection[tuple[str, str]] = ()):
         if purpose not in PURPOSES:
             raise EvalError(f"purpose={purpose!r}; choose 'search' or 'report'")
         if purpose == "search" and suite.split != "dev" and not allow_test:
@@ -185,7 +178,11 @@ class Evaluator:
         self.pad_id = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0)
                             if t is not None))
         self.share_prefix = share_prefix
-        self._groups: dict[tuple[str, int], list[_Group]] = {}
+        # (task, item id) of the ``first`` part: batched apart (see scores), e.g. stage 1's items
+        self._first_keys = frozenset(first)
+        self._first = {i for i, r in enumerate(self.requests) if (r.task, r.item_id) in self._first_keys}
+        self._tasks = {r.task for r in self.requests}   # tasks with items to score
+        self._groups: dict[tuple[str, int], list[Group]] = {}
         self._forward_params: dict[type, set[str]] = {}
         # task -> whether the last evaluate() reused a cached prefix for it (see evals.kv)
         self.shared_prefix: dict[str, bool] = {}
@@ -207,7 +204,7 @@ class Evaluator:
     # -- batches ----------------------------------------------------------------------------
 
     def _build_groups(self, model: torch.nn.Module, device: torch.device,
-                      max_length: int) -> list[_Group]:
+                      max_length: int) -> list[Group]:
         by_task: dict[str, list[int]] = {}
         for index, request in enumerate(self.requests):
             by_task.setdefault(request.task, []).append(index)
@@ -231,7 +228,7 @@ class Evaluator:
         return kv.can_share_prefix(model, longest)
 
     def _build_group(self, task: str, indices: list[int], device: torch.device,
-                     max_length: int, *, share: bool) -> _Group:
+                     max_length: int, *, share: bool) -> Group:
         prefixes = {i: self.requests[i].prefix for i in indices}
         shared = 0
         if share and all(len(p) <= max_length for p in prefixes.values()):
@@ -241,42 +238,28 @@ class Evaluator:
             # scored token, i.e. the last ``max_length`` tokens of the prefix.
             prefixes = {i: p[-max_length:] for i, p in prefixes.items()}
         tails = {i: p[shared:] for i, p in prefixes.items()}
-        order = sorted(indices, key=lambda i: -len(tails[i]))
         width = max(len(self.requests[i].labels) for i in indices)
-        batches: list[_Batch] = []
-        start = 0
-        while start < len(order):
-            longest = len(tails[order[start]])
-            rows = max(1, min(self.max_batch, self.batch_tokens // max(longest, 1)))
-            chunk = order[start:start + rows]
-            # Rows much shorter than the longest would be mostly padding: next batch.
-            chunk = chunk[:next((k for k, i in enumerate(chunk)
-                                 if len(tails[i]) < MIN_FILL * longest), len(chunk))]
-            start += len(chunk)
-            ids = torch.full((len(chunk), longest), self.pad_id, dtype=torch.long)
-            mask = torch.zeros((len(chunk), longest), dtype=torch.long)
-            letters = torch.zeros((len(chunk), width), dtype=torch.long)
-            valid = torch.zeros((len(chunk), width), dtype=torch.bool)
-            for row, index in enumerate(chunk):
-                tokens, request = tails[index], self.requests[index]
-                ids[row, longest - len(tokens):] = torch.tensor(tokens)
-                mask[row, longest - len(tokens):] = 1
-                letters[row, :len(request.letter_tokens)] = torch.tensor(request.letter_tokens)
-                valid[row, :len(request.letter_tokens)] = True
-            # Left padding keeps every row's last real token at the last position; explicit
-            # positions make padded rows see the positions an unpadded sequence would.
-            positions = shared + (mask.cumsum(-1) - 1).clamp(min=0)
-            full_mask = torch.cat([torch.ones((len(chunk), shared), dtype=torch.long), mask], 1)
-            gold = torch.tensor([self.requests[i].gold for i in chunk])
-            batches.append(_Batch(
-                rows=torch.tensor(chunk).to(device), input_ids=ids.to(device),
-                attention_mask=full_mask.to(device), position_ids=positions.to(device),
-                letters=letters.to(device), valid=valid.to(device), gold=gold.to(device)))
+        batches: list[Batch] = []
+        # The ``first`` part's rows are batched apart from the rest, so scoring a part alone
+        # runs exactly the batches a whole evaluation runs (bit-identical per item).
+        for part in (True, False):
+            order = sorted((i for i in indices if (i in self._first) == part),
+                           key=lambda i: -len(tails[i]))
+            if order and rows_within(self.batch_tokens, shared, len(tails[order[0]]),
+                                     max_rows=self.max_batch) == 0:
+                need = batch_memory_tokens(1, shared, len(tails[order[0]]))
+                raise EvalError(f"{task}: one prompt needs {need} KV tokens ({shared} shared + "
+                                f"{len(tails[order[0]])} own) but max_batch_tokens is "
+                                f"{self.batch_tokens}: raise max_batch_tokens to at least {need}")
+            batches += make_batches(
+                order, tails, self.requests, shared=shared,
+                width=width, device=device, pad_id=self.pad_id, budget=self.batch_tokens,
+                max_rows=self.max_batch, first=part)
         prefix = (torch.tensor([prefixes[indices[0]][:shared]], device=device)
                   if shared > 0 else None)
-        return _Group(task=task, indices=indices, prefix=prefix, batches=batches)
+        return Group(task=task, indices=indices, prefix=prefix, batches=batches)
 
-    def _groups_for(self, model: torch.nn.Module, device: torch.device) -> list[_Group]:
+    def _groups_for(self, model: torch.nn.Module, device: torch.device) -> list[Group]:
         max_length = self.max_length or resolve_max_length(model, self.tokenizer)
         key = (str(device), max_length, kv.attention_window(model), type(model))
         if key not in self._groups:
@@ -298,7 +281,7 @@ class Evaluator:
         # transformers 5 names the KV-cache argument ``cache``; 4.x ``past_key_values``.
         return "cache" if "cache" in self._params(model) else "past_key_values"
 
-    def _group_cache(self, model: torch.nn.Module, groups: list[_Group], at: int,
+    def _group_cache(self, model: torch.nn.Module, groups: list[Group], at: int,
                      device: torch.device, max_length: int) -> Any | None:
         """The group's shared-prefix cache, or None to run its full sequences. A model that
         returns no widenable cache gets the group rebuilt unshared, once (never an error)."""
@@ -311,7 +294,7 @@ class Evaluator:
                                            share=False)
         return cache
 
-    def _forward_last(self, model: torch.nn.Module, batch: _Batch, cache: Any) -> torch.Tensor:
+    def _forward_last(self, model: torch.nn.Module, batch: Batch, cache: Any) -> torch.Tensor:
         extra = self._extra(model)
         if cache is not None:
             extra[self._cache_arg(model)] = kv.widen(cache, batch.input_ids.shape[0])
@@ -323,28 +306,47 @@ class Evaluator:
         """Score ``model`` (a live module; its weights may have changed since the last call)."""
         if not self.requests:
             return EvalResult(tasks={}, items=[], skipped=self.suite.skipped)
+        return self.result_of(self.scores(model, progress=progress))
+
+    def scores(self, model: torch.nn.Module, *, part: str | None = None,
+               progress: bool = False) -> dict[int, tuple[int, float]]:
+        """{request index: (predicted option, gold probability)} of the requests of ``part``:
+        None for all, ``"first"`` for those whose key was in ``first``, ``"rest"`` for the
+        others. A part runs the very batches a whole evaluation runs, so its values are
+        bit-identical to the same requests' in :meth:`evaluate`."""
+        if part not in (None, "first", "rest"):
+            raise EvalError(f"part={part!r}; choose None, 'first' or 'rest'")
+        if not self.requests:
+            return {}
         device = next(model.parameters()).device
         max_length = self.max_length or resolve_max_length(model, self.tokenizer)
         groups = self._groups_for(model, device)
+        wanted = (lambda b: True) if part is None else (lambda b: b.first == (part == "first"))
         n = len(self.requests)
-        pred = torch.empty(n, dtype=torch.long, device=device)
-        gold_prob = torch.empty(n, dtype=torch.float32, device=device)
+        pred = torch.zeros(n, dtype=torch.long, device=device)
+        done: list[torch.Tensor] = []
+        gold_prob = torch.zeros(n, dtype=torch.float32, device=device)
         bar = None
         if progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=sum(len(g.batches) for g in groups), desc="scoring", unit="batch")
+            bar = tqdm(total=sum(wanted(b) for g in groups for b in g.batches), desc="scoring",
+                       unit="batch")
         was_training = model.training
         model.eval()
         try:
             with torch.inference_mode():
                 for at in range(len(groups)):
+                    if not any(wanted(b) for b in groups[at].batches):
+                        continue
                     cache = self._group_cache(model, groups, at, device, max_length)
                     group = groups[at]
                     self.shared_prefix[group.task] = cache is not None
-                    for batch in group.batches:
-                        logits = self._forward_last(model, batch, cache).float()  # [B, V]
-                        ll = logits.log_softmax(-1).gather(1, batch.letters)    # [B, K]
+                    for batch in filter(wanted, group.batches):
+                        done.append(batch.rows)
+                        logits = self._forward_last(model, batch, cache)  # [B, V], model dtype
+                        # In the model's dtype, as lm-eval's HFLM (float32 unless a bf16/fp16 model).
+                        ll = logits.log_softmax(-1).gather(1, batch.letters).float()  # [B, K]
                         ll = ll.masked_fill(~batch.valid, float("-inf"))
                         pred[batch.rows] = ll.argmax(-1)  # first maximum on ties, as np.argmax
                         probs = ll.softmax(-1)                                  # over letters
@@ -355,16 +357,25 @@ class Evaluator:
             model.train(was_training)
             if bar is not None:
                 bar.close()
-        return self._result(pred.tolist(), gold_prob.tolist())
+        rows = torch.cat(done).tolist() if done else []
+        pred_l, prob_l = pred.tolist(), gold_prob.tolist()
+        return {i: (pred_l[i], prob_l[i]) for i in sorted(rows)}
 
-    def _result(self, pred: list[int], gold_prob: list[float]) -> EvalResult:
+    def keys(self, part: str | None = None) -> list[tuple[str, str]]:
+        """(task, item id) of each request of ``part`` (see :meth:`scores`), in order."""
+        return [(r.task, r.item_id) for r in self.requests
+                if part is None or ((r.task, r.item_id) in self._first_keys) == (part == "first")]
+
+    def result_of(self, scores: dict[int, tuple[int, float]]) -> EvalResult:
+        """The result over the requests ``scores`` holds (all of them: a whole evaluation)."""
         per_task: dict[str, list[ItemResult]] = {t.name: [] for t in self.suite.tasks}
-        for request, p, g in zip(self.requests, pred, gold_prob):
+        for index in sorted(scores):
+            request, (p, g) = self.requests[index], scores[index]
             per_task[request.task].append(ItemResult(
                 task=request.task, id=request.item_id, pred=request.labels[p],
                 gold=request.labels[request.gold], correct=p == request.gold, gold_prob=g))
         tasks = {t.name: summarize(t.name, t.domain, t.chance, per_task[t.name], smooth=True)
-                 for t in self.suite.tasks}
+                 for t in self.suite.tasks if per_task[t.name] or t.name not in self._tasks}
         items = [i for t in self.suite.tasks for i in per_task[t.name]]
         return EvalResult(tasks=tasks, items=items, skipped=self.suite.skipped,
                           meta={"source": self.suite.source, "split": self.suite.split,

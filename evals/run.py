@@ -16,11 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks_ptbr.lm_eval_tasks import TASKS_DIR
+from benchmarks_ptbr.sources import SUITES  # noqa: F401 - owned there; `brmerge eval --suite` reads it here
 from benchmarks_ptbr.suite import Suite, load_suite, resolve_data_dir
-from evals.harness import EvalError
+from evals.harness import DEFAULT_BATCH_TOKENS, EvalError
 from evals.results import EvalResult
-
-SUITES = ("sample", "dev", "test", "leaderboard")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -36,8 +35,11 @@ class EvalOptions:
     json_path: str | None = None
     device: str = "auto"
     trust_remote_code: bool = False
-    chat_template: bool | None = None   # None: on for the leaderboard suite, else off
+    chat_template: bool | None = None   # None: leaderboard: on if the model has a template
+    leaderboard_era: str = "2025"       # leaderboard.ERAS: the budget of the current runs
     batch_size: int = 8                 # generation batch (the log-likelihood path sizes itself)
+    dtype: str = "auto"                 # merge_core.dtypes.COMPUTE_DTYPES: auto = checkpoint's on CUDA, float32 on CPU
+    max_batch_tokens: int = DEFAULT_BATCH_TOKENS   # the log-likelihood path's KV budget per forward
     extra_meta: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -45,8 +47,11 @@ class EvalOptions:
         return self.suite or ("dev" if (resolve_data_dir(self.data_dir) or self.hub) else "sample")
 
     @property
-    def use_chat_template(self) -> bool:
-        return self.suite_name == "leaderboard" if self.chat_template is None else self.chat_template
+    def use_chat_template(self) -> bool | None:
+        """True/False, or None: the leaderboard suite decides by the model's template."""
+        if self.chat_template is None and self.suite_name != "leaderboard":
+            return False
+        return self.chat_template
 
     @property
     def generation(self) -> bool:
@@ -122,12 +127,27 @@ def load_tokenizer(model_id: str, *, trust_remote_code: bool) -> Any:
                         "folder with config.json, safetensors weights and tokenizer files") from exc
 
 
-def load_model(model_id: str, *, device: Any, trust_remote_code: bool) -> Any:
-    import torch
+def _checkpoint_dtype(model_id: str, *, trust_remote_code: bool) -> str | None:
+    """The dtype the model's config declares (``dtype``, formerly ``torch_dtype``), or None."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model_id, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):
+        return None
+    declared = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    return str(declared).removeprefix("torch.") if declared is not None else None
+
+
+def load_model(model_id: str, *, device: Any, trust_remote_code: bool, dtype: str = "auto") -> Any:
     from transformers import AutoModelForCausalLM
 
-    # float32 on CPU (bf16 matmuls are slow there); the checkpoint's dtype on GPU.
-    dtype = torch.float32 if device.type == "cpu" else "auto"
+    from merge_core.dtypes import compute_dtype
+
+    # auto: float32 on CPU (bf16 matmuls are slow there); the checkpoint's dtype on GPU.
+    declared = (_checkpoint_dtype(model_id, trust_remote_code=trust_remote_code)
+                if dtype == "auto" and device.type == "cuda" else None)
+    dtype = compute_dtype(dtype, checkpoint_dtype=declared, device=device)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             model_id, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code)
@@ -159,10 +179,13 @@ def merge_results(results: Sequence[EvalResult]) -> EvalResult:
 
 def format_table(result: EvalResult) -> str:
     """One row per task, then what was not scored and which items overlap dev."""
-    rows = [("task", "domain", "items", "accuracy", "gold_prob", "chance")]
+    norm = result.meta.get("normalized") or {}  # the Leaderboard's displayed score, beside acc
+    rows = [("task", "domain", "items", "accuracy", "gold_prob", "chance")
+            + (("normalized",) if norm else ())]
     for name, m in result.tasks.items():
         rows.append((name, m.domain, str(m.n), f"{m.acc:.3f}",
-                     "-" if m.gold_prob is None else f"{m.gold_prob:.3f}", f"{m.chance:.3f}"))
+                     "-" if m.gold_prob is None else f"{m.gold_prob:.3f}", f"{m.chance:.3f}")
+                    + ((f"{norm[name]:.3f}" if name in norm else "-",) if norm else ()))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in
                        enumerate(zip(r, widths))) for r in rows]
@@ -171,6 +194,10 @@ def format_table(result: EvalResult) -> str:
     notes = [f"{t}: " + ", ".join(f"{k} {v}" for k, v in s.items()) for t, s in skipped.items() if s]
     if notes:
         lines += ["", "not scored: " + "; ".join(notes)]
+    if norm:
+        from benchmarks_ptbr.leaderboard import item_set_notes
+
+        lines += item_set_notes(result.meta.get("n_available") or {})
     overlap = result.meta.get("dev_overlap") or {}
     for name, n in overlap.items():
         lines.append(f"dev overlap: {n} of {result.tasks[name].n} {name} items are also in the "
@@ -193,6 +220,8 @@ def stock_command(options: EvalOptions, suites: Sequence[Suite]) -> str | None:
     model_args = f"pretrained={options.model}"
     if options.trust_remote_code:
         model_args += ",trust_remote_code=True"
+    if options.dtype != "auto":
+        model_args += f",dtype={options.dtype}"
     args = ["lm_eval", "--model", "hf", "--model_args", model_args,
             "--include_path", str(TASKS_DIR), "--tasks", ",".join(names),
             "--num_fewshot", str(options.num_fewshot)]
@@ -221,11 +250,24 @@ def run_eval(options: EvalOptions, *, echo: Callable[[str], None] = print) -> Ev
     suites = load_suites(options)  # validate the items before loading a model
     device = resolve_device(options.device)
     tokenizer = load_tokenizer(options.model, trust_remote_code=options.trust_remote_code)
-    if options.use_chat_template:
+    if options.suite_name == "leaderboard":
+        from benchmarks_ptbr.leaderboard import budget
+        from evals.generate import resolve_chat
+
+        budget(options.leaderboard_era, 4096)  # an unknown era fails before the model loads
+        chat_type = resolve_chat(tokenizer, options.use_chat_template, model=options.model)
+        echo(f"chat template: on ({chat_type})" if chat_type else
+             "chat template: off (" + ("--no-chat-template" if options.chat_template is False
+                                       else f"{options.model} has none that renders") + ")")
+        from dataclasses import replace
+
+        options = replace(options, chat_template=chat_type is not None)  # decided: now explicit
+    elif options.use_chat_template:
         from evals.chat import require_chat_template
 
         require_chat_template(tokenizer, model=options.model)
-    model = load_model(options.model, device=device, trust_remote_code=options.trust_remote_code)
+    model = load_model(options.model, device=device, trust_remote_code=options.trust_remote_code,
+                       dtype=options.dtype)
     results = []
     for suite in suites:
         if options.generation:
@@ -233,12 +275,14 @@ def run_eval(options: EvalOptions, *, echo: Callable[[str], None] = print) -> Ev
 
             results.append(evaluate_generation(model, tokenizer, suite, progress=True,
                                                batch_size=options.batch_size,
-                                               chat_template=options.use_chat_template))
+                                               chat_template=options.use_chat_template,
+                                               era=options.leaderboard_era))
         else:
             from evals.harness import Evaluator
 
             evaluator = Evaluator(tokenizer, suite, purpose="report", allow_test=True,
-                                  chat_template=options.use_chat_template)
+                                  chat_template=options.use_chat_template,
+                                  batch_tokens=options.max_batch_tokens)
             results.append(evaluator.evaluate(model, progress=True))
     result = merge_results(results)
     result.meta["model"] = options.model

@@ -74,3 +74,38 @@ def from_safetensors(code: str) -> torch.dtype:
 def to_safetensors(dtype: torch.dtype) -> str:
     """``torch.bfloat16`` -> ``"BF16"``; for a dtype the table lacks, torch's own name."""
     return _safetensors_by_torch().get(dtype, str(dtype))
+
+
+# The dtypes the live model and the evaluator may run in; "auto" first as the default.
+COMPUTE_DTYPES: tuple[str, ...] = ("auto", "bfloat16", "float16", "float32")
+
+
+def compute_dtype(requested: str, *, checkpoint_dtype: torch.dtype | str | None,
+                  device: str | torch.device) -> torch.dtype:
+    """The dtype the live model and the evaluator's KV cache run in.
+
+    ``auto`` is the base checkpoint's dtype on CUDA (float32 when the checkpoint is float32,
+    not a float16/bfloat16, or unknown) and float32 anywhere else: CPU results stay what they
+    were, and a half-precision checkpoint runs on tensor cores on the GPU. ``bfloat16``,
+    ``float16`` and ``float32`` are taken as given. ``checkpoint_dtype`` may be a torch dtype,
+    a torch name (``"bfloat16"``) or a safetensors spelling (``"BF16"``).
+    """
+    import torch
+
+    from .errors import BrmergeError
+
+    if requested not in COMPUTE_DTYPES:
+        raise BrmergeError(f"compute dtype {requested!r} is not one of "
+                           f"{', '.join(COMPUTE_DTYPES)}: pick one (auto = the checkpoint's "
+                           "dtype on CUDA, float32 on CPU)")
+    if requested != "auto":
+        return torch_dtype(requested)
+    if torch.device(device).type != "cuda":
+        return torch.float32
+    ck = checkpoint_dtype
+    if isinstance(ck, str):
+        d = _BY_NAME.get(ck) or _BY_SAFETENSORS.get(ck)
+        ck = torch_dtype(d.name) if d is not None and d.name in _torch_by_name() else None
+    if ck in (torch.bfloat16, torch.float16):
+        return ck
+    return torch.float32

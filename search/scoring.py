@@ -25,14 +25,27 @@ def weights(campaign: Campaign) -> dict[str, float]:
 
 def evaluator(campaign: Campaign, tokenizer: Any, *, split: str = "dev", limit: int | None | str = "campaign",
               purpose: str = "search"):
-    """The evaluator of ``split`` with the campaign's suite, data, shots and (by default) limit."""
+    """The evaluator of ``split`` with the campaign's suite, data, shots and (by default) limit.
+
+    The campaign's own dev evaluator of a staged campaign batches stage 1's items apart
+    (``first``): stage 2 then scores only the rest, and a trial's final score is bit-identical
+    to this evaluator's whole evaluation (what ``export`` re-scores)."""
     from evals.harness import Evaluator
 
     source = "sample" if campaign.suite == "sample" else "data"
+    first: list[tuple[str, str]] = []
+    if limit == "campaign" and split == search_split(campaign) and staged(campaign):
+        first = evaluator(campaign, tokenizer, split=split, limit=campaign.stage1, purpose=purpose).keys()
     return Evaluator.for_suite(tokenizer, split=split, source=source, data_dir=campaign.data_dir,
                                domains=scored_domains(campaign), num_fewshot=campaign.num_fewshot,
                                limit=campaign.limit if limit == "campaign" else limit, purpose=purpose,
-                               allow_test=campaign.allow_test, chat_template=campaign.chat_template)
+                               allow_test=campaign.allow_test, chat_template=campaign.chat_template,
+                               batch_tokens=campaign.max_batch_tokens, first=first)
+
+
+def staged(campaign: Campaign) -> bool:
+    """Whether trials are scored in two stages (a stage-1 subset first)."""
+    return bool(campaign.stage1) and not campaign.multi_objective
 
 
 def search_split(campaign: Campaign) -> str:
@@ -43,8 +56,15 @@ def stage_evaluators(campaign: Campaign, tokenizer: Any):
     """(full, stage-1 or None) evaluators of a search worker."""
     split = search_split(campaign)
     full = evaluator(campaign, tokenizer, split=split)
-    staged = campaign.stage1 and not campaign.multi_objective
-    return full, (evaluator(campaign, tokenizer, split=split, limit=campaign.stage1) if staged else None)
+    return full, (evaluator(campaign, tokenizer, split=split, limit=campaign.stage1) if staged(campaign) else None)
+
+
+def stage1_in_full(full: Any, stage1: Any) -> bool:
+    """Whether every stage-1 request is one of ``full``'s ``first`` part, token for token: then
+    stage 1 is scored as that part of ``full`` and stage 2 scores only the rest."""
+    mine = {(r.task, r.item_id): r for r in full.requests}
+    first = set(full.keys("first"))
+    return all((r.task, r.item_id) in first and mine[(r.task, r.item_id)] == r for r in stage1.requests)
 
 
 def score(campaign: Campaign, result: Any) -> float:

@@ -127,3 +127,15 @@ def test_cuda_matches_cpu(long_lm):
         model.to("cpu")
     assert [i.pred for i in cuda.items] == [i.pred for i in cpu.items]
     assert np.allclose(_probs(cuda), _probs(cpu), atol=1e-3)
+
+
+def test_bfloat16_matches_stock_lm_eval_run_in_bfloat16(long_lm):
+    from transformers import AutoModelForCausalLM
+
+    model, tok = long_lm  # the shared-prefix path, in bf16 (lm-eval: --model_args dtype=bfloat16)
+    path = model.config.name_or_path
+    bf16 = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    suite = load_suite(split="dev", source="sample", domains=["legal", "enem"], limit=4)
+    ours = Evaluator(tok, suite).evaluate(bf16)
+    assert next(bf16.parameters()).dtype == torch.bfloat16
+    check_parity(ours, lm_eval_run(path, tok, suite, metadata={}, dtype="bfloat16"))

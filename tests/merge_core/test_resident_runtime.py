@@ -159,3 +159,56 @@ def test_resident_models_check_compatibility_up_front(tiny_zoo, tmp_path, monkey
     monkeypatch.undo()
     fine = ResidentModels(str(tiny_zoo["base"]), [str(tiny_zoo["ft_a"])], device="cpu")
     assert fine.__dict__.get("_plans", {}) == {}             # nothing planned for the check
+
+
+def _host_equals_device(zoo, device: str) -> None:
+    recipe = _recipe(zoo, "ties")
+    kw = {"device": device}
+    on_device = ResidentModels(str(zoo["base"]), [str(zoo["ft_a"]), str(zoo["ft_b"])], **kw)
+    on_host = ResidentModels(str(zoo["base"]), [str(zoo["ft_a"]), str(zoo["ft_b"])], keep="host", **kw)
+    assert all(t.device.type == "cpu" for t in on_host.tensors[str(zoo["base"])].values())
+    if device != "cpu":
+        assert all(t.is_pinned() for t in on_host.tensors[str(zoo["ft_a"])].values())
+    m1, m2 = on_device.load_module(), on_host.load_module()
+    assert on_device.materialize(recipe, m1) == 0 and on_host.materialize(recipe, m2) == 0
+    assert on_device.magnitudes.used_bytes > 0 and on_host.magnitudes is None  # host: no cache
+    s1, s2 = m1.state_dict(), m2.state_dict()
+    assert all(torch.equal(s1[n], s2[n]) for n in s1)
+
+
+def test_sources_kept_on_the_host_merge_bit_identically(tiny_zoo):
+    _host_equals_device(tiny_zoo, "cpu")
+    with pytest.raises(MergeError, match="'device' or the 'host'"):
+        _resident(tiny_zoo, keep="disk")
+
+
+@pytest.mark.gpu
+def test_sources_streamed_from_pinned_host_memory_merge_bit_identically_on_cuda(tiny_zoo):
+    _host_equals_device(tiny_zoo, "cuda")
+
+
+def test_live_model_in_the_compute_dtype_takes_the_merge_cast_once(tiny_zoo):
+    resident = _resident(tiny_zoo)
+    assert resident.checkpoint_dtype == torch.float32
+    assert resident.compute_dtype("auto") == torch.float32 and resident.compute_dtype("bfloat16") == torch.bfloat16
+    recipe = _recipe(tiny_zoo, "ties")
+    full, half = resident.load_module(), resident.load_module(dtype=torch.bfloat16)
+    resident.materialize(recipe, full)
+    resident.materialize(recipe, half)
+    assert next(half.parameters()).dtype == torch.bfloat16
+    s32, s16 = full.state_dict(), half.state_dict()
+    assert all(torch.equal(s32[n].to(torch.bfloat16), s16[n]) for n in s32)  # float32 merge, one cast
+
+
+def test_a_deferred_magnitude_cache_is_sized_when_asked_and_merges_the_same(tiny_zoo):
+    recipe = _recipe(tiny_zoo, "ties")
+    deferred, now = _resident(tiny_zoo), _resident(tiny_zoo)
+    deferred.defer_magnitude_cache()
+    m1, m2 = deferred.load_module(), now.load_module()
+    deferred.materialize(recipe, m1)
+    now.materialize(recipe, m2)
+    assert deferred.magnitudes is None and now.magnitudes.used_bytes > 0
+    assert deferred.size_magnitude_cache() is deferred.magnitudes is not None
+    deferred.materialize(recipe, m1)
+    assert deferred.magnitudes.used_bytes > 0
+    assert all(torch.equal(a, b) for a, b in zip(m1.state_dict().values(), m2.state_dict().values()))
