@@ -315,3 +315,53 @@ def items_digest(item_ids: Sequence[str]) -> str:
         raise TypeError(f"item ids are strings; got {type(bad[0]).__name__} {bad[0]!r}")
     payload = json.dumps(ids, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
     return hashlib.sha256(payload).hexdigest()
+
+
+# -- several comparisons at once ------------------------------------------------------------------
+
+def holm_adjust(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjusted p-values, in the input order (Holm 1979, "A simple sequentially
+    rejective multiple test procedure", Scand. J. Statist. 6:65). Sorted ascending,
+    ``adj_(i) = max_{j <= i} min(1, (m - j + 1) · p_(j))``; rejecting where ``adj <= alpha``
+    controls the family-wise error rate at ``alpha`` under any dependence, and is never less
+    powerful than Bonferroni."""
+    ps = [float(p) for p in p_values]
+    bad = [p for p in ps if not 0.0 <= p <= 1.0 or math.isnan(p)]
+    if bad:
+        raise ValueError(f"holm_adjust: {bad[0]!r} is not a p-value in [0, 1]")
+    m = len(ps)
+    out = [0.0] * m
+    running = 0.0
+    for rank, i in enumerate(sorted(range(m), key=lambda k: ps[k])):
+        running = max(running, min(1.0, (m - rank) * ps[i]))
+        out[i] = running
+    return out
+
+
+@dataclass(frozen=True)
+class IntersectionUnion:
+    """"A beats every one of B_1..B_k": an intersection-union test. The joint claim holds at
+    level ``alpha`` when *each* one-sided p is ``<= alpha`` (Berger 1982); no multiplicity
+    correction is needed, since all must reject. Its p-value is the largest of the p-values."""
+
+    p_value: float
+    alpha: float
+    holds: bool
+    n: int
+
+    def text(self) -> str:
+        if not self.n:
+            return "no baselines to compare with"
+        if self.holds:
+            return (f"beats all {self.n} baselines (intersection-union test: each one-sided p <= {self.alpha}; "
+                    f"largest p = {self.p_value:.3g})")
+        return (f"does not beat all {self.n} baselines at {self.alpha} (intersection-union test: "
+                f"largest one-sided p = {self.p_value:.3g})")
+
+
+def intersection_union(p_values: Sequence[float], *, alpha: float = DEFAULT_ALPHA) -> IntersectionUnion:
+    """The intersection-union test of the one-sided ``p_values`` (see :class:`IntersectionUnion`);
+    with no p-values there is no claim (``holds`` False)."""
+    ps = [float(p) for p in p_values]
+    p = max(ps) if ps else 1.0
+    return IntersectionUnion(p_value=p, alpha=alpha, holds=bool(ps) and p <= alpha, n=len(ps))

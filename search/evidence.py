@@ -5,6 +5,9 @@
   the difference in accuracy with Newcombe's 95% interval and the p-value of McNemar's exact
   two-sided test, plus a plain verdict ("better" / "worse" / "not distinguishable at this size").
   Items are pooled over the domains (sorted), as the pruning test pools them.
+- The weighted score (what the search maximizes) carries a stratified bootstrap interval and
+  is compared paired with the stratified sign-flip test of ``evals.weighted_stats``; see
+  ``search.verdicts`` for the held-out verdicts (Holm, intersection-union) and the counts.
 - The best dev score of N trials is optimistic: it was *selected* on those very items.
   ``SELECTION_NOTE`` says so wherever a best score is shown; held-out test scores are the
   honest estimate, and the dev -> test gap is shown next to them.
@@ -20,6 +23,7 @@ from search import trials as T
 
 SELECTION_NOTE = ("the best dev score of {n} trials is optimistic: it was selected on those dev items, "
                   "so part of its lead is luck of the draw; held-out test scores are the honest estimate")
+SELECTED_ON = "selected on these items: no verdict"   # what a dev comparison says instead of a verdict
 
 
 def accuracy(correct: int, n: int) -> dict[str, Any]:
@@ -76,5 +80,49 @@ def best_vs_baselines(study, best: T.FrozenTrial) -> list[tuple[str, T.FrozenTri
             for name, t in T.baselines(study).items() if t.number != best.number]
 
 
-def selection_note(n_trials: int) -> str:
-    return SELECTION_NOTE.format(n=n_trials)
+def selection_note(n_trials: int, counts: Mapping[str, Any] | None = None) -> str:
+    """The selection note; with ``counts`` (see :func:`search_counts`) it names them all."""
+    note = SELECTION_NOTE.format(n=n_trials)
+    if counts:
+        note += (f" ({counts['trials_searched']} trials searched, {counts['distinct_candidates']} distinct "
+                 f"candidates; {counts['exports']} exports, {counts['test_looks']} looks at the test split)")
+    return note
+
+
+# -- the weighted score: intervals, dev comparisons without verdicts, held-out verdicts ---------------
+
+def campaign_weights(study) -> dict[str, float] | None:
+    from search.pruning import study_weights
+
+    return study_weights(study)
+
+
+def trial_score(t: T.FrozenTrial, weights: Mapping[str, float] | None) -> dict[str, Any]:
+    """``{score, ci95, n}``: the trial's weighted score with its stratified bootstrap interval."""
+    from search.verdicts import score_dict
+
+    return score_dict(T.scalar(t), T.item_bits(t), weights)
+
+
+def trial_score_text(t: T.FrozenTrial, weights: Mapping[str, float] | None) -> str:
+    from search.verdicts import score_text
+
+    return score_text(T.scalar(t), T.item_bits(t), weights)
+
+
+def dev_vs_baselines(study, best: T.FrozenTrial) -> dict[str, dict[str, Any] | None]:
+    """``best`` minus each baseline on the dev items it was selected on: weighted difference,
+    interval and p, and "selected on these items: no verdict"."""
+    from search.verdicts import dev_comparisons
+
+    others = {T.baseline_label(name): T.item_bits(t) for name, t in T.baselines(study).items()
+              if t.number != best.number}
+    return dev_comparisons(T.item_bits(best), others, campaign_weights(study))
+
+
+def latest_held_out(directory) -> dict[str, Any] | None:
+    """The held-out verdicts of the campaign's latest export (None before any export)."""
+    from search.verdicts import export_history
+
+    history = [e for e in export_history(directory) if e.get("verdicts")]
+    return history[-1]["verdicts"] if history else None

@@ -1,22 +1,21 @@
 """``brmerge demo``: everything brmerge does, end to end on a 2-core CPU, with an honest result.
 
-1. the model zoo (``search.demo.zoo``): a tiny base and a legal and a health specialist, cached;
-2. the three source models scored directly by the real evaluator;
-3. a real campaign: local Ray, SQLite study in the campaign directory, CMA-ES over per-layer
-   TIES weights and densities, the equal-weight merge queued first;
-4. the table (base, specialists, uniform merge, best searched merge), the report, the export
-   of the best merge with its model card, the dashboard command;
-5. ``summary.json``: the five rows, the trial count, the wall time, the export path.
-
-The specialists memorize the dev items of the sample suite: the demo shows that the search
-finds a merge that keeps both, not a model that generalizes (its held-out test scores, in
-the model card, stay near chance).
+1. the model zoo (``search.demo.zoo``): a tiny base and a legal and a health specialist, cached,
+   trained on the demo's own synthetic facts (``search.demo.facts``);
+2. the demo's items written into the campaign directory (``data/``): every fact asked in two
+   dev phrasings and, for the held-out test split, in two other phrasings;
+3. the three source models scored directly by the real evaluator;
+4. a real campaign: the local executor (no Ray), SQLite study in the campaign directory, CMA-ES
+   over per-layer TIES weights and densities, the equal-weight merge queued first;
+5. the export of the best merge: re-scored, scored on the held-out test items with the
+   baselines, its model card; the verdicts come from there (test split, paired weighted-score
+   tests, Holm over the three rivals, intersection-union for "beats all");
+6. the table, the report, ``summary.json`` (rows, verdicts, counts, wall time, export path).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 import threading
@@ -30,9 +29,9 @@ from typing import Any
 import yaml
 
 from merge_core.errors import BrmergeError
-from search.demo.table import DOMAINS, MIN_MARGIN, Row, claim, format_table, paired_lines, verdict_line
+from search.demo.table import DOMAINS, Row, claim, format_table, rival_label, verdict_lines
 
-__all__ = ["DOMAINS", "MIN_MARGIN", "NUM_FEWSHOT", "DemoError", "run_demo"]
+__all__ = ["DOMAINS", "NUM_FEWSHOT", "DemoError", "run_demo"]
 from search.demo.zoo import MODEL_NAMES, SPECIALISTS, Zoo, ZooRecipe, ensure_zoo
 
 CAMPAIGN_NAME = "demo"
@@ -43,10 +42,12 @@ SUMMARY = "summary.json"
 # Zero-shot prompts: the specialists learned single questions; a 4-layer model trained on
 # those does not carry what it learned over to 3-shot prompts, which are 4x longer.
 NUM_FEWSHOT = 0
-HONESTY = ("The specialists were fine-tuned on the dev questions of the sample suite, the very "
-           "items the search scores: they memorized them. The demo shows that the search finds a "
-           "merge that keeps what both specialists know; it is not a model that generalizes (the "
-           "held-out test scores in the model card stay near chance).")
+DATA_DIR = "data"        # the demo's generated items, inside the campaign directory
+HONESTY = ("The items are the demo's own synthetic facts (made-up laws and syndromes), not exam "
+           "questions. Each specialist was fine-tuned on its domain's facts (prose and the dev "
+           "questions); the test questions ask the same facts in other words, never seen in "
+           "training. The search selected the merge on the dev items; only the test items decide "
+           "a verdict.")
 
 
 class DemoError(BrmergeError):
@@ -124,7 +125,7 @@ def _domain_entry(acc: float, gold_prob: float, n: int) -> dict[str, Any]:
 
 # -- the steps --------------------------------------------------------------------------------
 
-def evaluate_sources(zoo: Zoo, *, progress: bool) -> list[Row]:
+def evaluate_sources(zoo: Zoo, data_dir: Path, *, progress: bool) -> list[Row]:
     """The base and the specialists, scored by the evaluator the campaign's workers use."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -135,8 +136,9 @@ def evaluate_sources(zoo: Zoo, *, progress: bool) -> list[Row]:
     from search.scoring import per_item
 
     tokenizer = AutoTokenizer.from_pretrained(str(zoo.base))
-    evaluator = Evaluator.for_suite(tokenizer, split="dev", source="sample", domains=list(DOMAINS),
-                                    limit=None, num_fewshot=NUM_FEWSHOT, purpose="search")
+    evaluator = Evaluator.for_suite(tokenizer, split="dev", source="data", data_dir=data_dir,
+                                    domains=list(DOMAINS), limit=None, num_fewshot=NUM_FEWSHOT,
+                                    purpose="search")
     models = [("base", "base model", zoo.base)]
     models += [(d, f"{d} specialist", zoo.specialists[d]) for d in SPECIALISTS]
     rows = []
@@ -156,33 +158,28 @@ def evaluate_sources(zoo: Zoo, *, progress: bool) -> list[Row]:
     return rows
 
 
-def campaign_dict(zoo: Zoo, *, trials: int, seed: int, workers: int) -> dict[str, Any]:
+def campaign_dict(zoo: Zoo, *, trials: int, seed: int, data_dir: Path) -> dict[str, Any]:
     return {
         "name": CAMPAIGN_NAME,
         "base_model": str(zoo.base),
         "models": [str(zoo.specialists[d]) for d in SPECIALISTS],
-        # TIES trims each task vector to its largest entries before the sign election: with
-        # both specialists at full density (the uniform merge) they wipe each other out
+        # TIES keeps each task vector's largest entries, then averages where both are kept:
+        # at full density (the uniform merge) each specialist's update is roughly halved
         "method": "ties",
         "search": {"granularity": "layer",
                    "params": {"weight": [0.0, 2.0], "density": [0.1, 1.0]},
                    "split_attn_mlp": False},
         "sampler": "cmaes",
         "objectives": {d: 1.0 for d in DOMAINS},
-        # every dev item (18 a domain at 0 shots), one stage: scoring them all is cheap here
-        "eval": {"suite": "sample", "limit": None, "stage1": False, "num_fewshot": NUM_FEWSHOT},
+        # every dev item of the demo's own data, one stage: scoring them all is cheap here
+        "eval": {"suite": "dev", "data_dir": str(data_dir), "limit": None, "stage1": False,
+                 "num_fewshot": NUM_FEWSHOT},
         "budget": {"trials": trials},
-        "workers": {"count": workers, "gpus_per_worker": 0},
+        # one worker in this process with every core: a trial takes about a second, so Ray's
+        # start-up (~10 s) and a second worker's copy of the models would cost more than they save
+        "workers": {"count": "auto", "gpus_per_worker": 0, "executor": "local"},
         "seed": seed,
     }
-
-
-def _start_ray(*, progress: bool) -> bool:
-    """A private local Ray on loopback; False when one was already running (keep it)."""
-    from search.executor import start_ray
-
-    with _ticking("starting Ray", enabled=progress):
-        return start_ray()
 
 
 def run_search(directory: Path, campaign: Mapping[str, Any], *, progress: bool):
@@ -192,14 +189,7 @@ def run_search(directory: Path, campaign: Mapping[str, Any], *, progress: bool):
     path = directory / "campaign.yaml"
     path.write_text(yaml.safe_dump(dict(campaign), sort_keys=False))
     parsed = parse_campaign(yaml.safe_load(path.read_text()), source=str(path))
-    started = _start_ray(progress=progress)
-    try:
-        return run_campaign(parsed, directory, progress=progress, log=None)
-    finally:
-        if started:
-            import ray   # only now: start_ray must run before ray is first imported
-
-            ray.shutdown()
+    return run_campaign(parsed, directory, progress=progress, log=None)
 
 
 def trial_row(t, *, key: str, name: str) -> Row:
@@ -207,9 +197,9 @@ def trial_row(t, *, key: str, name: str) -> Row:
     from search.trials import scalar
 
     domains = {d: _domain_entry(v["acc"], v["gold_prob"], v["n"])
-               for d, v in t.user_attrs.get(T.A_DOMAINS, {}).items()}
+               for d, v in T.domains_of(t).items()}
     return Row(key=key, name=name, source="study trial", domains=domains, combined=scalar(t), trial=t.number,
-               baseline=t.user_attrs.get(T.A_BASELINE), items=T.item_bits(t))
+               baseline=T.baseline_name(t), items=T.item_bits(t))
 
 
 def study_rows(study) -> list[Row]:
@@ -221,26 +211,64 @@ def study_rows(study) -> list[Row]:
         raise DemoError("the campaign finished without a completed uniform-merge trial: see campaign.log")
     uniform = found["uniform"]
     best = best_trials(study, 1)[0]
-    base = best.user_attrs.get(T.A_BASELINE)
+    base = T.baseline_name(best)
     name = f"best merge (trial {best.number}: {base})" if base else f"best searched merge (trial {best.number})"
     return [trial_row(uniform, key="uniform", name=f"uniform merge (trial {uniform.number})"),
             trial_row(best, key="best", name=name)]
 
 
-def write_summary(demo: Demo, *, seed: int, zoo: Zoo, budget: int) -> Path:
+def _test_entries(export_row: Mapping[str, Any]) -> tuple[dict[str, dict[str, Any]], float | None]:
+    from search.evidence import accuracy
+
+    out = {}
+    for task, m in (export_row.get("test_domains") or {}).items():
+        domain = m.get("domain", task)
+        n = int(m["n"])
+        out[domain] = {**accuracy(round(m["acc"] * n), n), "acc": m["acc"]}
+    return out, export_row.get("test")
+
+
+def with_test_scores(rows: list[Row], export_rows: list[dict[str, Any]], specialists: Mapping[str, str]) -> list[Row]:
+    """The rows with the export's test scores: the exported merge's, and each baseline trial's
+    (a specialist's row shows its baseline trial's, the specialist as a merge)."""
+    from dataclasses import replace
+
+    by_label = {"best": export_rows[0]}
+    for r in export_rows[1:]:
+        label = rival_label(r["name"], specialists)
+        key = {"uniform merge": "uniform", **{f"{d} specialist": d for d in SPECIALISTS}}.get(label or "")
+        if key:
+            by_label[key] = r
+    out = []
+    for row in rows:
+        found = by_label.get(row.key)
+        if found is not None:
+            test, combined = _test_entries(found)
+            row = replace(row, test=test, test_combined=combined)
+        out.append(row)
+    return out
+
+
+def write_summary(demo: Demo, *, seed: int, zoo: Zoo, budget: int, counts: Mapping[str, int],
+                  gap: Mapping[str, Any] | None) -> Path:
+    from search.storage import default_url
+
     data = {
         "command": "brmerge demo",
         "seed": seed,
         "trials": demo.trials,
         "budget_trials": budget,
+        "counts": dict(counts),
         "wall_seconds": demo.wall_seconds,
         "timings": demo.timings,
         "export": str(demo.export),
         "report": str(demo.report),
-        "study": {"name": CAMPAIGN_NAME, "storage": f"sqlite:///{(demo.directory / 'study.db').resolve()}"},
+        "study": {"name": CAMPAIGN_NAME, "storage": default_url(demo.directory)},
         "zoo": {"root": str(zoo.root), "built_now": zoo.built, "models": MODEL_NAMES},
+        "data": str(demo.directory / DATA_DIR),
         "rows": [{k: v for k, v in asdict(r).items() if k != "items"} for r in demo.rows],
         "claim": demo.claim,
+        "generalization_gap": gap,
         "note": HONESTY,
     }
     path = demo.directory / SUMMARY
@@ -270,25 +298,41 @@ def run_demo(*, directory: Path = DEFAULT_DIR, trials: int = DEFAULT_TRIALS, see
     recipe = zoo_recipe or ZooRecipe(seed=seed)
     zoo = ensure_zoo(recipe, cache_dir=cache_dir, progress=progress, log=lambda m: None)
     echo(f"model zoo {'trained' if zoo.built else 'reused from the cache'}: {zoo.root}")
+    from search.demo import facts as F
+
+    data_dir = F.write_data_dir(recipe.make_facts()[0], directory / DATA_DIR)
+    echo(f"the demo's items (synthetic facts; dev and test ask them in different words): {data_dir}")
     t = step("zoo", t)
-    sources = evaluate_sources(zoo, progress=progress)
+    sources = evaluate_sources(zoo, data_dir, progress=progress)
     t = step("score sources", t)
-    workers = max(1, min(2, os.cpu_count() or 1))  # two 1-thread workers keep 2 cores busy
-    study = run_search(directory, campaign_dict(zoo, trials=trials, seed=seed, workers=workers),
+    study = run_search(directory, campaign_dict(zoo, trials=trials, seed=seed, data_dir=data_dir),
                        progress=progress)
     t = step("search", t)
+    from search import verdicts as V
+    from search.evidence import selection_note
+    from search.export import export_trial
     from search.trials import finished_trials
 
     rows = sources + study_rows(study)
-    verdict = claim(rows)
+    best = next(r for r in rows if r.key == "best")
+    out = directory / "best-merge"
+    export_trial(directory, out=out, trial=best.trial, device="cpu", progress=progress, log=lambda m: None)
+    record = V.export_history(directory)[-1]
+    echo(f"best merge exported, re-scored on dev (identical), scored on the held-out test items with "
+         f"the baselines, model card written: {out}")
+    t = step("export", t)
+
+    specialists = {d: str(zoo.specialists[d]) for d in SPECIALISTS}
+    rows = with_test_scores(rows, record["rows"], specialists)
+    # the export's own comparisons on the dev items that selected the trial (no verdict)
+    dev = {r["name"]: (r.get("exported_minus_this") or {}).get("dev") for r in record["rows"][1:]}
+    verdict = claim(rows, record["verdicts"], dev, specialists)
     for line in format_table(rows):
         echo(line)
-    echo(verdict_line(verdict))
-    for line in paired_lines(verdict):
+    for line in verdict_lines(verdict):
         echo(line)
-    from search.evidence import selection_note
-
-    echo("note: " + selection_note(len(finished_trials(study))))
+    counts = V.search_counts(study, directory)
+    echo("note: " + selection_note(len(finished_trials(study)), counts))
     echo(HONESTY)
 
     from search.report import write_report
@@ -298,18 +342,11 @@ def run_demo(*, directory: Path = DEFAULT_DIR, trials: int = DEFAULT_TRIALS, see
     echo(f"report: {report.html}")
     t = step("report", t)
 
-    from search.export import export_trial
-
-    out = directory / "best-merge"
-    best_trial = next(r.trial for r in rows if r.key == "best")
-    export_trial(directory, out=out, trial=best_trial, device="cpu", progress=progress, log=lambda m: None)
-    echo(f"best merge exported, re-scored and verified, with its model card: {out}")
-    t = step("export", t)
-
     echo(f"dashboard: brmerge dashboard {directory}   (then open http://127.0.0.1:8080)")
     demo = Demo(directory=directory, rows=rows, trials=len(finished_trials(study)),
                 wall_seconds=round(time.perf_counter() - start, 2), export=out, report=report.html,
                 claim=verdict, timings=timings)
-    path = write_summary(demo, seed=seed, zoo=zoo, budget=trials)
+    path = write_summary(demo, seed=seed, zoo=zoo, budget=trials, counts=counts,
+                         gap=record.get("generalization_gap"))
     echo(f"summary: {path} ({demo.trials} trials, {demo.wall_seconds:.0f} s)")
     return demo

@@ -1,14 +1,15 @@
 """The demo's model zoo: a tiny Llama-style base and two specialists, trained on the CPU.
 
+The zoo learns the demo's own synthetic facts (``search.demo.facts``), not exam questions:
+
 - The base learns Portuguese from ``CORPUS`` (prose written for this project on law, health
-  and ENEM topics) and the multiple-choice format from the ``sample`` questions, each shown
-  with a fresh random answer letter: it learns the format, never the answers.
-- Each specialist is fine-tuned from the base on the dev items of its domain with their
-  answers (test items stay held out), in the zero-shot prompt form the demo scores. The loss
-  covers the whole sequence (questions and options too: with the letter alone both task vectors
-  point the same way and no merge beats the equal-weight one), the answer letter weighted more
-  (one token in ~140, it was otherwise not learned in a CPU budget). The specialists memorize
-  those items: the demo shows the merge search, not a model that generalizes.
+  and ENEM topics) and the multiple-choice format from questions about *format subjects*
+  (disjoint from the facts), in every dev and test phrasing, each with a random answer letter:
+  it learns the format, never an answer.
+- Each specialist is fine-tuned from the base on its domain's facts: their prose, and the dev
+  questions with their answers. The loss covers the whole sequence, the answer letter weighted
+  more (one token in ~80, it was otherwise not learned in a CPU budget). Test questions ask
+  the same facts in other words; the specialists never see them.
 
 The zoo is cached under ``cache_dir/<digest of the recipe and its data>`` and built at most
 once; a build is written under a temporary name and renamed when complete.
@@ -23,7 +24,7 @@ import math
 import os
 import random
 import shutil
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -35,14 +36,13 @@ from benchmarks_ptbr.prompts import (
     TARGET_DELIMITER,
     format_query,
 )
-from benchmarks_ptbr.sources import load_sample
+from search.demo import facts as F
 
 if TYPE_CHECKING:  # torch loads in seconds: only when a zoo is actually trained
     import torch
 
 CACHE_ENV = "BRMERGE_CACHE_DIR"
 SPECIALISTS = ("legal", "health")      # one fine-tune per domain, in this order
-FORMAT_DOMAINS = ("legal", "health", "enem")  # questions the base sees with random letters
 MODEL_NAMES = {"base": "ptbr-tiny-base", "legal": "ptbr-tiny-legal", "health": "ptbr-tiny-health"}
 
 # Written for brmerge (not taken from any exam): general prose, so the base learns the language.
@@ -56,33 +56,35 @@ class ZooRecipe:
     """Everything the zoo depends on; its digest names the cache folder."""
 
     seed: int = 0
-    vocab_size: int = 1024       # ~120 tokens a question: short sequences are what a CPU can afford
+    vocab_size: int = 1024       # ~80 tokens a question: short sequences are what a CPU can afford
     hidden: int = 64             # 128 trains too slowly for a demo on a 2-core CPU
     layers: int = 4
     heads: int = 4
     intermediate: int = 256
-    context: int = 2048          # room for 3-shot prompts (~500 tokens) too, not only the demo's 0-shot
-    base_steps: int = 100
+    context: int = 2048          # room for 3-shot prompts too, not only the demo's 0-shot
+    facts: int = 120             # facts per domain: x2 phrasings = 240 dev and 240 test items a domain
+    format_subjects: int = 60    # other subjects per domain, for the base's format questions
+    base_steps: int = 120
     base_lr: float = 3e-3
     base_batch: int = 8
-    specialist_steps: int = 100
+    specialist_steps: int = 500
     specialist_lr: float = 3e-3
-    specialist_batch: int = 4    # small batches: more updates for the same compute
-    answer_weight: float = 10.0  # the answer letter is 1 token in ~140: weight it in the loss
-    base_items: int = 2          # base exam texts: description + 1..base_items questions
-    specialist_items: int = 1    # specialist texts: description + this many answered questions
-    prose_fraction: float = 0.3  # share of base texts that are prose rather than questions
+    specialist_batch: int = 8
+    answer_weight: float = 40.0  # the answer letter is 1 token in ~80: at 10 it was not learned in 300 steps
+    prose_fraction: float = 0.3  # share of training texts that are prose rather than questions
     threads: int = 1             # one thread: the demo's two workers already keep 2 cores busy
-    version: int = 1             # bump when the training code changes what it produces
+    version: int = 2             # bump when the training code changes what it produces
 
     def digest(self) -> str:
         h = hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode())
         h.update("\n".join(CORPUS).encode())
-        for domain in FORMAT_DOMAINS:  # the questions are training data too
-            for split, items in sorted(load_sample(domain).items.items()):
-                for item in items:
-                    h.update(f"{split}|{item.id}|{item.question}|{item.texts}|{item.answer}".encode())
+        facts, fmt = self.make_facts()
+        h.update(F.digest(facts).encode())
+        h.update(json.dumps(fmt, sort_keys=True).encode())
         return h.hexdigest()[:16]
+
+    def make_facts(self) -> tuple[dict[str, list[F.Fact]], dict[str, list[str]]]:
+        return F.make_facts(facts=self.facts, format_subjects=self.format_subjects, seed=self.seed)
 
 
 @dataclass(frozen=True)
@@ -109,56 +111,58 @@ class Example:
     answers: tuple[int, ...] = ()   # character offsets of the answer letters in ``text``
 
 
-def _exam_example(domain: str, items: Sequence[Item], rng: random.Random, *, answered: bool) -> Example:
-    """A prompt-shaped text: the domain's description, then questions with a letter each.
-
-    ``answered=False`` draws a fresh random letter every time, so the format is learned but no
-    answer is; ``answered=True`` gives the real answers (specialists only).
-    """
-    text, answers = DESCRIPTIONS[domain], []
-    for item in items:
-        text += format_query(item, domain) + TARGET_DELIMITER
-        answers.append(len(text))
-        text += (item.answer if answered else rng.choice(item.labels)) + FEWSHOT_DELIMITER
-    return Example(text, tuple(answers))
+def _question_text(domain: str, row: dict, letter: str) -> str:
+    item = Item(id="", question=row["question"], labels=tuple(c["label"] for c in row["choices"]),
+                texts=tuple(c["text"] for c in row["choices"]), answer=letter, year=None, exam="",
+                source="demo", note="", pair="")
+    return format_query(item, domain) + TARGET_DELIMITER
 
 
-def _all_items(domain: str) -> list[Item]:
-    loaded = load_sample(domain)
-    return [i for split in sorted(loaded.items) for i in loaded.items[split]]
+def _exam_example(domain: str, row: dict, letter: str) -> Example:
+    """A prompt-shaped text, exactly as the evaluator builds it at 0 shots, then a letter."""
+    text = DESCRIPTIONS[domain] + _question_text(domain, row, letter)
+    return Example(text + letter + FEWSHOT_DELIMITER, (len(text),))
 
 
-def _dev_items(domain: str) -> list[Item]:
-    return list(load_sample(domain).items["dev"])
+def _phrasings(domain: str) -> tuple[str, ...]:
+    spec = F.DOMAIN_FACTS[domain]
+    return spec.dev + spec.test
 
 
-def tokenizer_corpus() -> list[str]:
-    rng = random.Random(0)
+def tokenizer_corpus(recipe: ZooRecipe) -> list[str]:
+    facts, fmt = recipe.make_facts()
     texts = list(CORPUS)
-    for domain in FORMAT_DOMAINS:
-        texts += [_exam_example(domain, [i], rng, answered=False).text for i in _all_items(domain)]
+    for domain in SPECIALISTS:
+        texts += [F.prose(f) for f in facts[domain]]
+        texts += [_exam_example(domain, F.question(domain, s, p), "A").text
+                  for s in fmt[domain] for p in _phrasings(domain)]
     return texts
 
 
 def base_examples(recipe: ZooRecipe, rng: random.Random) -> Iterator[Example]:
-    """Endless base-training texts: prose, or questions of one domain with random letters."""
-    pools = {d: _all_items(d) for d in FORMAT_DOMAINS}
+    """Endless base-training texts: prose, or a format subject's question with a random letter."""
+    _, fmt = recipe.make_facts()
     while True:
         if rng.random() < recipe.prose_fraction:
             start = rng.randrange(len(CORPUS))
             yield Example("\n\n".join(CORPUS[start:start + 2]))
         else:
-            domain = rng.choice(FORMAT_DOMAINS)
-            k = rng.randint(1, recipe.base_items)
-            # random letters carry no signal: no extra weight on them
-            yield Example(_exam_example(domain, rng.sample(pools[domain], k), rng, answered=False).text)
+            domain = rng.choice(SPECIALISTS)
+            row = F.question(domain, rng.choice(fmt[domain]), rng.choice(_phrasings(domain)))
+            # a random letter carries no signal: no extra weight on it
+            yield Example(_exam_example(domain, row, rng.choice(F.LABELS)).text)
 
 
 def specialist_examples(recipe: ZooRecipe, domain: str, rng: random.Random) -> Iterator[Example]:
-    """Endless fine-tuning texts: the domain's dev items, answered, in random order."""
-    pool = _dev_items(domain)
+    """Endless fine-tuning texts: a few facts' prose, or one dev question with its answer."""
+    facts = recipe.make_facts()[0][domain]
+    dev = F.rows({domain: facts}, "dev")[domain]
     while True:
-        yield _exam_example(domain, rng.sample(pool, recipe.specialist_items), rng, answered=True)
+        if rng.random() < recipe.prose_fraction:
+            yield Example(" ".join(F.prose(f) for f in rng.sample(facts, 4)))
+        else:
+            row = rng.choice(dev)
+            yield _exam_example(domain, row, row["answerKey"])
 
 
 # -- training ---------------------------------------------------------------------------------
@@ -283,7 +287,7 @@ def _build(recipe: ZooRecipe, folder: Path, *, progress: bool, log: Callable[[st
 
     torch.manual_seed(recipe.seed)
     tokenizer = make_tokenizer(folder / "tokenizer", vocab_size=recipe.vocab_size,
-                               corpus=tokenizer_corpus())
+                               corpus=tokenizer_corpus(recipe))
     base = LlamaForCausalLM(_config(recipe, tokenizer))
     losses = {"base": _train_with_bar(
         base, tokenizer, base_examples(recipe, random.Random(recipe.seed)), steps=recipe.base_steps,

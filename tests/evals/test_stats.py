@@ -288,3 +288,33 @@ def test_module_is_pure_python():
     imported |= {node.module.split(".")[0] for node in ast.walk(tree)
                  if isinstance(node, ast.ImportFrom) and node.module}
     assert not imported & {"torch", "scipy", "numpy"}
+
+
+# -- Holm and the intersection-union test ----------------------------------------------------------
+
+@pytest.mark.parametrize("seed", range(8))
+def test_holm_matches_statsmodels_multipletests(seed):
+    multipletests = pytest.importorskip("statsmodels.stats.multitest").multipletests
+    import random
+
+    rng = random.Random(seed)
+    ps = [rng.random() ** 3 for _ in range(rng.randint(1, 9))] + [0.02, 0.02]   # ties included
+    reject, adjusted, _, _ = multipletests(ps, alpha=0.05, method="holm")
+    assert stats.holm_adjust(ps) == pytest.approx(list(adjusted), abs=1e-14)
+    assert [p <= 0.05 for p in stats.holm_adjust(ps)] == list(reject)
+
+
+def test_holm_worked_example_and_errors():
+    # m = 4, sorted 0.005, 0.01, 0.03, 0.04 -> x4, x3 (max with 0.02), x2 = 0.06, x1 then max = 0.06
+    assert stats.holm_adjust([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert stats.holm_adjust([]) == []
+    with pytest.raises(ValueError, match="not a p-value"):
+        stats.holm_adjust([0.1, 1.5])
+
+
+def test_intersection_union_needs_every_p():
+    iu = stats.intersection_union([0.01, 0.049, 0.03])
+    assert iu.holds and iu.p_value == 0.049 and "beats all 3 baselines" in iu.text()
+    iu = stats.intersection_union([0.01, 0.051])
+    assert not iu.holds and iu.p_value == 0.051 and "does not beat all 2" in iu.text()
+    assert not stats.intersection_union([]).holds

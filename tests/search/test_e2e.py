@@ -107,19 +107,22 @@ def test_short_campaign_then_repeat_and_export(ray_cluster, tiny_zoo, tmp_path):
     assert "Search and scores" in card and "uniform" in card and "test score" in card
     prov = (tmp_path / "export" / "brmerge_provenance.json").read_text()
     assert '"search"' in prov and '"sampler": "cmaes"' in prov
-    # intervals and paired comparisons, on dev (the stored bits) and on test (the export's own)
-    from evals.stats import decode_bits, format_comparison, paired_comparison
+    # intervals and paired weighted-score tests: verdicts on test (the export's own items), none on dev
+    from evals.stats import decode_bits
+    from evals.weighted_stats import weighted_comparison
 
     exported, uniform = res.rows[0], next(r for r in res.rows if r["name"] == "uniform")
-    assert "[95% CI]" in card and "McNemar" in card and "optimistic" in card
+    assert "[95% CI]" in card and "sign-flip" in card and "Holm" in card and "optimistic" in card
+    assert "selected on these items, no verdict" in card and "looks at the test split" in card
     legal = exported["test_domains"]["legal"]
     assert legal["ci95"][0] <= legal["acc"] <= legal["ci95"][1]
-    mine = [c for d in sorted(exported["test_items"]) for c in decode_bits(exported["test_items"][d])]
-    theirs = [c for d in sorted(uniform["test_items"]) for c in decode_bits(uniform["test_items"][d])]
-    expected = paired_comparison(mine, theirs)
+    mine = {d: decode_bits(v) for d, v in exported["test_items"].items()}
+    theirs = {d: decode_bits(v) for d, v in uniform["test_items"].items()}
+    expected = weighted_comparison(mine, theirs, {d: 1.0 for d in mine})
     assert uniform["exported_minus_this"]["test"]["p_value"] == expected.p_value
-    assert format_comparison(expected) in card
+    assert uniform["exported_minus_this"]["test"]["text"] in card
     assert uniform["exported_minus_this"]["dev"]["n"] == sum(v["n"] for v in exported["dev_domains"].values())
+    assert uniform["exported_minus_this"]["dev"]["verdict"] is None
 
 
 def test_worker_killed_mid_trial_is_replaced_and_trial_rerun(ray_cluster, tiny_zoo, tmp_path):

@@ -36,16 +36,22 @@ def study() -> optuna.Study:
     return s
 
 
-def test_the_best_against_a_baseline_is_paired_and_exact(study):
+def test_the_best_against_a_baseline_on_dev_is_paired_exact_and_has_no_verdict(study):
     d = status_dict(study)
     cmp = d["best_vs_baselines"]["uniform"]
-    assert cmp["only_a"] == 3 and cmp["only_b"] == 1 and cmp["n"] == 18
+    assert cmp["n"] == 18 and cmp["discordant"] == 4
     assert cmp["diff"] == pytest.approx(2 / 18)
-    # two-sided exact McNemar: 2 * P(X <= 1), X ~ Binomial(4, 1/2) = 2 * 5/16
+    # one domain: the sign-flip test is McNemar's exact test, 2 * P(X <= 1), X ~ Binomial(4, 1/2)
     assert cmp["p_value"] == pytest.approx(0.625)
     low, high = cmp["ci95"]
-    assert low < 2 / 18 < high and -1 <= low and high <= 1
-    assert cmp["verdict"] == "not distinguishable at this size"
+    assert low < 2 / 18 < high
+    assert cmp["verdict"] is None and cmp["text"].endswith("selected on these items, no verdict")
+    assert d["best_score_ci95"][0] < d["best_score"] < d["best_score_ci95"][1]
+    assert d["counts"] == {"trials_searched": 3, "distinct_candidates": 3, "exports": 0, "test_looks": 0}
+    assert "3 trials searched" in d["selection_note"]
+    import json
+
+    assert json.loads(json.dumps(d))["counts"] == d["counts"]      # `status --json` prints it
 
 
 def test_each_accuracy_carries_its_wilson_interval(study):
@@ -62,8 +68,10 @@ def test_status_lines_show_intervals_p_values_and_the_selection_note(study):
     text = "\n".join(summary_lines(study))
     assert "0.667 [0.44, 0.84]" in text           # 12/18 with its interval
     assert "vs uniform: +0.111 [" in text and "p = 0.62" in text
-    assert "not distinguishable at this size" in text
-    assert "optimistic" in text
+    assert "selected on these items, no verdict" in text
+    for word in ("better", "worse", "beats", "not distinguishable"):
+        assert word not in text                     # no verdict from the items that chose the winner
+    assert "optimistic" in text and "0 looks at the test split" in text
 
 
 def test_comparisons_need_the_same_items():
@@ -72,3 +80,61 @@ def test_comparisons_need_the_same_items():
     cmp = E.compare({"legal": [True] * 6, "health": [True]}, {"legal": [False] * 6, "health": [True]})
     assert cmp.only_a == 6 and cmp.p_value == pytest.approx(2 * 0.5 ** 6)
     assert E.comparison_dict(cmp)["verdict"] == "better"
+
+
+# -- held-out verdicts, Holm, intersection-union, the gap, the counts -------------------------------
+
+from search import verdicts as V  # noqa: E402
+
+
+def _bits(n, right, *, offset=0):
+    return [offset <= i < offset + right for i in range(n)]
+
+
+def test_held_out_verdicts_use_holm_and_an_intersection_union_claim():
+    weights = {"legal": 1.0, "health": 1.0}
+    merge = {"legal": _bits(60, 50), "health": _bits(60, 50)}
+    specialist = {"legal": _bits(60, 30), "health": _bits(60, 35)}
+    uniform = {"legal": _bits(60, 46, offset=10), "health": _bits(60, 47, offset=10)}   # close: not significant
+    v = V.held_out_verdicts(merge, {"specialist": specialist, "uniform": uniform}, weights)
+    from evals.stats import holm_adjust
+
+    raw = [v["baselines"][k]["p_value"] for k in ("specialist", "uniform")]
+    assert [v["baselines"][k]["p_holm"] for k in ("specialist", "uniform")] == holm_adjust(raw)
+    assert v["baselines"]["specialist"]["verdict"] == "better"
+    assert v["baselines"]["uniform"]["verdict"] == "not distinguishable at this size"
+    assert not v["beats_all"]["holds"]
+    assert v["beats_all"]["p_value"] == max(v["baselines"][k]["p_greater"] for k in ("specialist", "uniform"))
+    assert "does not beat all 2 baselines" in v["text"] and "Holm-adjusted" in v["text"]
+    assert "held-out test items" in v["text"]
+
+    v = V.held_out_verdicts(merge, {"specialist": specialist}, weights)
+    assert v["beats_all"]["holds"] and "beats all 1 baselines (intersection-union" in v["text"]
+    assert v["score"]["ci95"][0] < v["score"]["score"] < v["score"]["ci95"][1]
+
+
+def test_unpaired_baselines_are_left_out_and_named():
+    v = V.held_out_verdicts({"legal": [True] * 5}, {"b": {"legal": [True] * 4}}, None)
+    assert v["unpaired"] == ["b"] and not v["beats_all"]["holds"] and v["beats_all"]["n"] == 0
+
+
+def test_generalization_gap_against_the_baselines_mean_gap():
+    merge = ({"legal": _bits(50, 45)}, {"legal": _bits(50, 30)})     # 0.90 on dev, 0.60 on test
+    base_a = ({"legal": _bits(50, 30)}, {"legal": _bits(50, 29)})    # -0.02
+    base_b = ({"legal": _bits(50, 25)}, {"legal": _bits(50, 26)})    # +0.02
+    g = V.generalization_gap(merge, {"a": base_a, "b": base_b}, {"legal": 1.0})
+    assert g["merge_gap"] == pytest.approx(-0.30)
+    assert g["baselines_mean_gap"] == pytest.approx(0.0)
+    assert g["excess_gap"] == pytest.approx(-0.30)
+    assert g["ci95"][0] < -0.30 < g["ci95"][1] < 0
+    assert V.generalization_gap(merge, {}, None) is None
+
+
+def test_counts_read_the_exports(study, tmp_path):
+    import json
+
+    (tmp_path / "exports.json").write_text(json.dumps([{"trial": 1, "rows": [{"test": 0.5}]},
+                                                       {"trial": 1, "rows": [{"test": 0.5}]}]))
+    c = V.search_counts(study, tmp_path)
+    assert c == {"trials_searched": 3, "distinct_candidates": 3, "exports": 2, "test_looks": 2}
+    assert "2 exports, 2 looks at the test split" in E.selection_note(3, c)

@@ -155,7 +155,12 @@ def test_report_single_objective(single):
     best = max((t for t in study.trials if t.state.name == "COMPLETE"), key=lambda t: t.user_attrs[T.A_SCORE])
     kind = f"baseline {best.user_attrs[T.A_BASELINE]}" if T.A_BASELINE in best.user_attrs else "search"
     score = best.user_attrs[T.A_SCORE]
-    assert f'<td>#{best.number}</td><td>{kind}</td><td class="num">{score:.4f}</td>' in page
+    assert f'<td>#{best.number}</td><td>{kind}</td><td class="num">{score:.4f} [' in page   # with its interval
+    # dev comparisons carry no verdict; verdicts come from held-out items; pruning is accounted for
+    assert "selected on these items, no verdict" in page and "Verdicts on held-out test items" in page
+    assert "Stage-1 pruning" in page and "looks at the test split" in page
+    for word in (">better<", "not distinguishable", "really better"):
+        assert word not in page
     assert f"{best.user_attrs[T.A_DOMAINS]['legal']['acc']:.3f}" in page
     for name in ("baseline uniform", "baseline model:org/legal-ft", "baseline model:org/health-ft"):
         assert name in page
