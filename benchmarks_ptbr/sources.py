@@ -36,6 +36,7 @@ from benchmarks_ptbr.items import (
 )
 
 SPLITS = ("dev", "test")
+SUITES = ("sample", *SPLITS, "leaderboard")   # what `brmerge eval --suite` takes
 DOMAINS = ("legal", "health", "enem", "healthbench")
 SAMPLE_DOMAINS = ("legal", "health", "enem")
 SAMPLE_DIR = Path(__file__).resolve().parent / "sample"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+from benchmarks_ptbr.sources import DOMAINS
 from evals.results import EvalResult, TaskMetrics
 from merge_core.errors import BrmergeError
 
@@ -21,9 +22,10 @@ class FitnessError(BrmergeError):
 # gain of one item in ~100 outweighs a 0.1 change in gold_prob: a tie-break, not a target.
 TIE_BREAK_WEIGHT = 0.1
 
-# Domain weights of the scalar fitness. HealthBench-BR is a secondary health task (binary,
-# likely LLM-written statements), so it counts half.
-DEFAULT_WEIGHTS: dict[str, float] = {"legal": 1.0, "health": 1.0, "enem": 1.0, "healthbench": 0.5}
+# Domain weights of the scalar fitness: every domain of the suite counts 1, except
+# HealthBench-BR, a secondary health task (binary, likely LLM-written statements): it counts half.
+SECONDARY_WEIGHTS: dict[str, float] = {"healthbench": 0.5}
+DEFAULT_WEIGHTS: dict[str, float] = {d: SECONDARY_WEIGHTS.get(d, 1.0) for d in DOMAINS}
 
 
 def domain_score(metrics: TaskMetrics, *, tie_break: float = TIE_BREAK_WEIGHT) -> float:

@@ -51,6 +51,7 @@ from search.genome import GenomeSpace  # noqa: E402
 from search.executor import start_ray  # noqa: E402
 from search.samplers import make_sampler  # noqa: E402
 from search.storage import open_study  # noqa: E402
+from search import trials as T  # noqa: E402
 from search.trials import finished_trials  # noqa: E402
 from search.demo.tiny import llama_config, make_llama, make_tokenizer  # noqa: E402
 
@@ -151,7 +152,7 @@ def run_barrier(campaign: Campaign, directory: Path, trace_dir: Path, workers: i
     # the driver's own study set-up (storage settings included), so both loops pay alike
     study = open_study(campaign, directory, resume=False, sampler=sampler)
     for name, params in baselines:  # as the driver does, so both studies start alike
-        study.enqueue_trial(params, user_attrs={"baseline": name})
+        T.enqueue_baseline(study, params, name)
     # the same actor resources as the driver's plan (fractional CPUs: 4 actors on 2 cores)
     cpus = ray.cluster_resources().get("CPU", 1)
     remote = ray.remote(max_restarts=0, max_concurrency=1,
@@ -166,13 +167,11 @@ def run_barrier(campaign: Campaign, directory: Path, trace_dir: Path, workers: i
             for actor, trial in zip(actors, batch):
                 recipe = space.to_recipe(trial.params)
                 # the driver's per-trial bookkeeping, so only the scheduling differs
-                trial.set_user_attr("recipe_digest", recipe.digest())
-                trial.set_user_attr("recipe", recipe.to_yaml())
+                T.record_asked(trial, digest=recipe.digest(), recipe_yaml=recipe.to_yaml())
                 refs.append(actor.run.remote(recipe.to_yaml(), stage=1))
             results = ray.get(refs)  # the barrier: every worker waits for the slowest trial
             for trial, result in zip(batch, results):
-                trial.set_user_attr("score", result.score)
-                trial.set_user_attr("eval_seconds", result.eval_seconds)
+                T.record_final(trial, score=result.score, items=result.items)
                 study.tell(trial, result.score)
             told += len(batch)
         end = time.time()

@@ -47,6 +47,7 @@ sys.path.insert(0, str(REPO))  # run as a script from a checkout
 import optuna  # noqa: E402
 
 from benchmarks_ptbr.suite import load_suite  # noqa: E402
+from search import trials as T  # noqa: E402
 from search.campaign import parse_campaign  # noqa: E402
 from search.demo.tiny import llama_config, make_llama, make_tokenizer  # noqa: E402
 
@@ -79,14 +80,15 @@ def build_models(root: Path, *, vocab: int, hidden: int, layers: int) -> tuple[P
 def trial_times(study: optuna.Study) -> list[TrialTimes]:
     """Per-trial split of the loop's wall time, from the study's clocks (see the module doc)."""
     trials = sorted((t for t in study.get_trials(deepcopy=False)
-                     if t.state == optuna.trial.TrialState.COMPLETE and "started_at" in t.user_attrs),
+                     if t.state == optuna.trial.TrialState.COMPLETE and T.view(t).started_at is not None),
                     key=lambda t: t.datetime_start)
     out = []
     for i, t in enumerate(trials):
+        v = T.view(t)
         begin = t.datetime_start.timestamp()
         complete = t.datetime_complete.timestamp()
-        started, finished = t.user_attrs["started_at"], t.user_attrs["finished_at"]
-        mat, ev = t.user_attrs["materialize_seconds"], t.user_attrs["eval_seconds"]
+        started, finished = v.started_at, v.finished_at
+        mat, ev = v.materialize_seconds, v.eval_seconds
         nxt = trials[i + 1].datetime_start.timestamp() if i + 1 < len(trials) else complete
         out.append(TrialTimes(t.number, begin, complete, started - begin, mat, ev,
                               finished - started - mat - ev, complete - finished, nxt - complete))

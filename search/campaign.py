@@ -15,21 +15,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from benchmarks_ptbr.sources import DOMAINS
+from benchmarks_ptbr.sources import DOMAINS, SUITES as EVAL_SUITES
 from merge_core.errors import BrmergeError, did_you_mean
 from search.samplers import MULTI_OBJECTIVE, SAMPLERS
 
-SUITES = ("sample", "dev", "test")
+# a search scores items by log-likelihood: not the Leaderboard suite, a generation-only report
+SUITES = tuple(s for s in EVAL_SUITES if s != "leaderboard")
 DEFAULT_PRUNE_ALPHA = 0.05   # the pruning test's level: a candidate stops on evidence at 5%
+DEFAULT_PRUNE_AUDIT = 0.05   # share of would-be prunes scored in full anyway: the audit of the rule
 # Ranges a search may set; which of them a method uses is the method's decision.
-SEARCHABLE = ("weight", "density", "epsilon", "gamma", "t", "lambda", "select_topk")
-# Whole-merge (shared) parameters the genome can search per layer, with the range they must
-# stay in: sce's select_topk is a fraction, nearswap's t a non-negative distance threshold,
-# the task-arithmetic family's lambda a non-negative scale.
-SHARED_SEARCHABLE: dict[str, tuple[float, float]] = {
-    "select_topk": (0.0, 1.0), "t": (0.0, float("inf")), "lambda": (0.0, float("inf"))}
+# What a campaign may search, and in which range, is declared by each merge method on its
+# parameters (``merge_core.methods.base.Search``): nothing here names a method or a parameter.
 
 # The commented campaign file `brmerge init` writes (package data, read once).
 TEMPLATE = (importlib.resources.files("search") / "campaign_template.yaml").read_text(encoding="utf-8")
@@ -43,15 +39,24 @@ DEFAULTS: dict[str, Any] = {
     "objectives": {"legal": 1.0, "health": 1.0, "enem": 1.0},
     "eval": {"suite": "dev", "limit": 200,  # ~200 items per task: stable enough, cheap enough
              "stage1": None,                # null: a quarter of limit (at least the test's minimum); false: off
-             "prune_alpha": DEFAULT_PRUNE_ALPHA,
+             "prune_alpha": DEFAULT_PRUNE_ALPHA, "prune_audit": DEFAULT_PRUNE_AUDIT,
              "chat_template": False,        # as lm-eval: off unless asked; instruct fine-tunes may want it
-             "data_dir": None, "allow_test": False, "num_fewshot": 3},
+             "data_dir": None, "allow_test": False, "num_fewshot": 3,
+             "dtype": "auto",               # the checkpoint's on a GPU (tensor cores), float32 on CPU
+             "max_batch_tokens": 16384},    # rows x (shared prefix + row) tokens per forward: fits small GPUs
     "budget": {"trials": 200, "timeout": None},
-    "workers": {"count": "auto", "gpus_per_worker": 1},
+    "workers": {"count": "auto", "gpus_per_worker": 1,
+                "executor": "ray",          # ray: any number of GPUs and nodes, a dead worker replaced
+                "sources": "device",        # device: fastest; host: streamed from pinned host memory; auto: the plan decides
+                "magnitude_cache": "auto"}, # auto: 40% of the memory free after the first evaluation; off; or a size
     "ray": {"address": None},
     "storage": None,
     "seed": 0,
 }
+
+
+SOURCES = ("device", "host", "auto")   # workers.sources: where the base and fine-tunes are kept
+EXECUTORS = ("ray", "local")   # workers.executor: Ray actors, or threads in the driver (search.protocol)
 
 
 class CampaignError(BrmergeError):
@@ -86,8 +91,14 @@ class Campaign:
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
     storage_password_env: str | None = None  # storage: {url, password_env}: the password's variable
     prune_alpha: float = DEFAULT_PRUNE_ALPHA
+    prune_audit: float = DEFAULT_PRUNE_AUDIT    # eval.prune_audit: share of would-be prunes scored in full
     chat_template: bool = False             # score prompts through the model's chat template
     shared_params: tuple[str, ...] = ()     # the searched parameters set once for the whole merge
+    executor: str = "ray"                   # workers.executor: one of EXECUTORS
+    dtype: str = "auto"                     # eval.dtype: one of merge_core.dtypes.COMPUTE_DTYPES
+    max_batch_tokens: int = DEFAULTS["eval"]["max_batch_tokens"]  # see evals.harness.batch_memory_tokens
+    sources: str = "device"                 # workers.sources: one of SOURCES
+    magnitude_cache: str = "auto"           # workers.magnitude_cache: auto | off | a size such as 20GB
 
     @property
     def block_size(self) -> int | None:
@@ -99,7 +110,9 @@ class Campaign:
 
     def storage_url(self, directory: Path) -> str:
         """The URL as written (no password from the environment: see ``search.storage.resolve``)."""
-        return self.storage or f"sqlite:///{(directory / 'study.db').resolve()}"
+        from search.storage import default_url   # here: search.storage imports this module
+
+        return self.storage or default_url(directory)
 
 
 def min_stage1(alpha: float, n_domains: int) -> int:
@@ -173,19 +186,26 @@ def parse_campaign(data: Any, *, source: str = "campaign") -> Campaign:
     method_name = d.get("method")
     per_model_params: list[str] = []
     shared_params: list[str] = []
+    declared: dict[str, Any] = {}
     try:
         method = methods.get(str(method_name))
-        per_model_params = [p.name for p in method.params if p.scope in (Scope.MODEL, Scope.INPUT)]
-        shared_params = [p.name for p in method.params
-                         if p.scope is Scope.SHARED and p.name in SHARED_SEARCHABLE]
+        declared = {p.name: p.search for p in method.params if p.search is not None}
+        per_model_params = [p.name for p in method.params
+                            if p.search is not None and p.scope in (Scope.MODEL, Scope.INPUT)]
+        shared_params = [p.name for p in method.params if p.search is not None and p.scope is Scope.SHARED]
         if method.base.value == "ignored":
             errors.append(f"method {method_name!r} ignores the base model; a campaign merges fine-tunes "
                           "against their base: use ties, dare_ties, della, sce, multislerp, ...")
         elif not per_model_params and not shared_params:
             errors.append(f"method {method_name!r} has no parameter a search can set; "
                           "use ties, dare_ties, della, sce, nearswap, multislerp, ...")
-        if method_name == "nearswap" and isinstance(models, list) and len(models) != 1:
-            errors.append("method nearswap moves one fine-tune toward its base: give exactly one model")
+        if isinstance(models, list):
+            most = method.max_models
+            if len(models) < method.min_models or (most is not None and len(models) > most):
+                wanted = (f"exactly {most}" if most == method.min_models else
+                          f"at least {method.min_models}" if most is None else f"{method.min_models} to {most}")
+                errors.append(f"method {method_name} merges {wanted} fine-tune(s) into its base; "
+                              f"models has {len(models)}: give {wanted} model(s) or choose another method")
     except ValueError as exc:
         errors.append(f"method: {exc}")
     searchable = per_model_params + shared_params
@@ -212,15 +232,16 @@ def parse_campaign(data: Any, *, source: str = "campaign") -> Campaign:
         if not all(math.isfinite(x) for x in rng):
             errors.append(f"search.params.{pname} {list(rng)} must be finite numbers")
             continue
-        if pname in ("density", "epsilon", "gamma", "select_topk") and not (0 <= rng[0] and rng[1] <= 1):
-            errors.append(f"search.params.{pname} {list(rng)} must lie within [0, 1]")
-            continue
-        if pname in shared_params and rng[0] < SHARED_SEARCHABLE[pname][0]:
-            errors.append(f"search.params.{pname} {list(rng)} must not go below {SHARED_SEARCHABLE[pname][0]:g}")
+        spec = declared.get(pname)
+        if spec is not None and not (spec.low <= rng[0] and rng[1] <= spec.high):
+            errors.append(f"search.params.{pname} {list(rng)} must lie within [{spec.low:g}, {spec.high:g}]"
+                          if math.isfinite(spec.high) else
+                          f"search.params.{pname} {list(rng)} must not go below {spec.low:g}")
             continue
         params[str(pname)] = (float(rng[0]), float(rng[1]))
-    if "weight" in per_model_params and "weight" not in raw_params:
-        errors.append("search.params must include weight: the search needs at least the model weights")
+    for pname in per_model_params:   # the parameter that tells the models apart (their weights)
+        if declared[pname].selects_model and pname not in raw_params:
+            errors.append(f"search.params must include {pname}: the search needs at least the model {pname}s")
     split = search.get("split_attn_mlp")
     if not isinstance(split, bool):
         errors.append(f"search.split_attn_mlp must be true or false, got {split!r}")
@@ -269,6 +290,11 @@ def parse_campaign(data: Any, *, source: str = "campaign") -> Campaign:
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha <= 0.5:
         errors.append(f"eval.prune_alpha {alpha!r} must be a significance level in (0, 0.5], e.g. 0.05")
         alpha = DEFAULT_PRUNE_ALPHA
+    audit = ev.get("prune_audit")
+    if isinstance(audit, bool) or not isinstance(audit, (int, float)) or not 0 <= audit <= 1:
+        errors.append(f"eval.prune_audit {audit!r} must be a share in [0, 1] of would-be-pruned candidates "
+                      "scored in full anyway, e.g. 0.05 (0: no audit)")
+        audit = DEFAULT_PRUNE_AUDIT
     n_domains = max(1, sum(1 for w in objectives.values() if isinstance(w, (int, float)) and w > 0))
     floor = min_stage1(float(alpha), n_domains)
     stage1 = ev.get("stage1")
@@ -299,6 +325,30 @@ def parse_campaign(data: Any, *, source: str = "campaign") -> Campaign:
     gpw = workers.get("gpus_per_worker")
     if isinstance(gpw, bool) or not isinstance(gpw, (int, float)) or gpw < 0:
         errors.append(f"workers.gpus_per_worker {gpw!r} must be a number >= 0")
+    executor = workers.get("executor")
+    if executor not in EXECUTORS:
+        errors.append(f"workers.executor {executor!r} must be one of {', '.join(EXECUTORS)}")
+    sources = workers.get("sources")
+    if sources not in SOURCES:
+        errors.append(f"workers.sources {sources!r} must be one of {', '.join(SOURCES)}")
+    magnitude_cache = workers.get("magnitude_cache")
+    if magnitude_cache == 0 or magnitude_cache == "0":
+        magnitude_cache = "off"
+    if magnitude_cache not in ("auto", "off"):
+        from merge_core.io import parse_size
+
+        try:
+            parse_size(magnitude_cache)
+        except (BrmergeError, TypeError):
+            errors.append(f"workers.magnitude_cache {magnitude_cache!r} must be auto, off or a size such as 20GB")
+    from merge_core.dtypes import COMPUTE_DTYPES
+
+    dtype = ev.get("dtype")
+    if dtype not in COMPUTE_DTYPES:
+        errors.append(f"eval.dtype {dtype!r} must be one of {', '.join(COMPUTE_DTYPES)}")
+    batch_tokens = ev.get("max_batch_tokens")
+    if isinstance(batch_tokens, bool) or not isinstance(batch_tokens, int) or batch_tokens < 1:
+        errors.append(f"eval.max_batch_tokens {batch_tokens!r} must be a positive number of tokens, e.g. 16384")
     seed = d.get("seed")
     if isinstance(seed, bool) or not isinstance(seed, int):
         errors.append(f"seed {seed!r} must be an integer")
@@ -327,12 +377,14 @@ def parse_campaign(data: Any, *, source: str = "campaign") -> Campaign:
         granularity=gran, params=params, shared_params=tuple(p for p in params if p in shared_params),
         split_attn_mlp=bool(split), sampler=str(sampler),
         objectives={k: float(v) for k, v in objectives.items()}, suite=ev["suite"], limit=limit,
-        stage1=stage1, prune_alpha=float(alpha), chat_template=chat is True, data_dir=ev.get("data_dir"),
+        stage1=stage1, prune_alpha=float(alpha), prune_audit=float(audit), chat_template=chat is True, data_dir=ev.get("data_dir"),
         allow_test=bool(ev.get("allow_test")),
         num_fewshot=shots, trials=trials,
         timeout=float(timeout) if timeout else None, workers=count, gpus_per_worker=float(gpw),
         ray_address=d["ray"].get("address"), storage=storage, seed=seed, source_file=source, raw=dict(data),
-        storage_password_env=password_env or None,
+        storage_password_env=password_env or None, executor=str(executor),
+        dtype=str(dtype), max_batch_tokens=batch_tokens, sources=str(sources),
+        magnitude_cache=str(magnitude_cache),
     )
 
 
@@ -340,10 +392,8 @@ def load_campaign(path: str | Path) -> Campaign:
     p = Path(path)
     if not p.is_file():
         raise CampaignError(f"campaign file {str(p)!r} not found: create one with `brmerge init`")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise CampaignError(f"{p}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    from merge_core import safe_yaml   # UTF-8 and alias bombs refused as one line
+
+    text = safe_yaml.read_text(p, error=CampaignError, what="campaign file")
+    data = safe_yaml.load(text, source=str(p), error=CampaignError)
     return parse_campaign(data, source=str(p))

@@ -26,6 +26,7 @@ COMMANDS: dict[str, str] = {
     "merge": "merge",
     "eval": "eval",
     "demo": "demo",
+    "plan": "plan",
 }
 
 

@@ -26,8 +26,8 @@ from search import storage as S
 from search import trials as T
 from search.campaign import Campaign, parse_campaign
 from search.errors import DriverError
-from search.executor import RayExecutor, start_ray
 from search.genome import GenomeSpace
+from search.protocol import make_executor
 from search.samplers import make_sampler
 from search.scheduler import Scheduler
 
@@ -92,7 +92,10 @@ class Driver:
         from merge_core.checks import check_compatible
         from merge_core.plan import num_layers
         from merge_core.sources import resolve_model
+        from search.sizing_report import preflight
 
+        # configs only, no weights: a worker that cannot fit is refused first, with the fix
+        self.plan_line = preflight(self.campaign)
         refs = [self.campaign.base_model, *self.campaign.models]
         sources = [resolve_model(r) for r in refs]
         check_compatible(sources)
@@ -160,19 +163,18 @@ class Driver:
         self._record_campaign(study)
         bar = _bar(c.trials, len(T.finished_trials(study)), self.progress)
         sched = Scheduler(study=study, storage=rdb, space=space, budget=c.trials,
-                          multi_objective=c.multi_objective, alpha=c.prune_alpha, timeout=c.timeout,
+                          multi_objective=c.multi_objective, alpha=c.prune_alpha,
+                          prune_audit=c.prune_audit, timeout=c.timeout,
                           log=self.log, on_done=self._on_done(bar))
         if self.resume:
             sched.requeue_interrupted()
         else:
-            study.set_user_attr(T.S_CAMPAIGN, S.public_campaign(c.raw))
-            study.set_user_attr(T.S_NUM_LAYERS, space.num_layers)
-            study.set_user_attr(T.S_OBJECTIVES, list(c.objectives) if c.multi_objective else ["score"])
+            T.record_study(study, campaign=S.public_campaign(c.raw), num_layers=space.num_layers,
+                           objectives=list(c.objectives) if c.multi_objective else ["score"])
             sched.seed_baselines(baselines)
             self.log(f"new study with {len(space.param_names())} parameters; queued baselines: "
                      + ", ".join(n for n, _ in baselines))
-        start_ray(c.ray_address)
-        executor = RayExecutor(c, n_workers=self.n_workers, worker_factory=self.worker_factory)
+        executor = make_executor(c, n_workers=self.n_workers, worker_factory=self.worker_factory)
         sched.attach(executor)
         self.log(f"starting {executor.n_workers} worker(s) with {executor.resources}")
         try:

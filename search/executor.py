@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from search.campaign import Campaign
-from search.protocol import Event, Job
+from search.protocol import Event, Job, takes_digest
 
 
 LOOPBACK = ("127.0.0.1", "::1", "::ffff:127.0.0.1")
@@ -149,6 +149,7 @@ class RayExecutor:
             worker_factory = TrialWorker
         # SPREAD: the workers go to as many nodes as the cluster has (memory and cores of each
         # node shared by fewer workers); a replacement goes wherever its resources are free.
+        self._with_digest = takes_digest(getattr(worker_factory, "run", lambda *a, digest=None, **k: None))
         self._cls = ray.remote(max_restarts=0, max_concurrency=1, scheduling_strategy="SPREAD",
                                **self.resources)(worker_factory)
         self.actors = [self._actor(i) for i in range(self.n_workers)]
@@ -181,7 +182,9 @@ class RayExecutor:
 
     def submit(self, job: Job) -> None:
         with self._lock:
-            ref = self.actors[job.worker].run.remote(job.recipe_yaml, stage=job.stage)
+            run = self.actors[job.worker].run
+            ref = (run.remote(job.recipe_yaml, stage=job.stage, digest=job.digest) if self._with_digest
+                   else run.remote(job.recipe_yaml, stage=job.stage))
             self._in_flight[ref] = job
 
     def next_event(self, timeout: float) -> Event | None:

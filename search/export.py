@@ -8,10 +8,9 @@ device type); otherwise nothing is exported.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 import optuna
 
 from search import evidence as E
+from search import verdicts as V
 from search import scoring
 from search import trials as T
 from search.errors import SearchError
@@ -72,10 +72,12 @@ def export_trial(directory: Path, *, out: Path, trial: int | None = None, device
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from merge_core.devices import resolve_device
+    from merge_core.dtypes import torch_dtype
     from merge_core.io import check_output, replace_output
     from merge_core.materialize import merge_to_disk
     from merge_core.recipe import Recipe
     from merge_core.resident import ResidentModels, as_live_module
+    from merge_core.staging import remove_stale_staging, staging_path
 
     directory = Path(directory)
     out = Path(out).resolve()
@@ -84,7 +86,7 @@ def export_trial(directory: Path, *, out: Path, trial: int | None = None, device
     study = load_study(directory)
     campaign = load_campaign(directory / "campaign.yaml")
     chosen = pick_trial(study, trial)
-    recipe_yaml = chosen.user_attrs.get(T.A_RECIPE)
+    recipe_yaml = T.view(chosen).recipe
     if not recipe_yaml:
         raise ExportError(f"trial {chosen.number} has no recipe attribute: was it written by brmerge search?")
     recipe = Recipe.from_yaml(recipe_yaml)
@@ -93,21 +95,24 @@ def export_trial(directory: Path, *, out: Path, trial: int | None = None, device
     check_output(out, overwrite=overwrite, protected=protected)
     dev_device = resolve_device(device)
 
-    staging = out.parent / f".{out.name}.export-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
+    remove_stale_staging(out)   # staging folders of exports killed with SIGKILL
+    staging = staging_path(out, "export")
     log(f"exporting trial {chosen.number} (dev score {scalar(chosen):.4f}) to {out}")
     merge_to_disk(recipe, staging, device=str(dev_device), shard_size=shard_size, progress=progress,
                   recipe_text=recipe_yaml)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(staging))
+        # the trial's live-model dtype (trials from before eval.dtype ran in float32)
+        live_dtype = torch_dtype(T.view(chosen).dtype or "float32")
         model = as_live_module(
-            AutoModelForCausalLM.from_pretrained(str(staging), dtype=torch.float32), dev_device)
+            AutoModelForCausalLM.from_pretrained(str(staging), dtype=torch.float32), dev_device,
+            dtype=live_dtype)
         dev_eval = scoring.evaluator(campaign, tokenizer, split=scoring.search_split(campaign))
         test_eval = scoring.evaluator(campaign, tokenizer, split="test", purpose="report")
         # on a CPU, as many threads as the trial's worker had: a matmul rounds by how it is split
-        with _threads(chosen.user_attrs.get(T.A_THREADS) if dev_device.type == "cpu" else None):
+        with _threads(T.view(chosen).threads if dev_device.type == "cpu" else None):
             dev, dev_domains, dev_items = _score(dev_eval, model, campaign)
-        expected = float(chosen.user_attrs.get(T.A_SCORE, chosen.values[0]))
+        expected = scalar(chosen)
         if dev != expected:
             raise ExportError(f"re-scoring the exported model on dev gave {dev!r}, the trial scored {expected!r}: "
                               "the export does not reproduce the searched model (different device type or "
@@ -119,23 +124,36 @@ def export_trial(directory: Path, *, out: Path, trial: int | None = None, device
                  "test_items": T.encode_items(test_items)}]
         del model
         base_trials = baselines(study)
+        pairs: dict[str, tuple[dict, dict]] = {}    # baseline: (dev bits, test bits)
         if base_trials:
             resident = ResidentModels(campaign.base_model, list(campaign.models), device=dev_device)
-            live = resident.load_module()
+            live = resident.load_module(dtype=live_dtype)
             for name, t in base_trials.items():
-                resident.materialize(Recipe.from_yaml(t.user_attrs[T.A_RECIPE]), live)
+                resident.materialize(Recipe.from_yaml(T.view(t).recipe), live)
                 b_test, b_test_domains, b_test_items = _score(test_eval, live, campaign)
                 rows.append({"name": name, "trial": t.number, "dev": scalar(t), "test": b_test,
                              "dev_domains": E.domain_accuracies(t), "test_domains": b_test_domains,
-                             "test_items": T.encode_items(b_test_items),
-                             "exported_minus_this": {
-                                 "dev": E.comparison_dict(E.compare(dev_items, T.item_bits(t))),
-                                 "test": E.comparison_dict(E.compare(test_items, b_test_items))}})
-        _write_card(staging, campaign, study, chosen, rows)
+                             "test_items": T.encode_items(b_test_items)})
+                pairs[name] = (T.item_bits(t), b_test_items)
+        # verdicts come from the held-out test items only; this export is one more look at them
+        counts = V.search_counts(study, directory)
+        counts = {**counts, "exports": counts["exports"] + 1, "test_looks": counts["test_looks"] + 1}
+        claims = V.export_claims(dev_items, test_items, pairs, scoring.weights(campaign), counts=counts)
+        for r in rows[1:]:
+            r["exported_minus_this"] = {"dev": claims["dev"].get(r["name"]),
+                                        "test": claims["verdicts"]["baselines"].get(r["name"])}
+        for r in rows:   # every weighted score with its stratified bootstrap interval
+            dev_bits, test_bits = (dev_items, test_items) if r is rows[0] else pairs[r["name"]]
+            r["dev_ci95"] = V.score_dict(r["dev"], dev_bits, scoring.weights(campaign))["ci95"]
+            r["test_ci95"] = V.score_dict(r["test"], test_bits, scoring.weights(campaign))["ci95"]
+        _write_card(staging, campaign, study, chosen, rows, claims)
         replace_output(staging, out, overwrite=overwrite, protected=protected)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    record = {"trial": chosen.number, "out": str(out), "rows": rows, "time": time.time()}
+    record = {"trial": chosen.number, "out": str(out), "rows": rows, "time": time.time(),
+              "verdicts": claims["verdicts"], "generalization_gap": claims["generalization_gap"],
+              "counts": claims["counts"], "selection_note": E.selection_note(claims["counts"]["trials_searched"],
+                                                                            claims["counts"])}
     exports = directory / "exports.json"
     history = json.loads(exports.read_text()) if exports.is_file() else []
     exports.write_text(json.dumps(history + [record], indent=2))
@@ -143,7 +161,7 @@ def export_trial(directory: Path, *, out: Path, trial: int | None = None, device
 
 
 def _write_card(folder: Path, campaign: Campaign, study: optuna.Study, chosen: optuna.trial.FrozenTrial,
-                rows: list[dict[str, Any]]) -> None:
+                rows: list[dict[str, Any]], claims: dict[str, Any]) -> None:
     from merge_core.provenance import PROVENANCE_FILE, escape_markdown, write_model_card
 
     prov = json.loads((folder / PROVENANCE_FILE).read_text())
@@ -152,16 +170,17 @@ def _write_card(folder: Path, campaign: Campaign, study: optuna.Study, chosen: o
               "sampler": campaign.sampler, "granularity": campaign.granularity,
               "budget_trials": campaign.trials, "trials_finished": finished,
               "objectives": dict(campaign.objectives), "eval_suite": campaign.suite,
-              "eval_limit": campaign.limit, "scores": rows}
+              "eval_limit": campaign.limit, "scores": rows, "verdicts": claims["verdicts"],
+              "generalization_gap": claims["generalization_gap"], "counts": claims["counts"]}
     prov.setdefault("extra", {})["search"] = search
     domains = [d for d in campaign.objectives]
-    table = ["| model | dev score | test score | " + " | ".join(f"{d} dev / test acc [95% CI]" for d in domains)
-             + " |", "| --- | --- | --- | " + " | ".join("---" for _ in domains) + " |"]
+    table = ["| model | dev score [95% CI] | test score [95% CI] | "
+             + " | ".join(f"{d} dev / test acc [95% CI]" for d in domains) + " |", "| --- | --- | --- | " + " | ".join("---" for _ in domains) + " |"]
     for r in rows:
-        cells = [escape_markdown(r["name"]), f"{r['dev']:.4f}", f"{r['test']:.4f}" if r["test"] is not None else "-"]
+        cells = [escape_markdown(r["name"]), _score_cell(r["dev"], r.get("dev_ci95")),
+                 _score_cell(r["test"], r.get("test_ci95"))]
         cells += [f"{_acc(r['dev_domains'].get(d))} / {_acc(r['test_domains'].get(d))}" for d in domains]
         table.append("| " + " | ".join(cells) + " |")
-    paired = [f"- vs {escape_markdown(r['name'])}: dev {_cmp(r, 'dev')}; test {_cmp(r, 'test')}" for r in rows[1:]]
     split_note = ("the shipped sample suite" if campaign.suite == "sample"
                   else "the PT-BR exam suites")
     gap = rows[0]["test"] - rows[0]["dev"] if rows[0]["test"] is not None else None
@@ -171,10 +190,8 @@ def _write_card(folder: Path, campaign: Campaign, study: optuna.Study, chosen: o
             "held-out items never used by the search. Baselines: the uniform merge (equal weights, "
             "default density) and each fine-tune alone. Accuracies carry 95% Wilson intervals.\n\n"
             + "\n".join(table)
-            + "\n\nThe exported model minus each baseline, paired on the same items (accuracy difference "
-              "[Newcombe 95% interval], McNemar exact two-sided p, verdict at 0.05):\n\n"
-            + ("\n".join(paired) if paired else "- no baseline completed")
-            + f"\n\nSelection: {E.selection_note(finished)}."
+            + "\n\n" + V.claims_markdown(claims, escape_markdown)
+            + f"\n\nSelection: {E.selection_note(finished, claims['counts'])}."
             + (f" Dev score {rows[0]['dev']:.4f} -> test score {rows[0]['test']:.4f} "
                f"(gap {gap:+.4f})." if gap is not None else ""))
     write_model_card(folder, prov, extra_sections=[("Search and scores", body)])
@@ -187,9 +204,11 @@ def _acc(entry: Mapping[str, Any] | None) -> str:
     return f"{entry['acc']:.3f} [{low:.2f}, {high:.2f}]"
 
 
-def _cmp(row: Mapping[str, Any], split: str) -> str:
-    d = (row.get("exported_minus_this") or {}).get(split)
-    return d["text"] if d else E.comparison_text(None)
+def _score_cell(value: float | None, ci: Sequence[float] | None) -> str:
+    """A weighted score with its 95% interval (the card's score columns)."""
+    if value is None:
+        return "-"
+    return f"{value:.4f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else f"{value:.4f}"
 
 
 @contextmanager

@@ -22,6 +22,7 @@ from matplotlib.ticker import MaxNLocator
 from search import trials as T
 from search.campaign import Campaign
 from search.genome import GenomeSpace
+from search import evidence as E
 from search.evidence import domain_accuracies as accuracies
 from search.trials import baselines, scalar
 
@@ -72,23 +73,16 @@ def is_multi_objective(study: optuna.Study) -> bool:
 
 
 def objective_names(study: optuna.Study) -> list[str]:
-    names = study.user_attrs.get("objective_names") or []
+    names = T.recorded_objectives(study)
     n = len(study.directions)
     return list(names) if len(names) == n else [f"objective {i}" for i in range(n)]
 
 
 def domain_order(campaign: Campaign, trials: Sequence[optuna.trial.FrozenTrial]) -> list[str]:
     """The campaign's objectives first, in its order, then any other domain a trial scored."""
-    seen = {d for t in trials for d in (t.user_attrs.get(T.A_DOMAINS) or {})}
+    seen = {d for t in trials for d in T.domains_of(t)}
     first = [d for d in campaign.objectives if d in seen]
     return first + sorted(seen - set(first))
-
-
-def stage1_value(t: optuna.trial.FrozenTrial) -> float | None:
-    value = t.user_attrs.get(T.A_STAGE1)
-    if value is None and t.intermediate_values:
-        value = t.intermediate_values[max(t.intermediate_values)]
-    return None if value is None else float(value)
 
 
 # -- figures ----------------------------------------------------------------------------------
@@ -98,7 +92,7 @@ def history_figure(study: optuna.Study) -> Figure:
     complete = [t for t in trials if scalar(t) is not None]
     fig = Figure(figsize=(10, 5), dpi=DPI, layout="constrained")
     ax = fig.add_subplot()
-    searched = [t for t in complete if T.A_BASELINE not in t.user_attrs]
+    searched = [t for t in complete if T.baseline_name(t) is None]
     ax.scatter([t.number for t in searched], [scalar(t) for t in searched], s=20, color="tab:blue",
                zorder=3, label="complete trial")
     best, running = [], -math.inf
@@ -107,13 +101,15 @@ def history_figure(study: optuna.Study) -> Figure:
         best.append(running)
     ax.step([t.number for t in complete], best, where="post", color="tab:orange", lw=2,
             label="best so far", zorder=2)
-    pruned = [(t.number, stage1_value(t)) for t in T.counted(trials, TrialState.PRUNED)]
+    pruned = [(t.number, T.stage1_value(t)) for t in T.counted(trials, TrialState.PRUNED)]
     pruned = [(n, v) for n, v in pruned if v is not None]
     if pruned:
         ax.scatter(*zip(*pruned), marker="x", s=24, color="0.55", zorder=3, label="pruned (stage-1 score)")
+    weights = E.campaign_weights(study)
     for b in completed_baselines(study):
         score = scalar(b.trial)
-        ax.axhline(score, color=b.colour, ls="--", lw=1.3, label=f"baseline: {b.title} ({score:.3f})")
+        ax.axhline(score, color=b.colour, ls="--", lw=1.3,
+                   label=f"baseline: {b.title} ({E.trial_score_text(b.trial, weights)})")
         ax.scatter([b.trial.number], [score], marker="D", s=30, color=b.colour, zorder=4)
     failed = [t.number for t in T.counted(trials, TrialState.FAIL)]
     if failed:
@@ -131,8 +127,9 @@ def history_figure(study: optuna.Study) -> Figure:
 
 def num_layers(study: optuna.Study, campaign: Campaign, params: Mapping[str, float]) -> int | None:
     """Layers of the base model: recorded by the driver; inferred from names for older studies."""
-    if isinstance(study.user_attrs.get("num_layers"), int):
-        return study.user_attrs["num_layers"]
+    recorded = T.recorded_num_layers(study)
+    if recorded is not None:
+        return recorded
     if campaign.granularity == "layer":
         layers = {n.rsplit(".", 1)[1] for n in params if n.rsplit(".", 1)[1].startswith("L")}
         return len(layers) or None
@@ -235,7 +232,7 @@ def domains_figure(entries: Sequence[Entry], domains: Sequence[str]) -> Figure:
         top = max([top, *[found[d]["ci95"][1] for d in domains if d in found]])
     n_items = {}
     for _, t, _ in entries:
-        for d, v in (t.user_attrs.get(T.A_DOMAINS) or {}).items():
+        for d, v in T.domains_of(t).items():
             n_items.setdefault(d, v.get("n"))
     ax.set_xticks(x, [f"{d}\n(n={n_items[d]})" if n_items.get(d) else d for d in domains])
     ax.set_ylabel("dev accuracy (bars: 95% Wilson interval)")

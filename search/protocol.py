@@ -1,19 +1,25 @@
 """What the scheduler and an executor exchange: a job (an asked trial and where it stands),
 an event (a stage's result, or a dead worker), and the executor protocol itself.
 
-Ray implements ``Executor`` in ``search.executor``; the tests implement it with a fake.
+Two executors implement ``Executor``: Ray's (``search.executor``: one actor per worker, on a
+cluster) and the local one (``search.local_executor``: one thread per worker in this process, no
+Ray). ``make_executor`` picks one by the campaign's ``workers.executor``; the tests add a fake.
 """
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import optuna
 
 from search import trials as T
+
+if TYPE_CHECKING:
+    from search.campaign import Campaign
 
 
 @dataclass
@@ -43,10 +49,44 @@ class Event:
 
 
 class Executor(Protocol):
-    n_workers: int
+    """Runs trial stages on ``n_workers`` workers. The scheduler uses ``start`` .. ``close``;
+    the driver also waits for the workers (``wait_ready``) and logs ``resources``."""
 
+    n_workers: int
+    resources: dict[str, Any]   # what each worker was given, for the log
+
+    def wait_ready(self, check: Callable[[], None] = ...) -> list[dict[str, Any]]:
+        """Block until every worker has loaded its models; each one's ``info()``. ``check`` is
+        called about twice a second meanwhile (it raises to stop the wait)."""
     def start(self, handoff: Callable[[int], Job | None]) -> None: ...
     def submit(self, job: Job) -> None: ...
     def next_event(self, timeout: float) -> Event | None: ...
     def replace_worker(self, worker: int) -> None: ...
     def close(self) -> None: ...
+
+
+def takes_digest(run: Callable[..., Any]) -> bool:
+    """Whether a worker's ``run`` accepts ``digest=`` (a worker written for an older brmerge
+    may not): the executors pass the job's digest only to a worker that takes it."""
+    params = inspect.signature(run).parameters.values()
+    return any(p.name == "digest" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+
+def make_executor(campaign: Campaign, *, n_workers: int | None = None,
+                  worker_factory: Callable[..., Any] | None = None) -> Executor:
+    """The campaign's executor (``workers.executor``), its workers starting to load. Ray is
+    started (or joined, ``ray.address``) only for ``ray``; ``local`` never imports it."""
+    if campaign.executor == "local":
+        from search.local_executor import LocalExecutor
+
+        return LocalExecutor(campaign, n_workers=n_workers, worker_factory=worker_factory)
+    import importlib.util
+
+    from search.errors import DriverError
+    from search.executor import RayExecutor, start_ray
+
+    if importlib.util.find_spec("ray") is None:
+        raise DriverError("workers.executor: ray, but Ray is not installed: pip install 'ray[default]', "
+                          "or set workers.executor: local to run the workers in this process")
+    start_ray(campaign.ray_address)
+    return RayExecutor(campaign, n_workers=n_workers, worker_factory=worker_factory)

@@ -10,6 +10,7 @@ from typing import Any
 import optuna
 
 from search.storage import StorageError, public_campaign
+from search.trials import S_CAMPAIGN
 
 
 class ReadOnlyStorageError(StorageError):
@@ -18,8 +19,8 @@ class ReadOnlyStorageError(StorageError):
 
 def _public_user_attrs(attrs: Mapping[str, Any]) -> dict[str, Any]:
     out = dict(attrs)
-    if isinstance(out.get("campaign"), Mapping):  # trials.S_CAMPAIGN
-        out["campaign"] = public_campaign(out["campaign"])
+    if isinstance(out.get(S_CAMPAIGN), Mapping):
+        out[S_CAMPAIGN] = public_campaign(out[S_CAMPAIGN])
     return out
 
 

@@ -24,6 +24,8 @@ import optuna
 TrialState = optuna.trial.TrialState
 
 from search import evidence as E
+from search import pruning_audit
+from search.verdicts import search_counts
 from search import trials as T
 from search.errors import SearchError
 from search.campaign import Campaign
@@ -72,46 +74,61 @@ def trial_table(study: optuna.Study, campaign: Campaign, *, top: int) -> str:
     domains = domain_order(campaign, list(rows.values()))
     multi = is_multi_objective(study)
     front = {t.number for t in study.best_trials} if multi else set()
-    head = ["trial", "kind", "score", *[f"{d} acc [95% CI]" for d in domains]]
+    head = ["trial", "kind", "score [95% CI]", *[f"{d} acc [95% CI]" for d in domains]]
+    weights = E.campaign_weights(study)
     head += ["Pareto"] if multi else []
     head += ["eval s", "worker", "note"]
     out = ["<table>", "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"]
     for t in sorted(rows.values(), key=lambda t: -scalar(t)):
-        attrs = t.user_attrs
+        v = T.view(t)
         accs = E.domain_accuracies(t)
-        kind = f"baseline {attrs[T.A_BASELINE]}" if T.A_BASELINE in attrs else "search"
-        cells = [_td(f"#{t.number}"), _td(kind), _td(f"{scalar(t):.4f}", num=True)]
+        kind = f"baseline {v.baseline}" if v.baseline is not None else "search"
+        cells = [_td(f"#{t.number}"), _td(kind), _td(E.trial_score_text(t, weights), num=True)]
         cells += [_td(E.accuracy_text(accs[d]["correct"], accs[d]["n"]) if d in accs else "-", num=True)
                   for d in domains]
         cells += [_td("yes" if t.number in front else "")] if multi else []
-        seconds = attrs.get(T.A_EVAL)
-        cells += [_td(f"{seconds:.1f}" if isinstance(seconds, (int, float)) else "-", num=True),
-                  _td(attrs.get(T.A_WORKER, "-")),
-                  _td(f"same recipe as #{attrs[T.A_CACHED]}" if attrs.get(T.A_CACHED) is not None else "")]
+        cells += [_td(f"{v.eval_seconds:.1f}" if v.eval_seconds is not None else "-", num=True),
+                  _td("-" if v.worker is None else v.worker),
+                  _td(f"same recipe as #{v.cached_from}" if v.cached_from is not None else "")]
         out.append("<tr>" + "".join(cells) + "</tr>")
     out.append("</table>")
     return "\n".join(out)
 
 
 def comparison_table(study: optuna.Study, best: optuna.trial.FrozenTrial) -> str:
-    """The best trial minus each baseline, paired on the same dev items."""
-    rows = E.best_vs_baselines(study, best)
+    """The best trial minus each baseline on the dev items it was selected on: no verdict."""
+    rows = E.dev_vs_baselines(study, best)
     if not rows:
         return ""
-    out = ["<table>", "<tr><th>baseline</th><th>best minus baseline [95% CI], McNemar exact p</th>"
-           "<th>items right only by best / only by baseline</th></tr>"]
-    for label, t, cmp in rows:
-        counts = f"{cmp.only_a} / {cmp.only_b}" if cmp is not None else "-"
-        out.append(f"<tr>{_td(f'#{t.number} {label}')}{_td(E.comparison_text(cmp))}{_td(counts, num=True)}</tr>")
+    out = ["<table>", "<tr><th>baseline</th><th>best minus baseline, weighted score [95% CI], sign-flip p</th>"
+           "<th>items scored differently</th></tr>"]
+    for label, cmp in rows.items():
+        text = cmp["text"] if cmp else E.comparison_text(None)
+        out.append(f"<tr>{_td(label)}{_td(text)}{_td(cmp['discordant'] if cmp else '-', num=True)}</tr>")
     out.append("</table>")
     return "\n".join(out)
+
+
+def held_out_section(directory: Path) -> Section:
+    """The latest export's verdicts, from the held-out test items."""
+    from search.verdicts import verdict_lines
+
+    held_out = E.latest_held_out(directory)
+    title = "Verdicts on held-out test items (latest export)"
+    if not held_out:
+        return Section(title, note="none yet: `brmerge export` scores the chosen merge and the baselines on "
+                                   "the test split; verdicts come only from those items")
+    body = "<ul>" + "".join(f"<li>{html.escape(line.strip())}</li>" for line in verdict_lines(held_out)) + "</ul>"
+    return Section(title, html_body=body,
+                   note="weighted score, paired domain-stratified sign-flip test; per-baseline p Holm-adjusted; "
+                        "\"beats all\" is an intersection-union test (each one-sided p <= alpha)")
 
 
 def failures_table(study: optuna.Study, *, limit: int = 20) -> str:
     failed = T.counted(study.get_trials(deepcopy=False), TrialState.FAIL)
     if not failed:
         return ""
-    rows = [f"<tr>{_td(f'#{t.number}')}{_td(t.user_attrs.get(T.A_ERROR, 'no reason recorded'))}</tr>"
+    rows = [f"<tr>{_td(f'#{t.number}')}{_td(T.view(t).error or 'no reason recorded')}</tr>"
             for t in failed[-limit:]]
     more = f"<p>{len(failed) - limit} earlier failures not shown.</p>" if len(failed) > limit else ""
     return more + "<table><tr><th>trial</th><th>error</th></tr>" + "".join(rows) + "</table>"
@@ -120,7 +137,7 @@ def failures_table(study: optuna.Study, *, limit: int = 20) -> str:
 def campaign_facts(study: optuna.Study, campaign: Campaign) -> list[tuple[str, str]]:
     trials = study.get_trials(deepcopy=False)
     done = T.finished_trials(study)
-    interrupted = sum(bool(t.user_attrs.get(T.A_INTERRUPTED)) for t in trials)
+    interrupted = sum(T.interrupted(t) for t in trials)
     running = sum(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials)
     facts = [
         ("campaign", campaign.name),
@@ -145,19 +162,18 @@ def campaign_facts(study: optuna.Study, campaign: Campaign) -> list[tuple[str, s
         facts.append(("interrupted", f"{interrupted} (queued again; not counted)"))
     if running:
         facts.append(("running or queued", str(running)))
-    times = [(t.user_attrs.get(T.A_START), t.user_attrs.get(T.A_END)) for t in trials]
-    times = [(a, b) for a, b in times if isinstance(a, (int, float)) and isinstance(b, (int, float))]
-    if times:
-        span = max(b for _, b in times) - min(a for a, _ in times)
-        facts.append(("wall time", f"{span / 3600:.2f} h ({len(times) / span * 3600:.0f} trials/hour)"
-                      if span > 0 else "-"))
+    rate = T.throughput(trials)
+    if rate is not None:
+        facts.append(("wall time", f"{rate.span_s / 3600:.2f} h ({rate.per_hour:.0f} trials/hour)"
+                      if rate.span_s > 0 else "-"))
     best = best_trials(study, 1)
     bases = baselines(study)
     if best:
-        line = f"#{best[0].number}, score {scalar(best[0]):.4f}"
+        line = f"#{best[0].number}, score {E.trial_score_text(best[0], E.campaign_weights(study))}"
         if bases:
             name, t = max(bases.items(), key=lambda kv: scalar(kv[1]))
-            line += f" ({scalar(best[0]) - scalar(t):+.4f} over the best baseline, {name})"
+            line += (f" (dev margin {scalar(best[0]) - scalar(t):+.4f} over the best baseline, {name}: "
+                     "selected on these items)")
         facts.append(("best trial", line))
     return facts
 
@@ -266,11 +282,15 @@ def write_report(directory: Path, *, out: Path | None = None, top: int = TOP) ->
         sections.append(Section(f"Top {top} trials and baselines",
                                 html_body=trial_table(study, campaign, top=top),
                                 note="accuracies with 95% Wilson intervals"))
-        sections.append(Section("Is the best trial really better? (paired, same dev items)",
+        counts = search_counts(study, Path(directory))
+        sections.append(Section("The best trial against the baselines on the dev items it was selected on",
                                 html_body=comparison_table(study, best[0]),
-                                note="Newcombe's 95% interval for the paired difference and McNemar's exact "
-                                     "two-sided p, items pooled over domains. Note: "
-                                     + E.selection_note(len(T.finished_trials(study)))))
+                                note="weighted score difference with its stratified bootstrap 95% interval and "
+                                     "the paired sign-flip p; selected on these items, so no verdict. Note: "
+                                     + E.selection_note(counts["trials_searched"], counts)))
+        sections.append(held_out_section(Path(directory)))
+        sections.append(Section("Stage-1 pruning", html_body="<ul>" + "".join(
+            f"<li>{html.escape(line)}</li>" for line in pruning_audit.lines(pruning_audit.summary(study))) + "</ul>"))
     failures = failures_table(study)
     if failures:
         sections.append(Section("Failed trials", html_body=failures))

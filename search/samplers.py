@@ -1,7 +1,10 @@
 """Samplers: a name -> a factory of a seeded Optuna sampler, tuned for asynchronous ask/tell.
 
 ``SAMPLERS`` is the one table: campaign validation reads its names, ``make_sampler`` its
-factories. Adding a sampler is one function and one line in the table.
+factories. Adding a sampler is one function and one line in the table; the conformance test
+(tests/search/test_samplers.py) then runs it and asks, in ``MODEL_BASED``, whether its model
+should propose trials within a short campaign, and checks that the sampler lists in the
+template and the docs name every sampler of the table.
 """
 
 from __future__ import annotations

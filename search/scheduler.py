@@ -36,11 +36,13 @@ LOOKAHEAD_PER_WORKER = 1  # trials asked ahead per worker
 class Scheduler:
     def __init__(self, *, study: optuna.Study, storage: optuna.storages.BaseStorage, space: Any,
                  budget: int, executor: Executor | None = None, multi_objective: bool = False,
-                 alpha: float = pruning.DEFAULT_ALPHA, timeout: float | None = None,
+                 alpha: float = pruning.DEFAULT_ALPHA, prune_audit: float = pruning.DEFAULT_AUDIT,
+                 timeout: float | None = None,
                  log: Callable[[str], None] = lambda m: None, on_done: Callable[[], None] = lambda: None,
                  clock: Callable[[], float] = time.time):
         self.study, self.storage, self.space = study, storage, space
         self.budget, self.multi, self.alpha = budget, multi_objective, alpha
+        self.prune_audit = prune_audit
         self.timeout, self.log, self.on_done, self.clock = timeout, log, on_done, clock
         self.lock = threading.Lock()     # ``ready`` and ``running`` are shared with ``handoff``
         self.ready: collections.deque[Job] = collections.deque()
@@ -52,13 +54,21 @@ class Scheduler:
         self.stopping = False
         self._asking: optuna.trial.Trial | None = None
         self.stop_reason: str | None = None   # set by request_stop (a signal)
-        trials = study.get_trials(deepcopy=False)
-        self.n_done = sum(T.counts_toward_budget(t) for t in trials)
-        self.cache = {t.user_attrs[T.A_DIGEST]: t.number for t in trials if t.user_attrs.get(T.A_DIGEST)
-                      and t.user_attrs.get(T.A_CACHED) is None and t.state in (T.TrialState.COMPLETE,
-                                                                               T.TrialState.PRUNED)}
-        self.stage1_scores = [float(t.user_attrs[T.A_STAGE1]) for t in trials
-                              if T.A_STAGE1 in t.user_attrs and t.user_attrs.get(T.A_CACHED) is None]
+        views = [T.view(t) for t in study.get_trials(deepcopy=False)]
+        self.n_done = sum(v.counts for v in views)
+        self.cache = {v.digest: v.number for v in views if v.digest and v.cached_from is None
+                      and v.state in (T.TrialState.COMPLETE, T.TrialState.PRUNED)}
+        self.stage1_scores = [v.stage1_score for v in views
+                              if v.stage1_score is not None and v.cached_from is None]
+        # the incumbent (best trial on the items outside stage 1, see ``pruning.incumbent``), kept
+        # in memory so that the stage-1 path reads nothing back from storage
+        number, key, bits = pruning.incumbent(study)
+        self.weights = pruning.study_weights(study)       # the campaign's domain weights (None: equal)
+        self.audit_seed = int(T.campaign_attr(study).get("seed") or 0)
+        self.incumbent: tuple[int, float, dict[str, list[bool]] | None] | None = \
+            None if number is None else (number, key, bits)
+        self.item_lists = T.ItemLists(study)
+        self.stage1_bits: dict[int, dict[str, list[bool]]] = {}   # stage-1 correctness of trials in stage 2
         self.started = clock()
 
     # -- set-up ------------------------------------------------------------------------------
@@ -71,7 +81,7 @@ class Scheduler:
 
     def seed_baselines(self, baselines: Sequence[tuple[str, dict[str, float]]]) -> None:
         for name, params in baselines:
-            self.study.enqueue_trial(params, user_attrs={T.A_BASELINE: name})
+            T.enqueue_baseline(self.study, params, name)
 
     def requeue_interrupted(self) -> None:
         """Trials a dead driver left RUNNING: interrupted (not counted), queued again."""
@@ -80,7 +90,7 @@ class Scheduler:
             complete = set(t.params) == genome  # killed while being asked: nothing to re-run
             self._mark_interrupted(t.number)
             if complete:
-                self._enqueue_again(t.params, t.user_attrs)
+                T.enqueue_again(self.study, t)
             self.log(f"trial {t.number} was running when the driver stopped: "
                      + ("queued again" if complete else "it was still being sampled; not re-run"))
 
@@ -95,8 +105,7 @@ class Scheduler:
             self._asking = trial = self.study.ask(self.space.distributions())
             recipe = self.space.to_recipe(trial.params)
             job = Job(trial, recipe.digest(), recipe.to_yaml())
-            trial.set_user_attr(T.A_DIGEST, job.digest)
-            trial.set_user_attr(T.A_RECIPE, job.recipe_yaml)
+            T.record_asked(trial, digest=job.digest, recipe_yaml=job.recipe_yaml)
             self._asking = None
             if job.digest in self.cache:
                 self._tell_cached(trial, self.cache[job.digest])
@@ -210,9 +219,14 @@ class Scheduler:
         elif not r.finite(multi_objective=self.multi):
             self._fail(job, f"non-finite score {r.values(multi_objective=self.multi)}", None)
         elif not r.final:
-            if self._stage1(job, r):
+            self.item_lists.check("stage1", r.item_ids)
+            decision = self.prune_decision(r, job.trial)
+            if not decision.prune:  # the worker goes on at once; stage 1 is recorded meanwhile
                 job.stage = 2
-                return self.ex.submit(job)
+                self.ex.submit(job)
+            self._stage1(job, r, decision)
+            if not decision.prune:
+                return
         else:
             self._complete(job, r)
         self._release(job, handed=ev.handed)
@@ -238,48 +252,62 @@ class Scheduler:
             self._tell_cached(dup.trial, self.cache[job.digest])
 
     # -- recording ---------------------------------------------------------------------------
-    def _stage1(self, job: Job, r: T.StageResult) -> bool:
-        """Record stage 1; True when the trial goes on to the full stage."""
+    def _stage1(self, job: Job, r: T.StageResult, decision: pruning.PruneDecision) -> None:
+        """Record stage 1 and its prune decision (after stage 2 was submitted, when not pruned);
+        a pruned trial is told here."""
         trial = job.trial
-        T.check_item_lists(self.study, "stage1", r.item_ids)
-        trial.set_user_attr(T.A_STAGE1, r.score)
-        trial.set_user_attr(T.A_STAGE1_ITEMS, T.encode_items(r.items))
-        trial.report(r.score, 0)
-        decision = self.prune_decision(r)
+        T.record_stage1(trial, score=r.score, items=r.items, decision=decision.to_attr())
         self.stage1_scores.append(float(r.score))
-        trial.set_user_attr(T.A_PRUNE, decision.to_attr())
         if not decision.prune:
-            return True
+            self.stage1_bits[trial.number] = {d: list(v) for d, v in r.items.items()}
+            return
         self._attrs(job, r)
         self.study.tell(trial, state=T.TrialState.PRUNED)
         self.cache[job.digest] = trial.number
         self.log(f"trial {trial.number} pruned at stage 1 (score {r.score:.4f}): {decision.reason}")
-        return False
 
-    def prune_decision(self, r: T.StageResult) -> pruning.PruneDecision:
-        number, bits = pruning.incumbent(self.study)
-        return pruning.decide(float(r.score), r.correct(), earlier=self.stage1_scores,
-                              incumbent_correct=bits, incumbent=number, alpha=self.alpha)
+    def prune_decision(self, r: T.StageResult, trial: optuna.trial.Trial) -> pruning.PruneDecision:
+        """Stop after stage 1? Against the stage-1 scores so far and the incumbent, both in memory;
+        a seeded share of would-be prunes goes on to the full stage as the pruning audit."""
+        number, _, bits = self.incumbent or (None, None, None)
+        decision = pruning.decide(float(r.score), dict(r.items), earlier=self.stage1_scores,
+                                  incumbent_correct=bits, incumbent=number, alpha=self.alpha,
+                                  weights=self.weights, baseline=bool(T.baseline_name(trial)))
+        if decision.prune and pruning.audit_draw(trial.number, self.prune_audit, seed=self.audit_seed):
+            return decision.audit()
+        return decision
+
+    def _new_incumbent(self, number: int, score: float, bits: dict[str, list[bool]] | None) -> None:
+        """Keep the best trial by ``pruning.incumbent_key``, ties to the lower number."""
+        best = self.incumbent
+        if best is None or score > best[1] or (score == best[1] and number < best[0]):
+            self.incumbent = (number, score, bits or None)
 
     def _complete(self, job: Job, r: T.StageResult) -> None:
         trial = job.trial
-        T.check_item_lists(self.study, "final", r.item_ids)
+        self.item_lists.check("final", r.item_ids)
         self._attrs(job, r)
-        trial.set_user_attr(T.A_SCORE, r.score)
-        trial.set_user_attr(T.A_ITEMS, T.encode_items(r.items))
+        T.record_final(trial, score=r.score, items=r.items)
         values = r.values(multi_objective=self.multi)
         self.study.tell(trial, values if len(values) > 1 else values[0])
         self.cache[job.digest] = trial.number
-        label = trial.user_attrs.get(T.A_BASELINE, "")
+        key = pruning.incumbent_key(r.items, mask=pruning.outside_mask(self.item_lists.stored()),
+                                    weights=self.weights, baseline=T.baseline_name(trial))
+        bits = self.stage1_bits.pop(trial.number, None)
+        if key is not None:   # ranked on items outside stage 1: no winner's luck on the compared items
+            self._new_incumbent(trial.number, key, bits)
+        label = T.baseline_name(trial) or ""
         self.log(f"trial {trial.number} {label} score {r.score:.4f} "
                  + " ".join(f"{d}={v['acc']:.3f}" for d, v in r.domains.items()))
 
     def _attrs(self, job: Job, r: T.StageResult) -> None:
         T.record_run(job.trial, domains=r.domains, materialize_s=job.materialize_s, eval_s=job.eval_s,
-                     worker=job.worker, attempts=job.attempts, started=job.started, threads=r.threads)
+                     worker=job.worker, attempts=job.attempts, started=job.started, threads=r.threads,
+                     dtype=r.dtype)
 
     def _fail(self, job: Job, reason: str, tb: str | None) -> None:
         T.record_failure(job.trial, reason, traceback=tb, worker=job.worker, attempts=job.attempts)
+        self.stage1_bits.pop(job.trial.number, None)
         self.study.tell(job.trial, state=T.TrialState.FAIL)
         self.log(f"trial {job.trial.number} FAILED: {reason}")
 
@@ -298,19 +326,13 @@ class Scheduler:
 
     # -- stopping ----------------------------------------------------------------------------
     def _mark_interrupted(self, number: int) -> None:
-        study_id = self.storage.get_study_id_from_name(self.study.study_name)
-        trial_id = self.storage.get_trial_id_from_study_id_trial_number(study_id, number)
-        self.storage.set_trial_user_attr(trial_id, T.A_INTERRUPTED, True)
+        T.record_interrupted_number(self.storage, self.study, number)
         self.study.tell(number, state=T.TrialState.FAIL)
 
-    def _enqueue_again(self, params: dict[str, Any], attrs: dict[str, Any]) -> None:
-        keep = {k: v for k, v in attrs.items() if k == T.A_BASELINE}
-        self.study.enqueue_trial(params, user_attrs=keep)
-
     def _interrupt(self, job: Job) -> None:
-        job.trial.set_user_attr(T.A_INTERRUPTED, True)
+        T.record_interrupted(job.trial)
         self.study.tell(job.trial, state=T.TrialState.FAIL)
-        self._enqueue_again(job.trial.params, job.trial.user_attrs)
+        T.enqueue_again(self.study, job.trial)
         self.live.pop(job.trial.number, None)
 
     def interrupt_all(self) -> None:
@@ -319,7 +341,7 @@ class Scheduler:
         self.stopping = True
         self.hand_out = False
         if self._asking is not None:
-            self._asking.set_user_attr(T.A_INTERRUPTED, True)
+            T.record_interrupted(self._asking)
             self.study.tell(self._asking, state=T.TrialState.FAIL)
             self._asking = None
         with self.lock:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import optuna
 
+from benchmarks_ptbr.sources import SAMPLE_DOMAINS
 from search import evidence as E
+from search import pruning_audit
+from search import verdicts as V
 from search import trials as T
 from search.trials import baselines, best_trials, scalar, trial_label
 
@@ -19,58 +23,71 @@ def domain_row(t: optuna.trial.FrozenTrial, domains: list[str]) -> list[str]:
     return [E.accuracy_text(accs[d]["correct"], accs[d]["n"]) if d in accs else "-" for d in domains]
 
 
-def _row(t: optuna.trial.FrozenTrial, domains: list[str]) -> str:
-    return f"{trial_label(t)[:27]:<28}{scalar(t):>8.4f}  " + "".join(f"{v:>21}" for v in domain_row(t, domains))
+def _row(t: optuna.trial.FrozenTrial, domains: list[str], weights) -> str:
+    return (f"{trial_label(t)[:27]:<28}{E.trial_score_text(t, weights):>26}  "
+            + "".join(f"{v:>21}" for v in domain_row(t, domains)))
 
 
-def summary_lines(study: optuna.Study, *, k: int = 5) -> list[str]:
+def summary_lines(study: optuna.Study, *, k: int = 5, directory: Path | None = None) -> list[str]:
+    """The status as text; ``directory`` (the campaign's) adds its exports' held-out verdicts."""
     trials = study.get_trials(deepcopy=False)
     interrupted = sum(T.interrupted(t) for t in trials)
     counts = {s: sum(t.state.name == s and not T.interrupted(t) for t in trials) for s in STATES}
     campaign = T.campaign_attr(study)
     budget = (campaign.get("budget") or {}).get("trials", "?")
-    domains = list((campaign.get("objectives") or {}).keys()) or ["legal", "health", "enem"]
+    # a study recorded without its campaign: the domains the sample suite scores by default
+    domains = list((campaign.get("objectives") or {}).keys()) or list(SAMPLE_DOMAINS)
     finished = len(T.finished_trials(study))
     lines = [f"progress: {finished}/{budget} trials "
              + ", ".join(f"{s.lower()} {counts[s]}" for s in STATES if counts[s])
              + (f" (+{interrupted} interrupted, re-run)" if interrupted else "")]
-    # the study's own clocks cover ask and tell too, not only the worker's part
-    times = [(t.datetime_start.timestamp(), t.datetime_complete.timestamp()) for t in trials
-             if t.datetime_start and t.datetime_complete and not T.interrupted(t)]
-    if times:
-        span = max(b for _, b in times) - min(a for a, _ in times)
-        busy = sum(b - a for a, b in times)
-        evals = [t.user_attrs.get(T.A_EVAL, 0) for t in trials if T.A_EVAL in t.user_attrs]
-        lines.append(f"throughput: {len(times) / span * 3600 if span > 0 else 0:.0f} trials/hour; "
-                     f"mean trial {busy / len(times):.1f} s, mean evaluation "
-                     f"{(sum(evals) / len(evals)) if evals else 0:.1f} s")
-    lines.append(f"{'trial':<28}{'score':>8}  " + "".join(f"{d + ' acc [95% CI]':>21}" for d in domains))
+    rate = T.throughput(trials)
+    if rate is not None:
+        lines.append(f"throughput: {rate.per_hour:.0f} trials/hour; mean trial {rate.mean_trial_s:.1f} s, "
+                     f"mean evaluation {rate.mean_eval_s:.1f} s")
+    weights = E.campaign_weights(study)
+    lines.append(f"{'trial':<28}{'score [95% CI]':>26}  " + "".join(f"{d + ' acc [95% CI]':>21}" for d in domains))
     for t in baselines(study).values():
-        lines.append(_row(t, domains))
+        lines.append(_row(t, domains, weights))
     lines.append("best:")
     best = best_trials(study, k)
     for t in best:
-        lines.append(_row(t, domains))
+        lines.append(_row(t, domains, weights))
     if best:
-        lines.append(f"best {trial_label(best[0])} minus each baseline, paired on the same dev items "
-                     "(accuracy difference [95% CI], McNemar exact p):")
-        for label, _, cmp in E.best_vs_baselines(study, best[0]):
-            lines.append(f"  vs {label[:40]}: {E.comparison_text(cmp, ascii=True)}")
-        lines.append("note: " + E.selection_note(finished))
+        lines.append(f"best {trial_label(best[0])} minus each baseline on the dev items it was selected on "
+                     "(weighted score difference [95% CI], paired sign-flip p):")
+        for label, cmp in E.dev_vs_baselines(study, best[0]).items():
+            lines.append(f"  vs {label[:40]}: {cmp['text'] if cmp else E.comparison_text(None)}")
+        held_out = E.latest_held_out(directory)
+        if held_out:
+            lines.append("latest export, " + V.verdict_lines(held_out)[0])
+            lines.extend(V.verdict_lines(held_out)[1:])
+        else:
+            lines.append("verdicts: none yet; `brmerge export` tests the chosen merge on the held-out test split")
+        counts = V.search_counts(study, directory)
+        lines.append("note: " + E.selection_note(finished, counts))
+    lines.extend(pruning_audit.lines(pruning_audit.summary(study)))
     return lines
 
 
-def status_dict(study: optuna.Study) -> dict[str, Any]:
+def status_dict(study: optuna.Study, directory: Path | None = None) -> dict[str, Any]:
     best = best_trials(study, 1)
+    weights = E.campaign_weights(study)
+    counts = V.search_counts(study, directory)
     out: dict[str, Any] = {
         "finished": len(T.finished_trials(study)),
+        "counts": counts,
+        "selection_note": E.selection_note(counts["trials_searched"], counts),
         "best_trial": best[0].number if best else None,
         "best_score": scalar(best[0]) if best else None,
+        "best_score_ci95": E.trial_score(best[0], weights)["ci95"] if best else None,
+        "baseline_scores": {n: E.trial_score(t, weights) for n, t in baselines(study).items()},
+        "pruning": pruning_audit.summary(study),
+        "held_out": E.latest_held_out(directory),
         "best_domains": E.domain_accuracies(best[0]) if best else None,
         "baselines": {n: scalar(t) for n, t in baselines(study).items()},
         "baseline_domains": {n: E.domain_accuracies(t) for n, t in baselines(study).items()},
     }
     if best:
-        out["best_vs_baselines"] = {label: E.comparison_dict(cmp)
-                                    for label, _, cmp in E.best_vs_baselines(study, best[0])}
+        out["best_vs_baselines"] = E.dev_vs_baselines(study, best[0])   # dev: selected on these items, no verdict
     return out

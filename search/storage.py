@@ -99,6 +99,14 @@ class StorageLocation:
         return f"StorageLocation({self.public!r}, source={self.source!r})"
 
 
+DEFAULT_DB = "study.db"   # a campaign without storage: one SQLite file beside its campaign.yaml
+
+
+def default_url(directory: Path) -> str:
+    """The SQLite URL of a campaign without ``storage`` (absolute: the driver may change directory)."""
+    return f"sqlite:///{(Path(directory) / DEFAULT_DB).resolve()}"
+
+
 def sqlite_file(url: str) -> Path | None:
     """The database file of a ``sqlite:///`` URL (None for other storages)."""
     prefix = "sqlite:///"
@@ -125,7 +133,7 @@ def resolve(campaign: Campaign, directory: Path, *, environ: Mapping[str, str] |
                                "postgresql+psycopg://user:password@host/db, or unset it")
         return StorageLocation(whole, source=f"${ENV_URL}")
     if campaign.storage is None:
-        return StorageLocation(f"sqlite:///{(Path(directory) / 'study.db').resolve()}", source="default")
+        return StorageLocation(default_url(directory), source="default")
     var = getattr(campaign, "storage_password_env", None)
     if var:
         password = env.get(var)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-HELP = "run a merge-search campaign (Optuna trials on a Ray cluster); --resume continues one"
+HELP = "run a merge-search campaign (Optuna trials on Ray or local workers); --resume continues one"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

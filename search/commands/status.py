@@ -21,7 +21,7 @@ def run(args: argparse.Namespace) -> int:
 
     study = load_study(args.dir)
     if args.json:
-        print(json.dumps(status_dict(study), indent=2))
+        print(json.dumps(status_dict(study, args.dir), indent=2))
     else:
-        print("\n".join(summary_lines(study, k=args.top)))
+        print("\n".join(summary_lines(study, k=args.top, directory=args.dir)))
     return 0

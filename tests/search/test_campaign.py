@@ -164,7 +164,7 @@ def test_whole_merge_parameters_are_searched_per_layer_for_sce_nearswap_and_mult
     space = GenomeSpace(near, layers)
     assert space.param_names() == ["shared.t.all"]
     assert yaml.safe_load(space.to_recipe({"shared.t.all": 0.25}).to_yaml())["parameters"]["t"] == 0.25
-    with pytest.raises(CampaignError, match="exactly one model"):
+    with pytest.raises(CampaignError, match="nearswap merges exactly 1 fine-tune"):
         _campaign(method="nearswap", search={"params": {"t": [0.0, 0.5]}})
     with pytest.raises(CampaignError, match="must lie within"):
         _campaign(method="sce", search={"params": {"select_topk": [0.5, 1.5]}})
@@ -191,3 +191,26 @@ def test_untyped_eval_and_ray_fields_are_one_line_errors():
     assert "eval.num_fewshot '3'" in msg and "ray.address 12345" in msg and "\n" not in msg
     with pytest.raises(CampaignError, match="num_fewshot -1"):
         _campaign(eval={"suite": "sample", "num_fewshot": -1})
+
+
+def test_model_counts_and_ranges_come_from_the_methods_declarations():
+    from merge_core import methods
+
+    for name in methods.names():
+        method = methods.get(name)
+        searched = {p.name: p.search for p in method.params if p.search is not None}
+        if method.base.value == "ignored" or not searched:
+            continue
+        # each searched parameter over the part of [0, 1] its declaration admits
+        params = {p: [max(0.0, s.low), min(1.0, s.high)] for p, s in searched.items()}
+        n_ok = max(method.min_models, min(3, method.max_models or 3))
+        c = _campaign(method=name, models=[f"m{i}" for i in range(n_ok)], search={"params": params})
+        assert set(c.params) == set(searched) and len(c.models) == n_ok
+        assert set(c.shared_params) == {p.name for p in method.params
+                                        if p.search is not None and p.scope.value == "shared"}
+        for n_bad in (method.min_models - 1, (method.max_models or 99) + 1):
+            if 1 <= n_bad <= 4:
+                with pytest.raises(CampaignError, match=f"{name} merges .* models has {n_bad}"):
+                    _campaign(method=name, models=[f"m{i}" for i in range(n_bad)], search={"params": params})
+    with pytest.raises(CampaignError, match="nuslerp merges exactly 2"):
+        _campaign(method="nuslerp", models=["a", "b", "c"], search={"params": {"weight": [0, 1]}})

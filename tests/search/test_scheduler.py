@@ -1,4 +1,5 @@
-"""The scheduler's policies, driven by a fake executor: no Ray, no models, milliseconds each."""
+"""The scheduler's policies, driven by a fake executor and by the local executor (threads
+running model-free fake workers): no Ray, no models, milliseconds each."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from search import pruning
 from search import trials as T
 from search.errors import SchedulerError
 from search.scheduler import MAX_ATTEMPTS, Event, Job, Scheduler
+from tests.search.workers import RecordingLocalExecutor
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -94,6 +96,27 @@ class FakeExecutor:
         pass
 
 
+EXECUTORS = {"fake": FakeExecutor, "local": RecordingLocalExecutor}
+_kind = ["fake"]
+_made: list = []
+
+
+@pytest.fixture(autouse=True, params=sorted(EXECUTORS))
+def executor_kind(request):
+    """Each test runs on the fake executor and on the local one; the local one's threads end."""
+    _kind[0] = request.param
+    yield request.param
+    for ex in _made:
+        ex.close()
+    _made.clear()
+
+
+def executor(n_workers: int, outcome: Outcome):
+    ex = EXECUTORS[_kind[0]](n_workers, outcome)
+    _made.append(ex)
+    return ex
+
+
 def result(job: Job, *, score: float | None = None, final: bool = True,
            items: list[bool] | None = None) -> T.StageResult:
     s = float(job.trial.params["x"]) if score is None else score
@@ -112,7 +135,7 @@ def new_study(seed: int = 0) -> tuple[optuna.Study, optuna.storages.InMemoryStor
 
 def scheduler(outcome: Outcome, *, budget: int, workers: int = 2, seed: int = 0, **kw):
     study, storage = new_study(seed)
-    ex = FakeExecutor(workers, outcome)
+    ex = executor(workers, outcome)
     return Scheduler(study=study, storage=storage, space=kw.pop("space", Space()), executor=ex,
                      budget=budget, **kw), ex, study
 
@@ -159,7 +182,7 @@ def test_duplicates_of_a_running_recipe_wait_for_its_result():
     study, storage = new_study()
     for _ in range(3):
         study.enqueue_trial({"x": 0.5})
-    ex = FakeExecutor(3, lambda j: result(j))
+    ex = executor(3, lambda j: result(j))
     sched = Scheduler(study=study, storage=storage, space=Space(), executor=ex, budget=3)
     sched.prefill()
     sched.run()
@@ -181,7 +204,7 @@ def test_a_failed_recipe_runs_its_waiting_duplicate_for_real():
             return T.StageResult(worker=job.worker, stage=1, error="ValueError: boom", traceback="tb")
         return result(job)
 
-    ex = FakeExecutor(2, outcome)
+    ex = executor(2, outcome)
     sched = Scheduler(study=study, storage=storage, space=Space(), executor=ex, budget=2)
     sched.prefill()
     sched.run()
@@ -223,7 +246,7 @@ def test_a_trial_whose_worker_keeps_dying_fails_and_the_campaign_goes_on():
 
 def test_resume_requeues_interrupted_trials_and_keeps_the_budget_exact():
     study, storage = new_study()
-    sched = Scheduler(study=study, storage=storage, space=Space(), executor=FakeExecutor(1, lambda j: result(j)),
+    sched = Scheduler(study=study, storage=storage, space=Space(), executor=executor(1, lambda j: result(j)),
                       budget=4)
     sched.prefill()
     sched.run()
@@ -231,7 +254,7 @@ def test_resume_requeues_interrupted_trials_and_keeps_the_budget_exact():
     live = study.ask({"x": optuna.distributions.FloatDistribution(0.0, 1.0)})
     study.ask()   # asked, no parameters yet
     study2 = optuna.load_study(study_name="s", storage=storage, sampler=optuna.samplers.RandomSampler(seed=1))
-    ex = FakeExecutor(2, lambda j: result(j))
+    ex = executor(2, lambda j: result(j))
     again = Scheduler(study=study2, storage=storage, space=Space(), executor=ex, budget=6)
     again.requeue_interrupted()
     again.prefill()
@@ -248,8 +271,8 @@ def test_resume_requeues_interrupted_trials_and_keeps_the_budget_exact():
 def test_resume_refuses_a_study_whose_items_changed():
     study, storage = new_study()
     Scheduler(study=study, storage=storage, space=Space(), budget=2,
-              executor=FakeExecutor(1, lambda j: result(j))).run()
-    other = FakeExecutor(1, lambda j: result(j, items=[True, True, False]))
+              executor=executor(1, lambda j: result(j))).run()
+    other = executor(1, lambda j: result(j, items=[True, True, False]))
     with pytest.raises(SchedulerError, match="items scored now differ"):
         Scheduler(study=study, storage=storage, space=Space(), executor=other, budget=4).run()
 
@@ -313,12 +336,13 @@ def test_too_few_earlier_scores_or_no_incumbent_never_prunes():
 
 
 def test_staged_campaign_prunes_only_with_evidence_and_records_the_decision():
-    """Synthetic per-item results: trial quality is x; stage 1 has 12 items."""
+    """Synthetic per-item results: trial quality is x; stage 1 has 12 items, the full stage 24
+    (the first 12 are stage 1's: the incumbent is ranked on the other 12)."""
     def outcome(job):
         x = float(job.trial.params["x"])
-        right = round(x * 12)
-        items = [i < right for i in range(12)]
-        return result(job, score=right / 12, final=job.stage == 2, items=items)
+        n = 24 if job.stage == 2 else 12
+        items = [i < round(x * n) for i in range(n)]
+        return result(job, score=sum(items) / n, final=job.stage == 2, items=items)
 
     sched, ex, study = scheduler(outcome, budget=40, workers=2)
     sched.prefill()
@@ -344,7 +368,7 @@ def test_staged_campaign_prunes_only_with_evidence_and_records_the_decision():
             from evals.stats import mcnemar_exact
             assert mcnemar_exact(wins, losses, "less") <= 0.05
         else:
-            assert not decision["prune"]
+            assert not decision["prune"]   # an audited would-be prune is scored in full, not pruned
         earlier.append(t.user_attrs[T.A_STAGE1])
     assert pruned > 0
     full = [s for n, s, _ in ex.submitted if s == 2]
@@ -373,3 +397,113 @@ def test_a_stop_request_stops_at_a_safe_point_and_nothing_is_left_running():
         if T.interrupted(t):
             assert "x" in t.params
     assert len(T.finished_trials(study)) < 20
+
+
+def _staged_outcome(job):
+    """Quality x; stage 1 scores 12 items, the full stage 24 (the incumbent is ranked on the other 12)."""
+    x = float(job.trial.params["x"])
+    n = 24 if job.stage == 2 else 12
+    items = [i < round(x * n) for i in range(n)]
+    return result(job, score=sum(items) / n, final=job.stage == 2, items=items)
+
+
+def test_the_pruning_audit_scores_would_be_prunes_in_full_and_reports_them():
+    from search import pruning_audit
+
+    sched, _, study = scheduler(_staged_outcome, budget=40, workers=2, prune_audit=0.0)
+    sched.prefill()
+    sched.run()
+    pruned = {t.number for t in study.get_trials() if t.state.name == "PRUNED"}
+    assert pruned
+
+    sched, _, study = scheduler(_staged_outcome, budget=40, workers=2, prune_audit=1.0)
+    sched.prefill()
+    sched.run()
+    trials = study.get_trials()
+    audited = [t for t in trials if t.user_attrs.get(T.A_PRUNE, {}).get("audited")]
+    assert not any(t.state.name == "PRUNED" for t in trials)    # every would-be prune was audited
+    assert audited and all(t.state.name == "COMPLETE" and not t.user_attrs[T.A_PRUNE]["prune"] for t in audited)
+    s = pruning_audit.summary(study)
+    assert s["pruned"] == 0 and s["audited"] == len(audited)
+    # a would-be prune here is a lower x than its incumbent, so it is worse on the other 12 items too
+    assert s["false_prunes"] == 0 and s["false_prune_rate"] == 0.0
+    text = "\n".join(pruning_audit.lines(s))
+    assert f"pruning audit: {len(audited)} would-be prunes scored in full" in text and "power of stage 1" in text
+
+
+def test_a_baseline_is_never_pruned_by_the_scheduler():
+    def outcome(job):
+        if T.baseline_name(job.trial) == "model:bad":
+            n = 24 if job.stage == 2 else 12
+            return result(job, score=0.0, final=job.stage == 2, items=[False] * n)
+        return _staged_outcome(job)
+
+    sched, _, study = scheduler(outcome, budget=30, workers=1, prune_audit=0.0)
+    sched.prefill()
+    sched.run()          # some trials first, so the percentile and an incumbent exist
+    T.enqueue_baseline(study, {"x": 0.0}, "model:bad")
+    sched2 = Scheduler(study=study, storage=study._storage, space=Space(), executor=executor(1, outcome),
+                       budget=31, prune_audit=0.0)
+    sched2.prefill()
+    sched2.run()
+    bad = [t for t in study.get_trials() if T.baseline_name(t) == "model:bad"]
+    assert bad and bad[0].state.name == "COMPLETE"
+    assert "baselines are never pruned" in bad[0].user_attrs[T.A_PRUNE]["reason"]
+
+
+def test_stage_2_is_submitted_before_stage_1_is_recorded_and_without_a_scan_of_the_study():
+    """The worker goes on at once: at its stage-2 submit nothing of stage 1 is written yet, and the
+    stage-1 path (prune decision included) reads no trial list back from storage."""
+    seen_at_submit = []
+
+    class Watching(FakeExecutor):
+        def submit(self, job: Job) -> None:
+            if job.stage == 2:
+                sid = storage.get_study_id_from_name(study.study_name)
+                frozen = all_trials(sid, deepcopy=False)[job.trial.number]   # not counted as a scan
+                seen_at_submit.append(T.view(frozen).stage1_score)
+            super().submit(job)
+
+    def outcome(job):
+        return result(job, final=job.stage == 2, items=[job.trial.params["x"] > 0.5, True, False])
+
+    study, storage = new_study(3)
+    sched = Scheduler(study=study, storage=storage, space=Space(), executor=Watching(2, outcome), budget=12)
+    scans = {"n": 0, "stage1": []}
+    all_trials = storage.get_all_trials
+
+    def counting(*a, **k):
+        scans["n"] += 1
+        return all_trials(*a, **k)
+
+    handle = sched.handle
+
+    def watched(ev):
+        before = scans["n"]
+        handle(ev)
+        if ev.result is not None and not ev.result.final:
+            scans["stage1"].append(scans["n"] - before)
+
+    storage.get_all_trials = counting
+    sched.handle = watched
+    sched.prefill()
+    sched.run()
+    assert seen_at_submit and seen_at_submit == [None] * len(seen_at_submit)
+    assert len(scans["stage1"]) == 12 and set(scans["stage1"]) == {0}
+    # and stage 1 is recorded all the same, for pruned and continued trials alike
+    views = [T.view(t) for t in study.get_trials()]
+    assert all(v.stage1_score is not None and v.prune is not None for v in views)
+    assert len(T.finished_trials(study)) == 12
+
+
+def test_the_in_memory_incumbent_is_the_one_the_record_gives():
+    """The scheduler ranks the incumbent as it goes; a resumed one reads it from the study: same trial,
+    ranked on the 12 items stage 1 does not score, not on the full score."""
+    sched, _, study = scheduler(_staged_outcome, budget=30, workers=2, prune_audit=0.0)
+    sched.prefill()
+    sched.run()
+    number, key, bits = pruning.incumbent(study)
+    assert sched.incumbent[0] == number and sched.incumbent[1] == pytest.approx(key)
+    assert bits == T.item_bits(study.trials[number], stage1=True)
+    mask = pruning.outside_stage1(study)
+    assert mask == {"legal": [False] * 12 + [True] * 12}
