@@ -122,7 +122,7 @@ def load_tokenizer(model_id: str, *, trust_remote_code: bool) -> Any:
                         "or a Hugging Face id such as org/name")
     try:
         return AutoTokenizer.from_pretrained(model_id, trust_remote_code=trust_remote_code)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:   # transformers: no files (OSError), no usable tokenizer (ValueError)
         raise EvalError(f"cannot load the tokenizer of {model_id!r}: {_first_line(exc)}; pass a "
                         "folder with config.json, safetensors weights and tokenizer files") from exc
 

@@ -7,6 +7,8 @@ control so what they print does not depend on the Jinja environment's trim setti
 
 from __future__ import annotations
 
+from merge_core.errors import RecipeError
+
 # Why these rules: transformers renders chat templates with trim_blocks and lstrip_blocks, so a
 # newline right after a block tag is dropped; every template below strips its own whitespace.
 NAMED: dict[str, str] = {
@@ -74,16 +76,16 @@ _MIN_LITERAL = 20
 def resolve(value: str) -> str | None:
     """The template text for ``value`` ("auto" -> None: chosen from the inputs later).
 
-    Raises ValueError with the fix when ``value`` is neither a known name nor a template.
+    Raises RecipeError (one line with the fix) when ``value`` is neither a known name nor a template.
     """
     if value == "auto":
         return None
     if len(value) < _MAX_NAME and "\n" not in value and "{" not in value:
         if value in NAMED:
             return NAMED[value]
-        raise ValueError(f"chat_template {value!r} is not a known template name: use one of "
+        raise RecipeError(f"chat_template {value!r} is not a known template name: use one of "
                          f"{', '.join(sorted(NAMED))}, auto, or a Jinja template string")
     if len(value) < _MIN_LITERAL or "{" not in value:
-        raise ValueError(f"chat_template {value[:40]!r} is not a Jinja template: give a template "
+        raise RecipeError(f"chat_template {value[:40]!r} is not a Jinja template: give a template "
                          f"string with {{% %}}/{{{{ }}}} tags, or one of {', '.join(sorted(NAMED))}, auto")
     return value

@@ -8,8 +8,12 @@ all raise it without importing each other; importing this module loads nothing b
 
 ``did_you_mean`` is the one helper that suggests the closest valid name in such a message.
 
-It subclasses ``ValueError`` so callers that caught the old ``ValueError`` subclasses keep
-working; new code catches ``BrmergeError``.
+It keeps subclassing ``ValueError``: every user error is a bad value given to brmerge, and a
+program that uses brmerge as a library may catch it as the standard exception for one. The
+cost is that ``except ValueError`` inside brmerge would catch user errors and bugs alike, so
+brmerge itself never catches ``ValueError`` around its own calls: it catches ``BrmergeError``,
+or the one standard exception a conversion documents (``float("x")``), turned at once into a
+``BrmergeError`` with the fix.
 """
 
 

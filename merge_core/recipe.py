@@ -160,7 +160,7 @@ class Recipe:
             else:
                 try:
                     chat_templates.resolve(template)
-                except ValueError as exc:
+                except RecipeError as exc:
                     errors.append(str(exc))
         seed = data.get("seed", 0)
         if isinstance(seed, bool) or not isinstance(seed, int):

@@ -199,14 +199,14 @@ def parse_campaign(data: Any, *, source: str = "campaign") -> Campaign:
         elif not per_model_params and not shared_params:
             errors.append(f"method {method_name!r} has no parameter a search can set; "
                           "use ties, dare_ties, della, sce, nearswap, multislerp, ...")
-        if isinstance(models, list):
+        if isinstance(models, list) and models:   # an empty list has its own error above
             most = method.max_models
             if len(models) < method.min_models or (most is not None and len(models) > most):
                 wanted = (f"exactly {most}" if most == method.min_models else
                           f"at least {method.min_models}" if most is None else f"{method.min_models} to {most}")
                 errors.append(f"method {method_name} merges {wanted} fine-tune(s) into its base; "
                               f"models has {len(models)}: give {wanted} model(s) or choose another method")
-    except ValueError as exc:
+    except BrmergeError as exc:   # an unknown method name (a bug elsewhere keeps its traceback)
         errors.append(f"method: {exc}")
     searchable = per_model_params + shared_params
 

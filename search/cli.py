@@ -14,6 +14,7 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 # name -> module under search.commands; order is the order shown by --help.
 COMMANDS: dict[str, str] = {
@@ -30,8 +31,16 @@ COMMANDS: dict[str, str] = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser with its errors as one line (argparse prints the usage too): a bad
+    option reads like every other user error, and ``--help`` still shows the usage."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="brmerge",
         description="Merge-search for Brazilian-Portuguese LLMs.",
     )

@@ -31,11 +31,12 @@ def url(host: str, port: int, path: str = "") -> str:
 
 def run(args: argparse.Namespace) -> int:
     from search.dashboard import exposure_warning, make_app, make_server
+    from search.errors import SearchError
     from search.storage import open_campaign_storage
 
     allow_edits = bool(getattr(args, "allow_edits", False))
     if not 0 < args.port < 65536:
-        raise ValueError(f"--port {args.port} is not a TCP port: give one between 1 and 65535")
+        raise SearchError(f"--port {args.port} is not a TCP port: give one between 1 and 65535")
     campaign, storage, study_id = open_campaign_storage(args.dir)
     app = make_app(storage, allow_edits=allow_edits)
     server = make_server(app, args.host, args.port)
