@@ -55,6 +55,9 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
+MAX_WORKERS = 4096        # workers.count: more GPUs than a campaign could use; beyond it, a typo (1e9) that
+                          # would ask the executor for that many actors after the study exists
+MAX_SEED = 2**32 - 1      # numpy's RandomState, which Optuna's samplers seed, takes 0 .. 2**32 - 1
 SOURCES = ("device", "host", "auto")   # workers.sources: where the base and fine-tunes are kept
 EXECUTORS = ("ray", "local")   # workers.executor: Ray actors, or threads in the driver (search.protocol)
 
@@ -320,8 +323,8 @@ def parse_campaign(data: Any, *, source: str = "campaign") -> Campaign:
 
     workers = d["workers"]
     count = workers.get("count")
-    if count != "auto" and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
-        errors.append(f"workers.count {count!r} must be auto or a positive integer")
+    if count != "auto" and (isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_WORKERS):
+        errors.append(f"workers.count {count!r} must be auto or an integer from 1 to {MAX_WORKERS}")
     gpw = workers.get("gpus_per_worker")
     if isinstance(gpw, bool) or not isinstance(gpw, (int, float)) or gpw < 0:
         errors.append(f"workers.gpus_per_worker {gpw!r} must be a number >= 0")
@@ -350,8 +353,8 @@ def parse_campaign(data: Any, *, source: str = "campaign") -> Campaign:
     if isinstance(batch_tokens, bool) or not isinstance(batch_tokens, int) or batch_tokens < 1:
         errors.append(f"eval.max_batch_tokens {batch_tokens!r} must be a positive number of tokens, e.g. 16384")
     seed = d.get("seed")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        errors.append(f"seed {seed!r} must be an integer")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        errors.append(f"seed {seed!r} must be an integer from 0 to {MAX_SEED} (2**32 - 1)")
     storage, password_env = d.get("storage"), None
     if isinstance(storage, Mapping):
         extra = sorted(set(storage) - {"url", "password_env"})

@@ -4,6 +4,14 @@
 perf scripts and the tests use it). ``RayExecutor`` implements the scheduler's ``Executor``
 protocol with one Ray actor per worker and a dispatcher thread that hands a finishing worker
 its next job (through the scheduler's ``handoff``) before the scheduler records the result.
+
+A watch thread checks the cluster every ``CLUSTER_CHECK_S``: the local cluster's own processes
+(GCS, raylet) by pid, and, for any cluster, that the GCS answers and still counts this
+machine's node alive. Ray itself would only report the workers' actors dead, after its health
+checks give up on the node (tens of seconds), and the replacements would then wait forever for
+a node; instead ``wait_ready`` and ``next_event`` raise ``ClusterLost`` and the driver stops as
+on Ctrl-C. Bounds: a few seconds for the local cluster, ``CLUSTER_PROBE_TIMEOUT_S`` plus Ray's
+own node health check (about 30 s in all) for a joined one.
 """
 
 from __future__ import annotations
@@ -19,11 +27,15 @@ from pathlib import Path
 from typing import Any
 
 from search.campaign import Campaign
-from search.protocol import Event, Job, takes_digest
+from search.protocol import ClusterLost, Event, Job, takes_digest
 
 
 LOOPBACK = ("127.0.0.1", "::1", "::ffff:127.0.0.1")
 WATCHDOG = Path(__file__).with_name("ray_watchdog.py")
+CLUSTER_CHECK_S = 1.0          # how often the watch looks: a pid check and one GCS call, cheap
+CLUSTER_PROBE_TIMEOUT_S = 20.0  # a GCS silent this long is gone (a busy one answers in milliseconds)
+# the local cluster's root processes (pid, create time, name), recorded by _start_local
+_LOCAL_ROOTS: list[tuple[int, float, str]] = []
 
 
 def start_ray(address: str | None = None, *, num_cpus: int | None = None,
@@ -77,7 +89,9 @@ def _start_local(*, num_cpus: int | None, runtime_env: dict[str, Any] | None) ->
     ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
              _node_ip_address="127.0.0.1", log_to_driver=False, runtime_env=runtime_env,
              _system_config={"enable_metrics_collection": False})
-    _start_watchdog(me, [p for p in me.children() if p.pid not in before])
+    roots = [p for p in me.children() if p.pid not in before]
+    _start_watchdog(me, roots)
+    _LOCAL_ROOTS[:] = _identify(roots)
     node_ip = ray.util.get_node_ip_address()
     if node_ip not in LOOPBACK:
         warnings.warn(f"the local Ray cluster listens on {node_ip}, not only on 127.0.0.1: ray was "
@@ -87,6 +101,65 @@ def _start_local(*, num_cpus: int | None, runtime_env: dict[str, Any] | None) ->
                       f"the local Ray cluster listens on {node_ip}, not only on 127.0.0.1",
                       RuntimeWarning, stacklevel=3)
     return True
+
+
+def _identify(procs: list[Any]) -> list[tuple[int, float, str]]:
+    import psutil
+
+    out = []
+    for proc in procs:
+        try:
+            out.append((proc.pid, proc.create_time(), proc.name()))
+        except psutil.Error:
+            continue
+    return out
+
+
+def local_cluster_problem() -> str | None:
+    """Which of the local cluster's GCS and raylet processes died (None: all alive, or no
+    local cluster was started here)."""
+    import psutil
+
+    for pid, created, name in _LOCAL_ROOTS:
+        if not any(k in name for k in ("raylet", "gcs_server")):
+            continue   # the dashboard head and monitors may come and go
+        try:
+            proc = psutil.Process(pid)
+            gone = abs(proc.create_time() - created) > 0.01 or proc.status() == psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            gone = True
+        if gone:
+            return f"its {name} process, pid {pid}, died"
+    return None
+
+
+def gcs_problem(node_id: str | None, *, timeout: float = CLUSTER_PROBE_TIMEOUT_S) -> str | None:
+    """Whether the cluster's GCS answers within ``timeout`` and counts ``node_id`` (the node
+    this process is attached to) alive; None when it does."""
+    import ray
+
+    answer: dict[str, Any] = {}
+
+    def ask() -> None:
+        try:
+            answer["nodes"] = ray.nodes()
+        except Exception as exc:  # noqa: BLE001 - any failure to answer is the finding
+            answer["error"] = exc
+
+    probe = threading.Thread(target=ask, name="brmerge-gcs-probe", daemon=True)
+    probe.start()
+    probe.join(timeout)
+    if probe.is_alive():
+        return f"its GCS did not answer for {timeout:.0f} s"
+    if "error" in answer:
+        return f"its GCS cannot be reached ({type(answer['error']).__name__})"
+    nodes = answer["nodes"]
+    if not any(n.get("Alive") for n in nodes):
+        return "no node of it is alive"
+    mine = [n for n in nodes if n.get("NodeID") == node_id]
+    if node_id and mine and not mine[0].get("Alive"):
+        return "this machine's node (its raylet) was marked dead"
+    return None
 
 
 _WATCHDOGS: list[subprocess.Popen] = []   # kept, so that each is reaped when it ends
@@ -160,6 +233,10 @@ class RayExecutor:
         self._handoff: Callable[[int], Job | None] = lambda worker: None
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._dispatch, name="brmerge-dispatch", daemon=True)
+        self._lost: str | None = None   # set by the watch: why the cluster is gone
+        self._node_id = ray.get_runtime_context().get_node_id()
+        self._watch = threading.Thread(target=self._watch_cluster, name="brmerge-cluster-watch", daemon=True)
+        self._watch.start()
 
     def _actor(self, index: int):
         return self._cls.remote(self.campaign, index, threads=self.threads)
@@ -172,6 +249,7 @@ class RayExecutor:
         pending = list(self._info_refs)
         while pending:
             check()
+            self._check_cluster()
             _, pending = ray.wait(pending, num_returns=len(pending), timeout=0.5)
         return ray.get(self._info_refs)
 
@@ -188,6 +266,7 @@ class RayExecutor:
             self._in_flight[ref] = job
 
     def next_event(self, timeout: float) -> Event | None:
+        self._check_cluster()
         try:
             return self._events.get(timeout=timeout) if timeout > 0 else self._events.get_nowait()
         except queue.Empty:
@@ -203,11 +282,24 @@ class RayExecutor:
         self._closed.set()
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join()
-        for actor in self.actors:
+        for actor in self.actors if self._lost is None else ():   # a lost cluster took them along
             try:
                 ray.kill(actor)
             except Exception:  # noqa: BLE001 - already dead
                 pass
+
+    # -- the cluster watch ------------------------------------------------------------------------
+    def _watch_cluster(self) -> None:
+        while not self._closed.wait(CLUSTER_CHECK_S):
+            problem = local_cluster_problem() or gcs_problem(self._node_id)
+            if problem:
+                self._lost = problem
+                return
+
+    def _check_cluster(self) -> None:
+        if self._lost is not None:
+            raise ClusterLost(f"the Ray cluster is gone ({self._lost}): the trials it was running are "
+                              "queued again; start Ray again (or fix ray.address) and continue with --resume")
 
     # -- the dispatcher thread ----------------------------------------------------------------
     def _dispatch(self) -> None:

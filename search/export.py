@@ -8,6 +8,7 @@ device type); otherwise nothing is exported.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -18,12 +19,14 @@ from typing import Any
 
 import optuna
 
+from merge_core.errors import BrmergeError
 from search import evidence as E
 from search import verdicts as V
 from search import scoring
 from search import trials as T
 from search.errors import SearchError
 from search.campaign import Campaign, load_campaign
+from search.campaign_files import replace_text
 from search.storage import load_study
 from search.trials import baselines, best_trials, scalar
 
@@ -85,6 +88,7 @@ def export_trial(directory: Path, *, out: Path, trial: int | None = None, device
         raise ExportError(f"{out} exists: choose another --out or pass --overwrite")
     study = load_study(directory)
     campaign = load_campaign(directory / "campaign.yaml")
+    V.export_history(directory)   # a damaged exports.json is refused now, not after the model is written
     chosen = pick_trial(study, trial)
     recipe_yaml = T.view(chosen).recipe
     if not recipe_yaml:
@@ -154,10 +158,21 @@ def export_trial(directory: Path, *, out: Path, trial: int | None = None, device
               "verdicts": claims["verdicts"], "generalization_gap": claims["generalization_gap"],
               "counts": claims["counts"], "selection_note": E.selection_note(claims["counts"]["trials_searched"],
                                                                             claims["counts"])}
-    exports = directory / "exports.json"
-    history = json.loads(exports.read_text()) if exports.is_file() else []
-    exports.write_text(json.dumps(history + [record], indent=2))
+    _record_export(directory, record, out)
     return ExportResult(out_dir=out, trial=chosen.number, dev_score=dev, test_score=test, rows=rows)
+
+
+def _record_export(directory: Path, record: dict[str, Any], out: Path) -> None:
+    """Append ``record`` to ``exports.json`` (replaced by rename). If the history cannot be read or
+    written now, the record is saved beside it rather than lost, and the error says where."""
+    path = directory / V.EXPORTS_FILE
+    try:
+        replace_text(path, json.dumps(V.export_history(directory) + [record], indent=2), root=directory)
+    except (BrmergeError, OSError) as exc:
+        aside = directory / f"exports.{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.json"
+        replace_text(aside, json.dumps([record], indent=2), root=directory)
+        raise ExportError(f"the export to {out} is complete, but {path} could not be updated ({exc}); its record "
+                          f"is in {aside}: add it to {path} by hand") from None
 
 
 def _write_card(folder: Path, campaign: Campaign, study: optuna.Study, chosen: optuna.trial.FrozenTrial,

@@ -244,5 +244,11 @@ def domains_figure(entries: Sequence[Entry], domains: Sequence[str]) -> Figure:
 
 
 def save_png(fig: Figure, path: Path) -> Path:
-    fig.savefig(path, format="png", dpi=DPI)
-    return path
+    """``fig`` as a PNG at ``path``, replaced by rename (never written through a link there)."""
+    import io
+
+    from search.campaign_files import replace_bytes
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI)
+    return replace_bytes(path, buf.getvalue())

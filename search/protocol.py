@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import optuna
 
 from search import trials as T
+from search.errors import DriverError
 
 if TYPE_CHECKING:
     from search.campaign import Campaign
@@ -48,6 +49,12 @@ class Event:
     handed: bool = False
 
 
+class ClusterLost(DriverError):
+    """The executor's cluster is gone (its node's raylet or its GCS died): raised by
+    ``wait_ready`` and ``next_event``. The driver stops as on Ctrl-C: the trials in flight are
+    marked interrupted and run again on ``--resume``."""
+
+
 class Executor(Protocol):
     """Runs trial stages on ``n_workers`` workers. The scheduler uses ``start`` .. ``close``;
     the driver also waits for the workers (``wait_ready``) and logs ``resources``."""
@@ -57,7 +64,8 @@ class Executor(Protocol):
 
     def wait_ready(self, check: Callable[[], None] = ...) -> list[dict[str, Any]]:
         """Block until every worker has loaded its models; each one's ``info()``. ``check`` is
-        called about twice a second meanwhile (it raises to stop the wait)."""
+        called about twice a second meanwhile (it raises to stop the wait). Raises
+        ``ClusterLost`` when the workers' cluster is gone (as ``next_event`` does)."""
     def start(self, handoff: Callable[[int], Job | None]) -> None: ...
     def submit(self, job: Job) -> None: ...
     def next_event(self, timeout: float) -> Event | None: ...

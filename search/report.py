@@ -29,6 +29,7 @@ from search.verdicts import search_counts
 from search import trials as T
 from search.errors import SearchError
 from search.campaign import Campaign
+from search.campaign_files import make_dir, replace_text
 from search.figures import (Entry, completed_baselines, coefficient_grid, domain_order, domains_figure,
                             heatmap_figure, history_figure, is_multi_objective, num_layers, objective_names,
                             pareto_figure, save_png)
@@ -264,7 +265,7 @@ def write_report(directory: Path, *, out: Path | None = None, top: int = TOP) ->
         raise SearchError(f"--top {top}: the table needs at least one trial; give a positive number")
     campaign, study = load_campaign_study(Path(directory))
     out = Path(out) if out is not None else Path(directory) / "report"
-    out.mkdir(parents=True, exist_ok=True)
+    make_dir(out, root=Path(directory))   # never into a folder link planted in the campaign directory
     sections: list[Section] = []
     best = best_trials(study, 1)
     if not best:
@@ -295,7 +296,7 @@ def write_report(directory: Path, *, out: Path | None = None, top: int = TOP) ->
     if failures:
         sections.append(Section("Failed trials", html_body=failures))
     page = out / "report.html"
-    page.write_text(render_html(campaign, campaign_facts(study, campaign), sections), encoding="utf-8")
+    replace_text(page, render_html(campaign, campaign_facts(study, campaign), sections), root=Path(directory))
     images = [s.image for s in sections if s.image is not None]
     for name in set(FIGURES) - {p.name for p in images}:  # a figure of an earlier report, now stale
         (out / name).unlink(missing_ok=True)

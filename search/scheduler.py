@@ -56,8 +56,9 @@ class Scheduler:
         self.stop_reason: str | None = None   # set by request_stop (a signal)
         views = [T.view(t) for t in study.get_trials(deepcopy=False)]
         self.n_done = sum(v.counts for v in views)
+        cache_from = T.cache_start(study)   # earlier trials scored models that have since changed
         self.cache = {v.digest: v.number for v in views if v.digest and v.cached_from is None
-                      and v.state in (T.TrialState.COMPLETE, T.TrialState.PRUNED)}
+                      and v.number >= cache_from and v.state in (T.TrialState.COMPLETE, T.TrialState.PRUNED)}
         self.stage1_scores = [v.stage1_score for v in views
                               if v.stage1_score is not None and v.cached_from is None]
         # the incumbent (best trial on the items outside stage 1, see ``pruning.incumbent``), kept

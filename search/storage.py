@@ -171,6 +171,9 @@ def _fix_for(url: str, exc: BaseException) -> str:
         return "free disk space where the study is stored, then resume with --resume"
     if "does not exist" in text and "database" in text:
         return "create the database (createdb NAME) or fix the URL's database name"
+    if "malformed" in text or "file is not a database" in text:
+        return ("the study file is damaged: restore it from a backup (`sqlite3 FILE .recover > dump.sql` "
+                "can salvage what is readable)")
     if "unable to open database file" in text:
         return "check that the study's folder exists and is writable"
     if "connection refused" in text or "could not connect" in text or "timeout" in text \
@@ -265,6 +268,32 @@ def open_study(campaign: Campaign, directory: Path, *, resume: bool,
                                    directions=study_directions(campaign), load_if_exists=True)
 
 
+SQLITE_MAGIC = b"SQLite format 3\x00"   # the first 16 bytes of every SQLite database file
+
+
+def require_study_file(location: StorageLocation | str, *, missing: str | None = None) -> None:
+    """A SQLite storage's file exists and is a database, checked without opening it (Optuna would
+    create a missing file, or write its schema into an empty one). ``missing``: the error when it
+    does not exist (default: nothing to resume). Other storages are not checked here."""
+    url = location.url if isinstance(location, StorageLocation) else location
+    db = sqlite_file(url)
+    if db is None:
+        return
+    if not db.is_file():
+        raise StorageError(missing or f"nothing to resume: {db} does not exist; run without --resume")
+    try:
+        with open(db, "rb") as fh:
+            head = fh.read(len(SQLITE_MAGIC))
+    except OSError as exc:
+        raise StorageError(f"cannot read study file {db}: {exc.strerror or exc}; check its permissions") from None
+    if not head:
+        raise StorageError(f"study file {db} is empty (0 bytes), not a study: restore it from a backup, or "
+                           "remove it and run `brmerge search` without --resume")
+    if head != SQLITE_MAGIC:
+        raise StorageError(f"study file {db} is not an SQLite database: restore it from a backup, or give the "
+                           "campaign another --dir")
+
+
 def open_campaign_storage(directory: Path) -> tuple[Campaign, optuna.storages.RDBStorage, int]:
     """A campaign directory's campaign, its study storage and the study's id, checked to exist
     (for the readers: status, report, dashboard, export).
@@ -279,9 +308,8 @@ def open_campaign_storage(directory: Path) -> tuple[Campaign, optuna.storages.RD
     campaign = load_campaign(cfg)
     loc = resolve(campaign, directory)
     db = sqlite_file(loc.url)
-    if db is not None and not db.is_file():
-        raise StorageError(f"{directory} has no study yet ({db} is missing): "
-                           f"run `brmerge search {cfg} --dir {directory}` first")
+    require_study_file(loc, missing=f"{directory} has no study yet ({db} is missing): "
+                                    f"run `brmerge search {cfg} --dir {directory}` first")
     storage = open_rdb(loc)
     with guard(loc, doing="read"):
         try:
@@ -295,7 +323,8 @@ def open_campaign_storage(directory: Path) -> tuple[Campaign, optuna.storages.RD
 def load_campaign_study(directory: Path) -> tuple[Campaign, optuna.Study]:
     """A campaign directory's campaign and study, for the readers (status, report, export)."""
     campaign, storage, _ = open_campaign_storage(directory)
-    return campaign, optuna.load_study(study_name=campaign.name, storage=storage)
+    with guard(resolve(campaign, directory), doing="read"):
+        return campaign, optuna.load_study(study_name=campaign.name, storage=storage)
 
 
 def load_study(directory: Path) -> optuna.Study:

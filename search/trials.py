@@ -55,6 +55,8 @@ S_CAMPAIGN = "campaign"           # the campaign as given, storage credentials m
 S_NUM_LAYERS = "num_layers"
 S_OBJECTIVES = "objective_names"
 S_ITEM_LISTS = "item_lists"       # {"stage1"|"final": {domain: [item ids]}}, stored once per study
+S_SOURCES = "sources"             # [{ref, path, adapter, files: {name: sha256}}] (search.model_identity)
+S_CACHE_FROM = "cache_from_trial" # the genome cache reuses scores of trials numbered from here on
 
 DONE = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
@@ -146,6 +148,17 @@ def record_study(study: optuna.Study, *, campaign: Mapping[str, Any], num_layers
     study.set_user_attr(S_CAMPAIGN, dict(campaign))
     study.set_user_attr(S_NUM_LAYERS, num_layers)
     study.set_user_attr(S_OBJECTIVES, list(objectives))
+
+
+def record_sources(study: optuna.Study, sources: Sequence[Mapping[str, Any]]) -> None:
+    """The identity of every model the campaign merges (``search.model_identity``)."""
+    study.set_user_attr(S_SOURCES, [dict(m) for m in sources])
+
+
+def record_cache_start(study: optuna.Study, number: int) -> None:
+    """Scores of trials numbered below ``number`` are not reused for a recipe asked again (the
+    models changed under them: ``--accept-changed-models``)."""
+    study.set_user_attr(S_CACHE_FROM, int(number))
 
 
 class ItemLists:
@@ -361,6 +374,17 @@ def campaign_attr(study: optuna.Study) -> dict[str, Any]:
 def recorded_num_layers(study: optuna.Study) -> int | None:
     n = study.user_attrs.get(S_NUM_LAYERS)
     return n if isinstance(n, int) and not isinstance(n, bool) else None
+
+
+def recorded_sources(study: optuna.Study) -> list[dict[str, Any]]:
+    """The models' identities as recorded (empty for studies of older brmerge versions)."""
+    return [dict(m) for m in study.user_attrs.get(S_SOURCES) or [] if isinstance(m, dict)]
+
+
+def cache_start(study: optuna.Study) -> int:
+    """The first trial number whose score the genome cache may reuse (0: all of them)."""
+    n = study.user_attrs.get(S_CACHE_FROM)
+    return n if isinstance(n, int) and not isinstance(n, bool) else 0
 
 
 def recorded_objectives(study: optuna.Study) -> list[str]:

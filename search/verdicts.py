@@ -28,6 +28,7 @@ import numpy as np
 
 from evals import weighted_stats as W
 from evals.stats import DEFAULT_ALPHA, DEFAULT_LEVEL, holm_adjust, intersection_union
+from search.errors import SearchError
 
 Bits = Mapping[str, Sequence[bool]]
 
@@ -157,13 +158,22 @@ def generalization_gap(candidate: tuple[Bits, Bits], baselines: Mapping[str, tup
                      "baselines on fresh items, the mark of selection on dev)")}
 
 
+EXPORTS_FILE = "exports.json"   # one record per export, in the campaign directory
+
+
 def export_history(directory: Path | None) -> list[dict[str, Any]]:
     """The campaign's ``exports.json`` (one record per export), [] when none."""
-    path = Path(directory) / "exports.json" if directory is not None else None
+    path = Path(directory) / EXPORTS_FILE if directory is not None else None
     if path is None or not path.is_file():
         return []
-    data = json.loads(path.read_text())
-    return data if isinstance(data, list) else []
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise SearchError(f"{path} is unreadable ({' '.join(str(exc).split())[:120]}): restore it from a backup, "
+                          "or move it aside to start a new export history") from None
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise SearchError(f"{path} is not a list of export records: restore it from a backup, or move it aside")
+    return data
 
 
 def search_counts(study, directory: Path | None = None) -> dict[str, int]:

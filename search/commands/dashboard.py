@@ -1,9 +1,11 @@
-"""``brmerge dashboard DIR [--host 127.0.0.1] [--port 8080] [--allow-edits]``: optuna-dashboard
-on the study, read-only unless --allow-edits."""
+"""``brmerge dashboard DIR [--host 127.0.0.1] [--port 8080] [--allowed-host NAME] [--allow-edits]``:
+optuna-dashboard on the study, read-only unless --allow-edits, answering only requests whose
+``Host`` is a name it is served under (see ``search.dashboard.HostCheck``)."""
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -12,6 +14,8 @@ HELP = "serve optuna-dashboard on a campaign's study (read-only, 127.0.0.1 unles
 # Loopback by default: the dashboard has no authentication.
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080  # optuna-dashboard's own default
+# what a Host header holds: a name or IPv4 address, or a bracketed IPv6 one, and maybe a port
+HOST_NAME = re.compile(r"(?:[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -20,6 +24,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"address to bind (default {DEFAULT_HOST}; 0.0.0.0 exposes it to the network)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT,
                    help=f"port to listen on (default {DEFAULT_PORT})")
+    p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help="another host name the dashboard may be reached by (a reverse proxy, a DNS name "
+                        "of this machine); repeatable. Loopback names, IP addresses and the --host name "
+                        "are always allowed; requests for any other name get 403 (DNS rebinding)")
     p.add_argument("--allow-edits", action="store_true",
                    help="let the dashboard change the study (notes, tell, rename, delete); read-only by default")
 
@@ -37,8 +45,13 @@ def run(args: argparse.Namespace) -> int:
     allow_edits = bool(getattr(args, "allow_edits", False))
     if not 0 < args.port < 65536:
         raise SearchError(f"--port {args.port} is not a TCP port: give one between 1 and 65535")
+    allowed = getattr(args, "allowed_host", None) or []
+    for name in allowed:
+        if not HOST_NAME.fullmatch(name):
+            raise SearchError(f"--allowed-host {name!r} is not a host name: give a name or address as a browser "
+                              "sends it in Host (e.g. dash.example.org or dash.example.org:443), no scheme or path")
     campaign, storage, study_id = open_campaign_storage(args.dir)
-    app = make_app(storage, allow_edits=allow_edits)
+    app = make_app(storage, host=args.host, allowed_hosts=allowed, allow_edits=allow_edits)
     server = make_server(app, args.host, args.port)
     print(f"optuna-dashboard: {url(args.host, args.port)}", flush=True)
     print(f"campaign {campaign.name}: {url(args.host, args.port, f'/dashboard/studies/{study_id}')}"

@@ -17,11 +17,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from search.status import status_dict, summary_lines
-    from search.storage import load_study
+    from search.storage import guard, load_campaign_study, resolve
 
-    study = load_study(args.dir)
-    if args.json:
-        print(json.dumps(status_dict(study, args.dir), indent=2))
-    else:
-        print("\n".join(summary_lines(study, k=args.top, directory=args.dir)))
+    campaign, study = load_campaign_study(args.dir)
+    with guard(resolve(campaign, args.dir), doing="read"):   # a damaged page is met here: one line
+        text = (json.dumps(status_dict(study, args.dir), indent=2) if args.json
+                else "\n".join(summary_lines(study, k=args.top, directory=args.dir)))
+    print(text)
     return 0

@@ -271,9 +271,9 @@ def write_summary(demo: Demo, *, seed: int, zoo: Zoo, budget: int, counts: Mappi
         "generalization_gap": gap,
         "note": HONESTY,
     }
-    path = demo.directory / SUMMARY
-    path.write_text(json.dumps(data, indent=2))
-    return path
+    from search.campaign_files import replace_text
+
+    return replace_text(demo.directory / SUMMARY, json.dumps(data, indent=2), root=demo.directory)
 
 
 # -- the whole demo ---------------------------------------------------------------------------

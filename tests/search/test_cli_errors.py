@@ -28,6 +28,7 @@ CASES: list[tuple[str, str, list[str]]] = [
     ("dashboard", "--port", ["{tmp}", "--port", "0"]),
     ("dashboard", "--port", ["{tmp}", "--port", "70000"]),
     ("dashboard", "--host", ["{tmp}", "--host", "not a host"]),
+    ("dashboard", "--allowed-host", ["{tmp}", "--allowed-host", "http://evil.example/"]),
     ("report", "dir", ["{tmp}"]),
     ("report", "--out", ["{tmp}", "--out", "{file}"]),
     ("report", "--top", ["{tmp}", "--top", "x"]),
