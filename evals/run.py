@@ -70,7 +70,8 @@ def parse_domains(text: str | None) -> list[str] | None:
 
 
 def check_json_path(path: str | None) -> Path | None:
-    """The ``--json`` file, checked (and its folder created) before any scoring."""
+    """The ``--json`` file, checked before any scoring (its folder is made when the results are
+    written: a failed evaluation leaves no empty folder behind)."""
     if path is None:
         return None
     out = Path(path).expanduser()
@@ -82,8 +83,18 @@ def check_json_path(path: str | None) -> Path | None:
         raise EvalError(f"--json {path}: {existing} is a file, not a folder; choose another path")
     if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
         raise EvalError(f"--json {path}: cannot write in {existing}; choose a writable folder")
-    folder.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def write_json(path: Path, data: object) -> None:
+    """``data`` as JSON at ``path``, whole or not at all (a temporary file renamed over it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(data, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def load_suites(options: EvalOptions) -> list[Suite]:
@@ -295,7 +306,6 @@ def run_eval(options: EvalOptions, *, echo: Callable[[str], None] = print) -> Ev
         echo("the same items with stock lm-eval:")
         echo(command)
     if json_path is not None:
-        json_path.write_text(json.dumps(result.to_json(), ensure_ascii=False, indent=2) + "\n",
-                             encoding="utf-8")
+        write_json(json_path, result.to_json())
         echo(f"wrote {json_path}")
     return result

@@ -21,6 +21,10 @@ marked as the optimistic, selected-on number it is.
     python perf/search_quality.py                                   # 4 samplers x 20 seeds x 60
     python perf/search_quality.py --trials 12 --seeds 2 --samplers cmaes,random   # a quick look
     python perf/search_quality.py --json out.json --cache scores.json
+    # the default split over two cores, then one table (about 26 minutes on 2 cores):
+    python perf/search_quality.py --samplers cmaes,random --json a.json &
+    python perf/search_quality.py --samplers tpe,gp --json b.json; wait
+    python perf/search_quality.py --summary-from a.json b.json
 """
 
 from __future__ import annotations
@@ -187,15 +191,16 @@ def _mean_sd(values: Sequence[float]) -> str:
 BOOTSTRAP = 10_000   # resamples of the seeds for the interval of a mean paired difference
 
 
-def paired_vs_reference(runs: list[Run], *, level: float = 0.95) -> dict[str, dict[str, Any]]:
-    """Each sampler's chosen-merge test score minus ``REFERENCE``'s, seed by seed: the mean and a
+def paired_vs_reference(runs: list[Run], *, reference: str = REFERENCE, level: float = 0.95
+                        ) -> dict[str, dict[str, Any]]:
+    """Each sampler's chosen-merge test score minus ``reference``'s, seed by seed: the mean and a
     percentile bootstrap interval over seeds (seeded: the same runs print the same interval)."""
     import numpy as np
 
-    ref = {r.seed: r.chosen_test for r in runs if r.sampler == REFERENCE}
+    ref = {r.seed: r.chosen_test for r in runs if r.sampler == reference}
     out: dict[str, dict[str, Any]] = {}
     for name in dict.fromkeys(r.sampler for r in runs):
-        if name == REFERENCE:
+        if name == reference:
             continue
         diffs = np.array([r.chosen_test - ref[r.seed] for r in runs if r.sampler == name
                           and r.chosen_test is not None and ref.get(r.seed) is not None])
@@ -230,6 +235,14 @@ def summarize(runs: list[Run], *, trials: int) -> dict[str, Any]:
         }
     out["uniform_test"] = next((r.uniform_test for r in runs if r.uniform_test is not None), None)
     out["vs_reference"] = paired_vs_reference(runs)
+    # the model-based samplers against each other, as each is against random
+    others = [n for n in by if n != REFERENCE]
+    out["between"] = {}
+    for i, b in enumerate(others):
+        for a in others[i + 1:]:
+            vs = paired_vs_reference([r for r in runs if r.sampler in (a, b)], reference=b).get(a)
+            if vs is not None:
+                out["between"][f"{a} - {b}"] = vs
     return out
 
 
@@ -257,9 +270,12 @@ def format_summary(summary: dict[str, Any], baselines: dict[str, float]) -> list
         lines.append(f"{name:8}{_mean_sd(tests) if tests else '-':>34}{diff:>32}{wl:>13}")
     if summary.get("uniform_test") is not None:
         lines.append(f"uniform merge (the same in every run): test score {summary['uniform_test']:.4f}")
+    for pair, vs in summary.get("between", {}).items():
+        lines.append(f"{pair:16} test score of the chosen merge, paired by seed: {vs['mean']:+.4f} "
+                     f"[{vs['ci95'][0]:+.4f}, {vs['ci95'][1]:+.4f}], {vs['wins']}/{vs['losses']}")
     lines += ["interval: percentile bootstrap over seeds of the mean paired difference "
               f"({BOOTSTRAP} resamples); wins/losses: seeds where the sampler's chosen merge scored "
-              f"higher/lower on test than {REFERENCE}'s", ""]
+              f"higher/lower on test than {REFERENCE}'s (or than the second sampler of a pair)", ""]
     lines += ["best dev score after N trials (mean ± sd over seeds; min-max below): the items the "
               "search chose on, an optimistic estimate", ""]
     head = f"{'sampler':8}" + "".join(f"{f'N={n}':>20}" for n in cps) + f"{'to reach target':>22}"
@@ -297,6 +313,27 @@ def format_summary(summary: dict[str, Any], baselines: dict[str, float]) -> list
     return lines
 
 
+def print_saved(files: Sequence[Path]) -> int:
+    """The table of the runs in ``files`` (``--json`` outputs), as one summary."""
+    saved = [json.loads(Path(f).read_text()) for f in files]
+    runs = [Run(**r) for s in saved for r in s["runs"]]
+    keys = {(r.sampler, r.seed) for r in runs}
+    if len(keys) != len(runs):
+        raise SystemExit("--summary-from: the files hold the same sampler and seed more than once; give each "
+                         "run's file once")
+    trials = {len(r.scores) for r in runs}
+    if len(trials) != 1 or len({json.dumps(r.baselines, sort_keys=True) for r in runs}) != 1:
+        raise SystemExit("--summary-from: the files come from runs with other budgets or baselines (another "
+                         "zoo?); give files of one configuration")
+    for line in format_summary(summarize(runs, trials=trials.pop()), runs[0].baselines):
+        print(line)
+    for f, s in zip(files, saved):
+        load = s.get("load_average")
+        print(f"({f}: wall time {s['wall_seconds']:.0f} s"
+              + (f", load average at the end {' '.join(f'{x:.2f}' for x in load)})" if load else ")"))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trials", type=int, default=max(CHECKPOINTS), help="trials per run (default 60)")
@@ -307,18 +344,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, default=None,
                         help="JSON file of scores by recipe digest, read first and written at the end")
     parser.add_argument("--json", type=Path, default=None, help="also write the runs and summary here")
-    parser.add_argument("--summary-from", type=Path, default=None, metavar="JSON",
-                        help="print the table of an earlier run's --json file again, running nothing")
+    parser.add_argument("--summary-from", type=Path, nargs="+", default=None, metavar="JSON",
+                        help="print the table of earlier runs' --json files again, running nothing; "
+                             "several files (say, samplers split over two processes) are one table")
     args = parser.parse_args(argv)
     if args.summary_from is not None:
-        saved = json.loads(args.summary_from.read_text())
-        runs = [Run(**r) for r in saved["runs"]]
-        for line in format_summary(summarize(runs, trials=len(runs[0].scores)), runs[0].baselines):
-            print(line)
-        load = saved.get("load_average")
-        print(f"(from {args.summary_from}: wall time {saved['wall_seconds']:.0f} s"
-              + (f", load average at the end {' '.join(f'{x:.2f}' for x in load)})" if load else ")"))
-        return 0
+        return print_saved(args.summary_from)
     names = [s.strip() for s in args.samplers.split(",") if s.strip()]
     bad = [s for s in names if s not in SAMPLERS]
     if bad or not names:

@@ -72,6 +72,11 @@ class ZooRecipe:
     specialist_batch: int = 8
     answer_weight: float = 40.0  # the answer letter is 1 token in ~80: at 10 it was not learned in 300 steps
     prose_fraction: float = 0.3  # share of training texts that are prose rather than questions
+    # 0: the base's format subjects come with random answer letters (it learns the format only).
+    # > 0: each format subject has a fixed answer the base learns, from prose and from questions
+    # in every phrasing, the letter weighted this much: a base that already knows how to recall
+    # facts of this form, so the specialists only add facts (see perf/zoo_merges.py)
+    base_facts_weight: float = 0.0
     threads: int = 1             # one thread: the demo's two workers already keep 2 cores busy
     version: int = 2             # bump when the training code changes what it produces
 
@@ -139,8 +144,20 @@ def tokenizer_corpus(recipe: ZooRecipe) -> list[str]:
     return texts
 
 
+def base_facts(recipe: ZooRecipe) -> dict[str, dict[str, int]]:
+    """The fixed answer (an index into the domain's values) of every format subject, drawn from
+    the recipe's seed; used only when ``base_facts_weight`` > 0."""
+    _, fmt = recipe.make_facts()
+    rng = random.Random(f"base-facts-{recipe.seed}")
+    return {d: {subject: rng.randrange(len(F.LABELS)) for subject in fmt[d]} for d in SPECIALISTS}
+
+
 def base_examples(recipe: ZooRecipe, rng: random.Random) -> Iterator[Example]:
-    """Endless base-training texts: prose, or a format subject's question with a random letter."""
+    """Endless base-training texts: prose, or a format subject's question with a random letter
+    (or, with ``base_facts_weight``, its fixed answer; half the prose is then those facts')."""
+    if recipe.base_facts_weight > 0:
+        yield from _base_fact_examples(recipe, rng)
+        return
     _, fmt = recipe.make_facts()
     while True:
         if rng.random() < recipe.prose_fraction:
@@ -151,6 +168,25 @@ def base_examples(recipe: ZooRecipe, rng: random.Random) -> Iterator[Example]:
             row = F.question(domain, rng.choice(fmt[domain]), rng.choice(_phrasings(domain)))
             # a random letter carries no signal: no extra weight on it
             yield Example(_exam_example(domain, row, rng.choice(F.LABELS)).text)
+
+
+def _base_fact_examples(recipe: ZooRecipe, rng: random.Random) -> Iterator[Example]:
+    answers = base_facts(recipe)
+    subjects = {d: list(answers[d]) for d in SPECIALISTS}   # in the facts' order: seeded draws repeat
+    while True:
+        draw = rng.random()
+        domain = rng.choice(SPECIALISTS)
+        spec = F.DOMAIN_FACTS[domain]
+        if draw < recipe.prose_fraction / 2:
+            start = rng.randrange(len(CORPUS))
+            yield Example("\n\n".join(CORPUS[start:start + 2]))
+        elif draw < recipe.prose_fraction:
+            chosen = rng.sample(subjects[domain], 4)
+            yield Example(" ".join(spec.prose.format(s=s, v=spec.values[answers[domain][s]]) for s in chosen))
+        else:
+            subject = rng.choice(subjects[domain])
+            row = F.question(domain, subject, rng.choice(_phrasings(domain)))
+            yield _exam_example(domain, row, F.LABELS[answers[domain][subject]])
 
 
 def specialist_examples(recipe: ZooRecipe, domain: str, rng: random.Random) -> Iterator[Example]:
@@ -291,7 +327,8 @@ def _build(recipe: ZooRecipe, folder: Path, *, progress: bool, log: Callable[[st
     base = LlamaForCausalLM(_config(recipe, tokenizer))
     losses = {"base": _train_with_bar(
         base, tokenizer, base_examples(recipe, random.Random(recipe.seed)), steps=recipe.base_steps,
-        lr=recipe.base_lr, batch=recipe.base_batch, answer_weight=1.0, context=recipe.context,
+        lr=recipe.base_lr, batch=recipe.base_batch, answer_weight=recipe.base_facts_weight or 1.0,
+        context=recipe.context,
         desc="zoo: base model", progress=progress)}
     _save(base, tokenizer, folder / MODEL_NAMES["base"])
     for k, domain in enumerate(SPECIALISTS, start=1):

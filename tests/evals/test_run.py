@@ -10,7 +10,7 @@ import pytest
 
 from benchmarks_ptbr.tasks.ptbr_utils import load_task
 from evals.harness import EvalError
-from evals.run import EvalOptions, check_json_path, load_suites, parse_domains, stock_command
+from evals.run import EvalOptions, check_json_path, load_suites, parse_domains, stock_command, write_json
 
 
 def test_parse_domains():
@@ -24,7 +24,9 @@ def test_parse_domains():
 def test_check_json_path(tmp_path):
     assert check_json_path(None) is None
     out = check_json_path(str(tmp_path / "new" / "deeper" / "eval.json"))
-    assert out.parent.is_dir() and not out.exists()  # the folder is made, nothing written yet
+    assert not (tmp_path / "new").exists()   # nothing made before the scores exist
+    write_json(out, {"a": 1})
+    assert json.loads(out.read_text()) == {"a": 1} and sorted(p.name for p in out.parent.iterdir()) == ["eval.json"]
     with pytest.raises(EvalError, match="is a folder"):
         check_json_path(str(tmp_path))
     (tmp_path / "f").write_text("x")

@@ -4,6 +4,7 @@ checked against the study it ran, the export's held-out test scores, and the eva
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import optuna
@@ -66,6 +67,38 @@ def test_dev_and_test_ask_the_same_facts_in_other_words():
         # answers balanced over the four letters; format subjects are never facts
         assert sorted({r["answerKey"] for r in dev}) == list(F.LABELS)
         assert not set(fmt[domain]) & set(key)
+
+
+def test_a_base_that_knows_facts_learns_fixed_answers_and_no_specialist_fact():
+    import itertools
+    import random
+
+    from search.demo import zoo as Z
+
+    def letters(recipe):
+        seen: dict[str, set[str]] = {}
+        weighted = []
+        for ex in itertools.islice(Z.base_examples(recipe, random.Random(0)), 600):
+            if "Resposta correta:" not in ex.text:
+                continue
+            subject = max((s for d in DOMAINS for s in fmt[d] if re.search(re.escape(s) + r"\b", ex.text)), key=len)
+            letter = ex.text.rsplit("Resposta correta:", 1)[1].strip()[:1]
+            seen.setdefault(subject, set()).add(letter)
+            weighted.append(bool(ex.answers))
+        return seen, weighted
+
+    recipe = ZooRecipe(facts=16, format_subjects=8, base_facts_weight=40.0)
+    facts, fmt = recipe.make_facts()
+    seen, weighted = letters(recipe)
+    assert all(weighted) and all(len(v) == 1 for v in seen.values()) and len(seen) == 16
+    assert {s: v.pop() for s, v in seen.items()} == {
+        s: F.LABELS[a] for d in DOMAINS for s, a in Z.base_facts(recipe)[d].items()}
+    # the specialists' facts never appear in the base's texts
+    texts = " ".join(ex.text for ex in itertools.islice(Z.base_examples(recipe, random.Random(1)), 600))
+    assert not any(re.search(re.escape(f.subject) + r"\b", texts) for d in DOMAINS for f in facts[d])
+    # the default base: random letters, not weighted
+    seen, weighted = letters(ZooRecipe(facts=16, format_subjects=8))
+    assert not any(weighted) and any(len(v) > 1 for v in seen.values())
 
 
 def test_the_demo_items_load_into_the_right_splits(tmp_path):

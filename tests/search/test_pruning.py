@@ -52,6 +52,18 @@ def test_default_weights_a_slightly_better_candidate_is_not_pruned():
     assert not d.prune and d.p_value > 0.5
 
 
+def test_default_weights_0_6486_against_0_6429_is_not_pruned():
+    """The issue's case: weighted 0.6486 against the incumbent's 0.6429 with the default weights,
+    pruned by the pooled rule at p = 0.010 (here 0.0106: 3 items for the candidate, 13 against)."""
+    cand = {"legal": block(20, 13), "health": block(20, 13), "enem": block(20, 13), "healthbench": block(50, 32)}
+    inc = {"legal": block(20, 12), "health": block(20, 12), "enem": block(20, 12), "healthbench": block(50, 45)}
+    assert round(weighted_score(cand, DEFAULT_WEIGHTS), 4) == 0.6486
+    assert round(weighted_score(inc, DEFAULT_WEIGHTS), 4) == 0.6429
+    assert pooled_p_less(cand, inc) == pytest.approx(0.0106, abs=5e-5)
+    d = pruning.decide(0.5, cand, earlier=EARLIER, incumbent_correct=inc, incumbent=1, weights=DEFAULT_WEIGHTS)
+    assert not d.prune and d.p_value > 0.5
+
+
 def test_a_candidate_0_15_worse_with_pooled_ties_is_pruned():
     weights = {"heavy": 3.0, "light": 1.0}
     cand = {"heavy": block(40, 16), "light": block(40, 28)}
