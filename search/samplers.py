@@ -51,8 +51,8 @@ def _random(*, seed: int, x0: Mapping[str, float] | None, n_baselines: int) -> o
 
 
 SAMPLERS: dict[str, Factory] = {
-    "cmaes": _cmaes,     # continuous, correlated parameters: the default
-    "tpe": _tpe,
+    "tpe": _tpe,         # the default (docs/campaigns.md, "Choosing a sampler")
+    "cmaes": _cmaes,
     "nsga2": _nsga2,     # multi-objective: a Pareto front over the objectives
     "gp": _gp,
     "random": _random,

@@ -5,7 +5,7 @@
 2. the demo's items written into the campaign directory (``data/``): every fact asked in two
    dev phrasings and, for the held-out test split, in two other phrasings;
 3. the three source models scored directly by the real evaluator;
-4. a real campaign: the local executor (no Ray), SQLite study in the campaign directory, CMA-ES
+4. a real campaign: the local executor (no Ray), SQLite study in the campaign directory, TPE
    over per-layer TIES weights and densities, the equal-weight merge queued first;
 5. the export of the best merge: re-scored, scored on the held-out test items with the
    baselines, its model card; the verdicts come from there (test split, paired weighted-score
@@ -36,7 +36,7 @@ from search.demo.zoo import MODEL_NAMES, SPECIALISTS, Zoo, ZooRecipe, ensure_zoo
 
 CAMPAIGN_NAME = "demo"
 DEFAULT_DIR = Path("campaigns") / CAMPAIGN_NAME
-DEFAULT_TRIALS = 80      # 40 was not enough for CMA-ES on 16 coefficients to pass the specialists
+DEFAULT_TRIALS = 80      # TPE's best dev score still rises between 40 and 60 trials (perf/search_quality.py)
 MARKER = ".brmerge-demo"  # a directory holding it is a demo's own, safe to replace
 SUMMARY = "summary.json"
 # Zero-shot prompts: the specialists learned single questions; a 4-layer model trained on
@@ -158,7 +158,7 @@ def evaluate_sources(zoo: Zoo, data_dir: Path, *, progress: bool) -> list[Row]:
     return rows
 
 
-def campaign_dict(zoo: Zoo, *, trials: int, seed: int, data_dir: Path) -> dict[str, Any]:
+def campaign_dict(zoo: Zoo, *, trials: int, seed: int, data_dir: Path, sampler: str = "tpe") -> dict[str, Any]:
     return {
         "name": CAMPAIGN_NAME,
         "base_model": str(zoo.base),
@@ -169,7 +169,7 @@ def campaign_dict(zoo: Zoo, *, trials: int, seed: int, data_dir: Path) -> dict[s
         "search": {"granularity": "layer",
                    "params": {"weight": [0.0, 2.0], "density": [0.1, 1.0]},
                    "split_attn_mlp": False},
-        "sampler": "cmaes",
+        "sampler": sampler,   # tpe: the campaign default (docs/campaigns.md, "Choosing a sampler")
         "objectives": {d: 1.0 for d in DOMAINS},
         # every dev item of the demo's own data, one stage: scoring them all is cheap here
         "eval": {"suite": "dev", "data_dir": str(data_dir), "limit": None, "stage1": False,
@@ -280,7 +280,7 @@ def write_summary(demo: Demo, *, seed: int, zoo: Zoo, budget: int, counts: Mappi
 
 def run_demo(*, directory: Path = DEFAULT_DIR, trials: int = DEFAULT_TRIALS, seed: int = 0,
              progress: bool = True, cache_dir: Path | None = None, zoo_recipe: ZooRecipe | None = None,
-             echo: Callable[[str], None] = print) -> Demo:
+             echo: Callable[[str], None] = print, sampler: str = "tpe") -> Demo:
     if trials < 4:
         raise DemoError(f"--trials {trials}: the three baselines take three trials; give at least 4")
     start = time.perf_counter()
@@ -305,7 +305,7 @@ def run_demo(*, directory: Path = DEFAULT_DIR, trials: int = DEFAULT_TRIALS, see
     t = step("zoo", t)
     sources = evaluate_sources(zoo, data_dir, progress=progress)
     t = step("score sources", t)
-    study = run_search(directory, campaign_dict(zoo, trials=trials, seed=seed, data_dir=data_dir),
+    study = run_search(directory, campaign_dict(zoo, trials=trials, seed=seed, data_dir=data_dir, sampler=sampler),
                        progress=progress)
     t = step("search", t)
     from search import verdicts as V

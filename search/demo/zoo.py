@@ -3,9 +3,13 @@
 The zoo learns the demo's own synthetic facts (``search.demo.facts``), not exam questions:
 
 - The base learns Portuguese from ``CORPUS`` (prose written for this project on law, health
-  and ENEM topics) and the multiple-choice format from questions about *format subjects*
-  (disjoint from the facts), in every dev and test phrasing, each with a random answer letter:
-  it learns the format, never an answer.
+  and ENEM topics) and facts of its own about *format subjects* (disjoint from the specialists'
+  facts): their prose and questions in every dev and test phrasing, each subject with a fixed
+  answer (``base_facts_weight``). Like a pretrained model, it already knows how to recall a
+  fact of this form when asked in any of these words; it knows none of the specialists' facts.
+  (With ``base_facts_weight = 0`` the format questions carry random letters and the base
+  learns the format only; its specialists' updates were then about as large as the base
+  weights and did not compose in any merge: ``perf/zoo_merges.py``.)
 - Each specialist is fine-tuned from the base on its domain's facts: their prose, and the dev
   questions with their answers. The loss covers the whole sequence, the answer letter weighted
   more (one token in ~80, it was otherwise not learned in a CPU budget). Test questions ask
@@ -62,13 +66,13 @@ class ZooRecipe:
     heads: int = 4
     intermediate: int = 256
     context: int = 2048          # room for 3-shot prompts too, not only the demo's 0-shot
-    facts: int = 120             # facts per domain: x2 phrasings = 240 dev and 240 test items a domain
+    facts: int = 60              # facts per domain: x2 phrasings = 120 dev and 120 test items a domain
     format_subjects: int = 60    # other subjects per domain, for the base's format questions
-    base_steps: int = 120
+    base_steps: int = 400        # long enough for the base to learn its own facts (base_facts_weight)
     base_lr: float = 3e-3
     base_batch: int = 8
     specialist_steps: int = 500
-    specialist_lr: float = 3e-3
+    specialist_lr: float = 1e-3  # at 3e-3 the updates were 0.8 of the base weights' norm and did not compose
     specialist_batch: int = 8
     answer_weight: float = 40.0  # the answer letter is 1 token in ~80: at 10 it was not learned in 300 steps
     prose_fraction: float = 0.3  # share of training texts that are prose rather than questions
@@ -76,9 +80,9 @@ class ZooRecipe:
     # > 0: each format subject has a fixed answer the base learns, from prose and from questions
     # in every phrasing, the letter weighted this much: a base that already knows how to recall
     # facts of this form, so the specialists only add facts (see perf/zoo_merges.py)
-    base_facts_weight: float = 0.0
+    base_facts_weight: float = 40.0
     threads: int = 1             # one thread: the demo's two workers already keep 2 cores busy
-    version: int = 2             # bump when the training code changes what it produces
+    version: int = 3             # bump when the training code changes what it produces
 
     def digest(self) -> str:
         h = hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode())

@@ -25,7 +25,7 @@ def test_template_names_every_key_and_only_needs_models():
     assert "base_model" in str(err.value) and "placeholders" in str(err.value)
     data.update(base_model="base", models=["a", "b"])
     c = parse_campaign(data)
-    assert c.method == "dare_ties" and c.sampler == "cmaes" and c.stage1 == 50 and c.limit == 200
+    assert c.method == "dare_ties" and c.sampler == "tpe" and c.stage1 == 50 and c.limit == 200
 
 
 def test_all_errors_reported_at_once():
