@@ -61,16 +61,22 @@ def make_dir(path: Path, *, root: Path | None = None) -> Path:
     return path
 
 
+def open_no_follow(path: Path, flags: int) -> int:
+    """``os.open(path, flags | O_CREAT | O_NOFOLLOW | O_CLOEXEC)``: a link as the last component
+    is refused with one line (``CampaignFileError``) instead of being opened."""
+    try:
+        return os.open(path, flags | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise _refuse(Path(path), "a symbolic link") from None
+        raise
+
+
 def append_text(path: Path, text: str, *, root: Path | None = None) -> None:
     """Append ``text`` (UTF-8) to ``path``, created if missing, never through a link."""
     path = Path(path)
     _check_folders(path, root)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise _refuse(path, "a symbolic link") from None
-        raise
+    fd = open_no_follow(path, os.O_WRONLY | os.O_APPEND)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):   # a FIFO or device planted in its place
             raise _refuse(path, "not a regular file")

@@ -89,9 +89,8 @@ def _start_local(*, num_cpus: int | None, runtime_env: dict[str, Any] | None) ->
     ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
              _node_ip_address="127.0.0.1", log_to_driver=False, runtime_env=runtime_env,
              _system_config={"enable_metrics_collection": False})
-    roots = [p for p in me.children() if p.pid not in before]
-    _start_watchdog(me, roots)
-    _LOCAL_ROOTS[:] = _identify(roots)
+    _LOCAL_ROOTS[:] = _identify([p for p in me.children() if p.pid not in before])
+    _start_watchdog(me, _LOCAL_ROOTS)
     node_ip = ray.util.get_node_ip_address()
     if node_ip not in LOOPBACK:
         warnings.warn(f"the local Ray cluster listens on {node_ip}, not only on 127.0.0.1: ray was "
@@ -104,6 +103,7 @@ def _start_local(*, num_cpus: int | None, runtime_env: dict[str, Any] | None) ->
 
 
 def _identify(procs: list[Any]) -> list[tuple[int, float, str]]:
+    """(pid, create time, name) of each process still alive (one that already exited is left out)."""
     import psutil
 
     out = []
@@ -165,16 +165,9 @@ def gcs_problem(node_id: str | None, *, timeout: float = CLUSTER_PROBE_TIMEOUT_S
 _WATCHDOGS: list[subprocess.Popen] = []   # kept, so that each is reaped when it ends
 
 
-def _start_watchdog(driver: Any, roots: list[Any]) -> None:
-    """Start ``ray_watchdog.py`` for the cluster whose root processes are ``roots``."""
-    import psutil
-
-    args = []
-    for proc in roots:
-        try:
-            args.append(f"{proc.pid}:{proc.create_time()!r}")
-        except psutil.Error:   # a root that already exited needs no watching
-            continue
+def _start_watchdog(driver: Any, roots: list[tuple[int, float, str]]) -> None:
+    """Start ``ray_watchdog.py`` for the cluster whose root processes are ``roots`` (``_identify``)."""
+    args = [f"{pid}:{created!r}" for pid, created, _ in roots]
     # its own session: a Ctrl-C or a kill of the driver's process group leaves the watchdog
     # alive to clean up; it exits with the cluster or after the driver's death.
     _WATCHDOGS[:] = [w for w in _WATCHDOGS if w.poll() is None]

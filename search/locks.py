@@ -21,7 +21,6 @@ Use::
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import json
 import os
@@ -34,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from merge_core.errors import BrmergeError
-from search.campaign_files import CampaignFileError
+from search.campaign_files import open_no_follow
 from search.storage import StorageLocation, guard, mask_url
 
 LOCK_FILE = ".brmerge.lock"
@@ -92,14 +91,8 @@ def _read_holder(path: Path) -> Holder | None:
 def _lock_file(directory: Path, me: Holder) -> int:
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / LOCK_FILE
-    try:   # never through a link planted in a shared directory: ftruncate would empty its target
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise CampaignFileError(f"refusing to use {path}: it is a symbolic link, not brmerge's lock file "
-                                    "(someone who can write the campaign directory may have planted it); "
-                                    "remove it and run again") from None
-        raise
+    # never through a link planted in a shared directory: ftruncate would empty its target
+    fd = open_no_follow(path, os.O_RDWR)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
