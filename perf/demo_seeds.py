@@ -10,6 +10,7 @@ test": every Holm-adjusted comparison "better" and the intersection-union test a
     python perf/demo_seeds.py                  # seeds 0-4, the default budget
     python perf/demo_seeds.py --seeds 2 --trials 40 --json out.json
     python perf/demo_seeds.py --sampler cmaes           # the same zoos, another sampler
+    python perf/demo_seeds.py --set facts=40 --first-seed 2 --seeds 3   # another zoo recipe
 
 Each seed trains its own zoo (cached under the brmerge cache directory, so a second run of the
 script reuses it), and the wall time printed covers everything, zoo training included.
@@ -40,15 +41,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--trials", type=int, default=DEFAULT_TRIALS, help=f"budget per demo (default {DEFAULT_TRIALS})")
     parser.add_argument("--json", type=Path, default=None, help="also write each seed's claim here")
     parser.add_argument("--sampler", default="tpe", help="the search's sampler (default tpe, the demo's)")
+    parser.add_argument("--first-seed", type=int, default=0, help="start at this seed (default 0)")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="override a field of the demo's ZooRecipe (repeatable), as perf/zoo_merges.py")
     args = parser.parse_args(argv)
+    import dataclasses
+
+    from perf.zoo_merges import override
+    from search.demo.zoo import ZooRecipe
 
     start = time.perf_counter()
     results = []
     with tempfile.TemporaryDirectory(prefix="brmerge-demo-seeds-") as tmp:
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             t0 = time.perf_counter()
+            recipe = override(dataclasses.replace(ZooRecipe(), seed=seed), args.set)
             demo = run_demo(directory=Path(tmp) / f"seed{seed}", trials=args.trials, seed=seed,
-                            progress=False, echo=lambda m: None, sampler=args.sampler)
+                            progress=False, echo=lambda m: None, sampler=args.sampler, zoo_recipe=recipe)
             best = next(r for r in demo.rows if r.key == "best")
             c = demo.claim
             cells = [f"{name}: {c['test'][name]['diff']:+.3f} p_holm {c['test'][name]['p_holm']:.2g} "
@@ -59,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"({demo.wall_seconds:.0f} s, wall {time.perf_counter() - t0:.0f} s)", flush=True)
             print("  test scores: " + ", ".join(f"{r.name} {r.test_combined:.4f}" for r in demo.rows
                                                 if r.test_combined is not None), flush=True)
-            results.append({"seed": seed, "sampler": args.sampler, "holds": held, "claim": c,
+            results.append({"seed": seed, "sampler": args.sampler, "set": args.set, "holds": held, "claim": c,
                             "best_test": best.test_combined,
                             "test_scores": {r.key: r.test_combined for r in demo.rows},
                             "best_dev": best.combined, "demo_seconds": demo.wall_seconds,

@@ -2,7 +2,7 @@
 demo's zoo, each run's chosen merge scored on the test split.
 
 The objective is exactly the demo campaign's (``search.demo.run.campaign_dict``): TIES over the
-legal and health specialists of the demo zoo, per-layer weight and density, every dev item of
+legal and health specialists of the demo zoo, its per-layer search space, every dev item of
 the demo's own synthetic facts at 0 shots, fitness = mean over the two domains of 0.9 x accuracy
 + 0.1 x gold-letter probability. Each run is one in-memory Optuna study driven by ask/tell,
 seeded as a campaign is (the three baselines enqueued first; CMA-ES starts at the uniform

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 GRID = ((0.5, 0.5), (0.8, 0.8), (1.0, 1.0), (1.2, 1.2), (1.0, 0.7), (0.7, 1.0))
 
 
-def _override(recipe, pairs: Sequence[str]):
+def override(recipe, pairs: Sequence[str]):
     fields = {f.name: f.type for f in dataclasses.fields(recipe)}
     changes = {}
     for pair in pairs:
@@ -62,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     hf_logging.disable_progress_bar()
     torch.set_num_threads(args.threads)
-    recipe = _override(dataclasses.replace(ZooRecipe(), seed=args.seed), args.set)
+    recipe = override(dataclasses.replace(ZooRecipe(), seed=args.seed), args.set)
     start = time.perf_counter()
     zoo = ensure_zoo(recipe, progress=False, log=lambda m: print(m, file=sys.stderr))
     trained = time.perf_counter() - start

@@ -62,6 +62,9 @@ WEIGHT_SEARCH = Search(-float("inf"), float("inf"), neutral=1.0, selects_model=T
 FRACTION_SEARCH = Search(0.0, 1.0)                 # a share of entries: density, gamma, ...
 KEEP_ALL_SEARCH = Search(0.0, 1.0, neutral=1.0)    # a share kept, whose baseline keeps everything
 NON_NEGATIVE_SEARCH = Search(0.0, float("inf"))
+# a scale of the merged result (``lambda``): its baselines keep the method's own default, 1,
+# so the uniform merge is the method's plain result and a model alone is that model
+SCALE_SEARCH = Search(0.0, float("inf"), neutral=1.0)
 
 
 @dataclass(frozen=True)

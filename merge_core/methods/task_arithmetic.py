@@ -16,7 +16,7 @@ import torch
 
 from merge_core import rng
 from merge_core.methods import sparsify
-from merge_core.methods.base import (FRACTION_SEARCH, KEEP_ALL_SEARCH, NON_NEGATIVE_SEARCH, WEIGHT_SEARCH,
+from merge_core.methods.base import (FRACTION_SEARCH, KEEP_ALL_SEARCH, SCALE_SEARCH, WEIGHT_SEARCH,
                                      MergeParams, MethodInfo, Param, Scope, compute_dtype)
 
 
@@ -44,7 +44,7 @@ class TaskArithmetic(MethodInfo):
                   "divide by the sum of (agreeing) weights"),
             Param("rescale", bool, Scope.SHARED, self.default_rescale,
                   "rescale pruned deltas to their original L1 norm"),
-            Param("lambda", float, Scope.SHARED, 1.0, "scale of the merged task vector", search=NON_NEGATIVE_SEARCH),
+            Param("lambda", float, Scope.SHARED, 1.0, "scale of the merged task vector", search=SCALE_SEARCH),
             Param("int8_mask", bool, Scope.SHARED, False, "accepted for mergekit compatibility; no effect"),
         ]
         if self.prune == "magnitude_outliers":

@@ -6,7 +6,7 @@
    dev phrasings and, for the held-out test split, in two other phrasings;
 3. the three source models scored directly by the real evaluator;
 4. a real campaign: the local executor (no Ray), SQLite study in the campaign directory, TPE
-   over per-layer TIES weights and densities, the equal-weight merge queued first;
+   over per-layer TIES weights, densities and lambda, the equal-weight merge queued first;
 5. the export of the best merge: re-scored, scored on the held-out test items with the
    baselines, its model card; the verdicts come from there (test split, paired weighted-score
    tests, Holm over the three rivals, intersection-union for "beats all");
@@ -164,10 +164,13 @@ def campaign_dict(zoo: Zoo, *, trials: int, seed: int, data_dir: Path, sampler: 
         "base_model": str(zoo.base),
         "models": [str(zoo.specialists[d]) for d in SPECIALISTS],
         # TIES keeps each task vector's largest entries, then averages where both are kept:
-        # at full density (the uniform merge) each specialist's update is roughly halved
+        # at full density and lambda 1 (the uniform merge) each specialist's update is roughly
+        # halved. lambda, searched per layer, scales the merged update back up: at 2 with equal
+        # weights it is about the sum of both updates (perf/zoo_merges.py: base + 1.0 legal +
+        # 1.0 health keeps most of both skills on test)
         "method": "ties",
         "search": {"granularity": "layer",
-                   "params": {"weight": [0.0, 2.0], "density": [0.1, 1.0]},
+                   "params": {"weight": [0.0, 2.0], "density": [0.1, 1.0], "lambda": [0.5, 3.0]},
                    "split_attn_mlp": False},
         "sampler": sampler,   # tpe: the campaign default (docs/campaigns.md, "Choosing a sampler")
         "objectives": {d: 1.0 for d in DOMAINS},

@@ -108,6 +108,36 @@ def test_baselines_uniform_first_then_each_model_alone():
     assert alone["m0.weight.L00"] == 1.0 and alone["m1.weight.L03"] == 0.0 and alone["m1.density.L03"] == 1.0
 
 
+def test_a_searched_lambda_keeps_its_default_in_the_baselines():
+    # lambda scales the merged task vector: at the middle of its range (as a parameter without
+    # a neutral value gets) the "model alone" baseline was base + 1.75 x its update, not the model
+    c = _campaign(search={"params": {"weight": [0, 2], "density": [0.1, 1.0], "lambda": [0.5, 3.0]}})
+    base = GenomeSpace(c, 2).baselines()
+    assert [name for name, _ in base] == ["uniform", "model:a", "model:b"]
+    for _, genome in base:
+        assert genome["shared.lambda.L00"] == genome["shared.lambda.L01"] == 1.0
+    narrow = _campaign(search={"params": {"weight": [0, 2], "lambda": [1.5, 3.0]}})
+    assert GenomeSpace(narrow, 2).baselines()[0][1]["shared.lambda.L00"] == 1.5   # clamped into the range
+
+
+def test_a_model_alone_baseline_with_a_searched_lambda_is_that_model():
+    import torch
+
+    from merge_core.methods import get as get_method
+    from merge_core.methods.base import MergeParams, Scope
+
+    c = _campaign(search={"params": {"weight": [0, 2], "density": [0.1, 1.0], "lambda": [0.5, 3.0]}})
+    alone = dict(GenomeSpace(c, 1).baselines())["model:a"]
+    method = get_method("ties")
+    gen = torch.Generator().manual_seed(0)
+    base_t, a, b = (torch.randn(64, generator=gen) for _ in range(3))
+    shared = {p.name: p.default for p in method.params if p.scope is Scope.SHARED}
+    shared["lambda"] = alone["shared.lambda.L00"]
+    models = [{"weight": alone[f"m{i}.weight.L00"], "density": alone[f"m{i}.density.L00"]} for i in range(2)]
+    merged = method.merge(base_t, [a, b], MergeParams(models=models, shared=shared))
+    torch.testing.assert_close(merged, a)
+
+
 def _staged(**ev):
     return _campaign(objectives={"legal": 1.0, "health": 1.0}, eval={"suite": "sample", **ev})
 

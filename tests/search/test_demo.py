@@ -54,8 +54,8 @@ def test_dev_and_test_ask_the_same_facts_in_other_words():
     facts, fmt = F.make_facts(facts=40, format_subjects=10, seed=3)
     for domain in DOMAINS:
         dev, test = F.rows(facts, "dev")[domain], F.rows(facts, "test")[domain]
-        assert len(dev) == len(test) == 40 * 2
         spec = F.DOMAIN_FACTS[domain]
+        assert len(dev) == 40 * len(spec.dev) and len(test) == 40 * len(spec.test) == 40 * 2
         # no test phrasing is a dev phrasing, and none of the dev wording around the subject repeats
         assert not set(spec.dev) & set(spec.test)
         assert not {q["question"] for q in dev} & {q["question"] for q in test}
@@ -162,7 +162,7 @@ def test_source_rows_are_the_evaluators_scores_on_the_demo_items(demo_run):
         result = evaluator.evaluate(model)
         assert row["combined"] == weighted_score(result, weights={d: 1.0 for d in DOMAINS})
         for m in result.tasks.values():
-            assert m.n == SMALL.facts * 2
+            assert m.n == SMALL.facts * len(F.DOMAIN_FACTS[m.domain].dev)
             assert (row["domains"][m.domain]["acc"], row["domains"][m.domain]["gold_prob"]) == (m.acc, m.gold_prob)
 
 
@@ -173,7 +173,8 @@ def test_verdicts_are_the_held_out_test_comparisons(demo_run):
     directory, summary = demo_run
     verdict = summary["claim"]
     record = json.loads((directory / "exports.json").read_text())[-1]
-    assert verdict["split"] == "test" and verdict["test_items"] == len(DOMAINS) * SMALL.facts * 2
+    assert verdict["split"] == "test" and verdict["test_items"] == sum(
+        SMALL.facts * len(F.DOMAIN_FACTS[d].test) for d in DOMAINS)
     # recomputed here from the export's per-item test results: the same p-values, Holm and all
     bits = {r["name"]: {d: decode_bits(s) for d, s in r["test_items"].items()} for r in record["rows"]}
     exported = record["rows"][0]["name"]
@@ -199,7 +200,7 @@ def test_test_scores_in_the_rows_are_the_exports(demo_run):
     assert rows["uniform"]["test_combined"] == uniform["test"]
     for d in DOMAINS:
         e = rows["best"]["test"][d]
-        assert e["n"] == SMALL.facts * 2 and e["ci95"][0] <= e["acc"] <= e["ci95"][1]
+        assert e["n"] == SMALL.facts * len(F.DOMAIN_FACTS[d].test) and e["ci95"][0] <= e["acc"] <= e["ci95"][1]
 
 
 def test_report_and_export_with_card(demo_run):
@@ -224,3 +225,35 @@ def test_a_directory_not_made_by_the_demo_is_refused(tmp_path):
 def test_too_small_a_budget_is_refused(tmp_path):
     with pytest.raises(DemoError, match="--trials 3"):
         run_demo(directory=tmp_path / "d", trials=3, progress=False, echo=lambda m: None)
+
+
+def test_specialists_trained_in_parallel_are_the_sequential_ones_bit_for_bit(tmp_path):
+    """The zoo trains both specialists at once in two spawned processes: each starts from the
+    saved base with its own seeds, so the weights match a one-process build exactly."""
+    import torch
+    from safetensors.torch import load_file
+
+    from search.demo.zoo import MODEL_NAMES, build_zoo
+
+    recipe = ZooRecipe(facts=8, format_subjects=4, base_steps=4, specialist_steps=6)
+    one, two = tmp_path / "sequential", tmp_path / "parallel"
+    for folder, parallel in ((one, False), (two, True)):
+        folder.mkdir()
+        losses = build_zoo(recipe, folder, progress=False, log=lambda m: None, parallel=parallel)
+        assert set(losses) == {"base", "legal", "health"}
+    for name in MODEL_NAMES.values():
+        a = load_file(str(one / name / "model.safetensors"))
+        b = load_file(str(two / name / "model.safetensors"))
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    base = load_file(str(one / MODEL_NAMES["base"] / "model.safetensors"))
+    legal = load_file(str(one / MODEL_NAMES["legal"] / "model.safetensors"))
+    assert any(not torch.equal(base[k], legal[k]) for k in base)   # the fine-tune did change it
+
+
+def test_a_failing_specialist_process_is_one_error_naming_it(tmp_path):
+    from search.demo.zoo import build_zoo
+
+    recipe = ZooRecipe(facts=8, format_subjects=4, base_steps=2, specialist_steps=2, specialist_lr=float("nan"))
+    with pytest.raises(RuntimeError, match="specialist"):
+        build_zoo(recipe, tmp_path, progress=False, log=lambda m: None, parallel=True)
