@@ -35,7 +35,7 @@ DEFAULTS: dict[str, Any] = {
     "search": {"granularity": "layer",      # per-layer coefficients: the point of the search
                "params": {"weight": [0.0, 1.0], "density": [0.1, 1.0]},
                "split_attn_mlp": False},
-    "sampler": "tpe",                       # the best held-out choices in perf/search_quality.py
+    "sampler": "tpe",                       # held-out comparison in docs/campaigns.md, "Choosing a sampler"
     "objectives": {"legal": 1.0, "health": 1.0, "enem": 1.0},
     "eval": {"suite": "dev", "limit": 200,  # ~200 items per task: stable enough, cheap enough
              "stage1": None,                # null: a quarter of limit (at least the test's minimum); false: off
