@@ -37,6 +37,9 @@ from search.campaign import Campaign, load_campaign
 ENV_URL = "BRMERGE_STORAGE_URL"      # the whole storage URL, password included
 MASK = "***"
 SQLITE_TIMEOUT_S = 60                # wait for another process' write lock rather than fail
+SCHEMA_RACE_TRIES = 5                # opening a new database while another process creates its tables
+# what SQLite and PostgreSQL say when two processes create Optuna's schema at once
+_SCHEMA_RACE_MESSAGES = ("already exists", "alembic_version", "duplicate key value")
 POSTGRES_EXTRA = "pip install 'brmerge[postgres]'"
 
 
@@ -221,10 +224,29 @@ def open_rdb(location: StorageLocation | str, *, wal: bool = False) -> optuna.st
     if not url.startswith("sqlite"):
         kwargs["pool_pre_ping"] = True  # a connection the server dropped is replaced, not an error
     with guard(url, doing="open"):
-        storage = optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+        storage = _rdb_storage(url, kwargs)
         if wal and url.startswith("sqlite"):
             sqlite_wal(storage)
         return storage
+
+
+def _rdb_storage(url: str, kwargs: dict[str, Any]) -> optuna.storages.RDBStorage:
+    """``RDBStorage(url)``, tried again when its schema creation lost a race: Optuna checks for
+    its tables, then creates them, so two processes opening a new database at the same moment
+    (the driver, and a dashboard or a script polling the study) can both try to create them;
+    the loser gets "table ... already exists", or fails to insert the schema's version row
+    ("UNIQUE constraint failed: alembic_version..."). On the next try the tables are there."""
+    import time
+
+    for attempt in range(SCHEMA_RACE_TRIES):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+        except Exception as exc:
+            lost_race = any(m in str(exc) for m in _SCHEMA_RACE_MESSAGES)
+            if not lost_race or attempt == SCHEMA_RACE_TRIES - 1:
+                raise
+            time.sleep(0.1 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def sqlite_wal(storage: optuna.storages.RDBStorage) -> None:

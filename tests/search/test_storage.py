@@ -153,3 +153,53 @@ def test_disk_full_while_writing_is_one_line_with_the_fix(tmp_path):
     assert msg.startswith(f"cannot write to study storage {url}: ") and "\n" not in msg
     assert "full" in msg and "free disk space" in msg
     assert len(study.user_attrs) < 1000
+
+
+def test_opening_a_new_database_survives_another_process_creating_its_tables(tmp_path, monkeypatch):
+    """Optuna checks for its tables, then creates them: a second process opening the new
+    database at that moment gets "table studies already exists" (seen in CI: a test polling the
+    study while the driver created it). open_rdb tries again; the tables are there then."""
+    import sqlalchemy.exc
+
+    real = optuna.storages.RDBStorage
+    calls = []
+
+    def racing(url, **kwargs):
+        calls.append(url)
+        if len(calls) == 1:
+            real(url, **kwargs)     # "the other process" creates the schema first...
+            raise sqlalchemy.exc.OperationalError("CREATE TABLE studies", {}, Exception("table studies already exists"))
+        return real(url, **kwargs)
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", racing)
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    storage = S.open_rdb(url)
+    monkeypatch.undo()
+    assert len(calls) == 2 and optuna.create_study(study_name="s", storage=storage).study_name == "s"
+
+    # any other failure is not retried: one line naming the storage, as before
+    def broken(url, **kwargs):
+        calls.append(url)
+        raise sqlalchemy.exc.OperationalError("SELECT 1", {}, Exception("disk I/O error"))
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", broken)
+    calls.clear()
+    with pytest.raises(BrmergeError, match="disk I/O error") as err:
+        S.open_rdb(url)
+    assert len(calls) == 1 and "\n" not in str(err.value)
+
+
+def test_two_processes_opening_one_new_database_at_once_both_succeed(tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import sys; from search import storage as S; "
+            "S.open_rdb(sys.argv[1]); print('ok')")
+    repo = Path(__file__).resolve().parents[2]
+    for k in range(3):
+        url = f"sqlite:///{tmp_path / f'race{k}.db'}"
+        procs = [subprocess.Popen([sys.executable, "-c", code, url], cwd=repo, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for _ in range(3)]
+        for p in procs:
+            out, err = p.communicate(timeout=120)
+            assert p.returncode == 0 and out.strip() == "ok", err[-1000:]
