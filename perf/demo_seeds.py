@@ -40,7 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 (default 5)")
     parser.add_argument("--trials", type=int, default=DEFAULT_TRIALS, help=f"budget per demo (default {DEFAULT_TRIALS})")
     parser.add_argument("--json", type=Path, default=None, help="also write each seed's claim here")
-    parser.add_argument("--sampler", default="tpe", help="the search's sampler (default tpe, the demo's)")
+    parser.add_argument("--sampler", default=None, help="the search's sampler (default: the campaign default, as the demo)")
     parser.add_argument("--first-seed", type=int, default=0, help="start at this seed (default 0)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="override a field of the demo's ZooRecipe (repeatable), as perf/zoo_merges.py")
@@ -68,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"({demo.wall_seconds:.0f} s, wall {time.perf_counter() - t0:.0f} s)", flush=True)
             print("  test scores: " + ", ".join(f"{r.name} {r.test_combined:.4f}" for r in demo.rows
                                                 if r.test_combined is not None), flush=True)
-            results.append({"seed": seed, "sampler": args.sampler, "set": args.set, "holds": held, "claim": c,
+            results.append({"seed": seed, "sampler": args.sampler or "default", "set": args.set, "holds": held, "claim": c,
                             "best_test": best.test_combined,
                             "test_scores": {r.key: r.test_combined for r in demo.rows},
                             "best_dev": best.combined, "demo_seconds": demo.wall_seconds,

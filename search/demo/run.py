@@ -158,7 +158,9 @@ def evaluate_sources(zoo: Zoo, data_dir: Path, *, progress: bool) -> list[Row]:
     return rows
 
 
-def campaign_dict(zoo: Zoo, *, trials: int, seed: int, data_dir: Path, sampler: str = "tpe") -> dict[str, Any]:
+def campaign_dict(zoo: Zoo, *, trials: int, seed: int, data_dir: Path, sampler: str | None = None) -> dict[str, Any]:
+    from search.campaign import DEFAULTS
+
     return {
         "name": CAMPAIGN_NAME,
         "base_model": str(zoo.base),
@@ -172,7 +174,7 @@ def campaign_dict(zoo: Zoo, *, trials: int, seed: int, data_dir: Path, sampler: 
         "search": {"granularity": "layer",
                    "params": {"weight": [0.0, 2.0], "density": [0.1, 1.0], "lambda": [0.5, 3.0]},
                    "split_attn_mlp": False},
-        "sampler": sampler,   # tpe: the campaign default (docs/campaigns.md, "Choosing a sampler")
+        "sampler": sampler or DEFAULTS["sampler"],   # None: the campaign default (docs/campaigns.md)
         "objectives": {d: 1.0 for d in DOMAINS},
         # every dev item of the demo's own data, one stage: scoring them all is cheap here
         "eval": {"suite": "dev", "data_dir": str(data_dir), "limit": None, "stage1": False,
@@ -283,7 +285,7 @@ def write_summary(demo: Demo, *, seed: int, zoo: Zoo, budget: int, counts: Mappi
 
 def run_demo(*, directory: Path = DEFAULT_DIR, trials: int = DEFAULT_TRIALS, seed: int = 0,
              progress: bool = True, cache_dir: Path | None = None, zoo_recipe: ZooRecipe | None = None,
-             echo: Callable[[str], None] = print, sampler: str = "tpe") -> Demo:
+             echo: Callable[[str], None] = print, sampler: str | None = None) -> Demo:
     if trials < 4:
         raise DemoError(f"--trials {trials}: the three baselines take three trials; give at least 4")
     start = time.perf_counter()
