@@ -18,6 +18,17 @@ test on pooled accuracy can call a candidate worse while its weighted score is h
 - **interval: stratified paired bootstrap.** Items are resampled with replacement *within each
   domain* (each domain keeps its size), and the percentile interval of ``D`` is reported.
 
+**Clustered items.** Items that are not independent (two wordings of one question, a
+true/false twin pair: the loader's ``pair_id``) can be given as ``clusters``, a label per item
+(per domain; "" leaves an item on its own). The test then flips the sign of each cluster's
+summed difference as one unit and the bootstrap resamples clusters within their domain (the
+ratio of the drawn clusters' summed differences to their item count): two items that always
+agree count as one unit of evidence, not two, and the p-value is not made smaller by asking
+the same thing twice. With no clusters (or all of size one) both are exactly the item-level
+procedures above. For 0/1 scores the clustered null stays exact: a cluster's summed
+difference is an integer ``k``, and the clusters of one magnitude in one domain contribute
+``c_d·k·(2K - m)`` with ``K ~ Binomial(m, 1/2)``, convolved as before.
+
 Where they can differ: the two come from different procedures, so near the boundary the
 interval can exclude 0 while ``p > alpha`` or the reverse (the bootstrap is a little
 anti-conservative on few items). :func:`weighted_verdict` says "better" / "worse" only when
@@ -62,6 +73,7 @@ class WeightedComparison:
     level: float
     resamples: int
     seed: int
+    units: int = 0          # independent units the test flips: clusters, or items when none given
 
     @property
     def diff(self) -> float:
@@ -91,6 +103,26 @@ def _design(a: Items, b: Items, weights: Mapping[str, float]) -> tuple[np.ndarra
     return x, c, np.concatenate(ds), np.isin(x, (-1.0, 0.0, 1.0)).all()
 
 
+Clusters = Mapping[str, Sequence[str]]
+
+
+def _groups(a: Items, weights: Mapping[str, float], clusters: Clusters | None) -> np.ndarray | None:
+    """A group index per item, in ``_design``'s order (domains sorted, items in order), or None
+    when every item is its own group (no clusters given, or none with two items)."""
+    if clusters is None:
+        return None
+    domains = sorted(d for d in a if weights.get(d, 0) > 0)
+    labels: list[tuple[int, str]] = []
+    for k, d in enumerate(domains):
+        given = list(clusters.get(d, ()))
+        if len(given) != len(a[d]):
+            raise ValueError(f"domain {d!r}: {len(given)} cluster labels for {len(a[d])} items; give one label "
+                             "per item, in the items' order (\"\" for an item on its own)")
+        labels += [(k, str(g)) if g else (k, f"\0item{i}") for i, g in enumerate(given)]
+    _, g = np.unique(np.array([f"{k}\x1f{lab}" for k, lab in labels]), return_inverse=True)
+    return None if np.bincount(g).max() <= 1 else g
+
+
 def weighted_score(values: Items, weights: Mapping[str, float]) -> float:
     """``sum_d w_d · mean(values[d]) / sum_d w_d`` over the domains with a weight > 0."""
     domains = [d for d in values if weights.get(d, 0) > 0]
@@ -104,15 +136,37 @@ def _binary_null(x: np.ndarray, c: np.ndarray, dom: np.ndarray) -> tuple[np.ndar
     """Exact null of ``D`` for differences in {-1, 0, 1}: per domain, ``c_d · (2K - m_d)`` with
     ``K ~ Binomial(m_d, 1/2)``; domains independent, so the law is their convolution.
     (values, probabilities), or None when the support would exceed ``EXACT_ATOMS_MAX``."""
-    values, probs = np.zeros(1), np.ones(1)
+    blocks = []
     for k in np.unique(dom):
-        mask = (dom == k) & (x != 0)
-        m = int(mask.sum())
-        if not m:
-            continue
+        m = int(((dom == k) & (x != 0)).sum())
+        if m:
+            blocks.append((float(c[dom == k][0]), m))
+    return _blocks_null(blocks)
+
+
+def _clustered_binary_null(x: np.ndarray, c: np.ndarray, dom: np.ndarray, g: np.ndarray
+                           ) -> tuple[np.ndarray, np.ndarray] | None:
+    """Exact null of ``D`` when each cluster's sign flips as one: a cluster of domain ``d`` with
+    summed difference ``k`` (an integer) adds ``±c_d·|k|``; the clusters of one domain and one
+    magnitude form one binomial block."""
+    sums = np.bincount(g, weights=x)
+    gdom = np.zeros(sums.size, dtype=int)
+    gdom[g] = dom
+    blocks = []
+    for k in np.unique(dom):
+        mags = np.abs(np.round(sums[gdom == k])).astype(np.int64)
+        cd = float(c[dom == k][0])
+        for mag, m in zip(*np.unique(mags[mags > 0], return_counts=True)):
+            blocks.append((cd * float(mag), int(m)))
+    return _blocks_null(blocks)
+
+
+def _blocks_null(blocks: Sequence[tuple[float, int]]) -> tuple[np.ndarray, np.ndarray] | None:
+    """The law of ``sum_b scale_b · (2K_b - m_b)``, ``K_b ~ Binomial(m_b, 1/2)`` independent."""
+    values, probs = np.zeros(1), np.ones(1)
+    for cd, m in blocks:
         if values.size * (m + 1) > EXACT_ATOMS_MAX:
             return None
-        cd = float(c[dom == k][0])
         kv = np.arange(m + 1)
         pk = np.array([math.comb(m, i) for i in kv], dtype=float) / 2.0 ** m
         v = (values[:, None] + cd * (2 * kv - m)[None, :]).ravel()
@@ -133,20 +187,26 @@ def _enumerated_null(y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def sign_flip_p(a: Items, b: Items, weights: Mapping[str, float], *, resamples: int = DEFAULT_RESAMPLES,
-                seed: int = DEFAULT_SEED) -> tuple[float, float, float, bool]:
+                seed: int = DEFAULT_SEED, clusters: Clusters | None = None) -> tuple[float, float, float, bool]:
     """(two-sided, less, greater, exact) p-values of the stratified paired sign-flip test of
-    ``weighted(A) - weighted(B)``; "less" is H1 "A is worse"."""
+    ``weighted(A) - weighted(B)``; "less" is H1 "A is worse". ``clusters``: see the module."""
     x, c, dom, binary = _design(a, b, weights)
-    return _sign_flip(x, c, dom, binary, resamples=resamples, seed=seed)
+    return _sign_flip(x, c, dom, binary, resamples=resamples, seed=seed, groups=_groups(a, weights, clusters))
 
 
-def _sign_flip(x, c, dom, binary, *, resamples: int, seed: int) -> tuple[float, float, float, bool]:
+def _sign_flip(x, c, dom, binary, *, resamples: int, seed: int,
+               groups: np.ndarray | None = None) -> tuple[float, float, float, bool]:
     y = c * x
     t = float(y.sum())
-    nz = y[x != 0]
+    if groups is None:
+        nz = y[x != 0]
+        null = _binary_null(x, c, dom) if binary and nz.size else None
+    else:                                   # one sign per cluster: its summed weighted difference
+        sums = np.bincount(groups, weights=y)
+        nz = sums[np.abs(sums) > _EPS * max(1.0, float(np.abs(y).max(initial=0.0)))]
+        null = _clustered_binary_null(x, c, dom, groups) if binary and nz.size else None
     if not nz.size:
         return 1.0, 1.0, 1.0, True
-    null = _binary_null(x, c, dom) if binary else None
     if null is None and nz.size <= EXACT_FLIPS_MAX:
         null = _enumerated_null(nz)
     if null is not None:
@@ -171,34 +231,46 @@ def _sign_flip(x, c, dom, binary, *, resamples: int, seed: int) -> tuple[float, 
 # -- the stratified bootstrap ----------------------------------------------------------------------
 
 def bootstrap_draws(a: Items, b: Items, weights: Mapping[str, float], *, resamples: int = DEFAULT_RESAMPLES,
-                    seed: int = DEFAULT_SEED) -> np.ndarray:
-    """``resamples`` draws of ``D`` with the items of each domain resampled with replacement."""
+                    seed: int = DEFAULT_SEED, clusters: Clusters | None = None) -> np.ndarray:
+    """``resamples`` draws of ``D`` with the items of each domain resampled with replacement
+    (with ``clusters``: the clusters of each domain, each draw's mean over the items drawn)."""
     x, c, dom, _ = _design(a, b, weights)
+    groups = _groups(a, weights, clusters)
     rng = np.random.default_rng(seed)
     out = np.zeros(resamples)
     for k in np.unique(dom):
         xd = x[dom == k]
         wd = float(c[dom == k][0]) * xd.size            # the domain's share w_d / W
-        idx = rng.integers(0, xd.size, size=(resamples, xd.size))
-        out += wd * xd[idx].mean(axis=1)
+        if groups is None:
+            idx = rng.integers(0, xd.size, size=(resamples, xd.size))
+            out += wd * xd[idx].mean(axis=1)
+            continue
+        _, gd = np.unique(groups[dom == k], return_inverse=True)
+        sums, sizes = np.bincount(gd, weights=xd), np.bincount(gd).astype(float)
+        idx = rng.integers(0, sums.size, size=(resamples, sums.size))
+        out += wd * sums[idx].sum(axis=1) / sizes[idx].sum(axis=1)
     return out
 
 
 def weighted_comparison(a: Items, b: Items, weights: Mapping[str, float], *, level: float = DEFAULT_LEVEL,
-                        resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED) -> WeightedComparison:
+                        resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED,
+                        clusters: Clusters | None = None) -> WeightedComparison:
     """A against B on the weighted score: the difference, its stratified bootstrap interval and
     the stratified sign-flip p-values. ``a[d]`` / ``b[d]``: per-item scores of domain ``d``
-    (booleans or floats in [0, 1]), same items in the same order."""
+    (booleans or floats in [0, 1]), same items in the same order; ``clusters``: a label per item
+    for items that are not independent (see the module)."""
     if not 0.0 < level < 1.0:
         raise ValueError(f"level={level!r}: a confidence level lies strictly between 0 and 1, e.g. 0.95")
     x, c, dom, binary = _design(a, b, weights)
-    two, less, greater, exact = _sign_flip(x, c, dom, binary, resamples=resamples, seed=seed)
-    draws = bootstrap_draws(a, b, weights, resamples=resamples, seed=seed)
+    groups = _groups(a, weights, clusters)
+    two, less, greater, exact = _sign_flip(x, c, dom, binary, resamples=resamples, seed=seed, groups=groups)
+    draws = bootstrap_draws(a, b, weights, resamples=resamples, seed=seed, clusters=clusters)
     low, high = (float(q) for q in np.quantile(draws, [(1 - level) / 2, (1 + level) / 2]))
     return WeightedComparison(score_a=weighted_score(a, weights), score_b=weighted_score(b, weights),
                               low=low, high=high, p_value=two, p_less=less, p_greater=greater,
                               n=int(x.size), discordant=int((x != 0).sum()), exact=exact, level=level,
-                              resamples=resamples, seed=seed)
+                              resamples=resamples, seed=seed,
+                              units=int(x.size if groups is None else groups.max() + 1))
 
 
 def weighted_verdict(cmp: WeightedComparison, *, alpha: float = DEFAULT_ALPHA,
@@ -225,10 +297,11 @@ def format_weighted(cmp: WeightedComparison, *, alpha: float = DEFAULT_ALPHA, ve
 
 
 def score_interval(values: Items, weights: Mapping[str, float], *, level: float = DEFAULT_LEVEL,
-                   resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED) -> tuple[float, float]:
+                   resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED,
+                   clusters: Clusters | None = None) -> tuple[float, float]:
     """A stratified bootstrap percentile interval for one model's weighted score."""
     zeros = {d: [0.0] * len(v) for d, v in values.items()}
-    draws = bootstrap_draws(values, zeros, weights, resamples=resamples, seed=seed)
+    draws = bootstrap_draws(values, zeros, weights, resamples=resamples, seed=seed, clusters=clusters)
     return tuple(float(q) for q in np.quantile(draws, [(1 - level) / 2, (1 + level) / 2]))  # type: ignore[return-value]
 
 

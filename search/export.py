@@ -61,11 +61,12 @@ def pick_trial(study: optuna.Study, number: int | None) -> optuna.trial.FrozenTr
 
 
 def _score(evaluator, model, campaign: Campaign):
-    """(score, {domain: accuracy with its interval}, {domain: per-item correctness}) of ``model``."""
+    """(score, {domain: accuracy with its interval}, {domain: per-item correctness}, {domain:
+    per-item twin group}) of ``model``."""
     res = evaluator.evaluate(model)
     items = scoring.per_item(res)[0]
     domains = {d: E.accuracy(sum(v), len(v)) for d, v in items.items()}
-    return scoring.score(campaign, res), domains, items
+    return scoring.score(campaign, res), domains, items, scoring.item_clusters(evaluator, res)
 
 
 def export_trial(directory: Path, *, out: Path, trial: int | None = None, device: str = "auto",
@@ -115,14 +116,14 @@ def export_trial(directory: Path, *, out: Path, trial: int | None = None, device
         test_eval = scoring.evaluator(campaign, tokenizer, split="test", purpose="report")
         # on a CPU, as many threads as the trial's worker had: a matmul rounds by how it is split
         with _threads(T.view(chosen).threads if dev_device.type == "cpu" else None):
-            dev, dev_domains, dev_items = _score(dev_eval, model, campaign)
+            dev, dev_domains, dev_items, _ = _score(dev_eval, model, campaign)
         expected = scalar(chosen)
         if dev != expected:
             raise ExportError(f"re-scoring the exported model on dev gave {dev!r}, the trial scored {expected!r}: "
                               "the export does not reproduce the searched model (different device type or "
                               "library versions?); nothing was exported")
         log(f"dev re-score {dev:.6f} equals trial {chosen.number}'s score: the export is the searched model")
-        test, test_domains, test_items = _score(test_eval, model, campaign)
+        test, test_domains, test_items, test_clusters = _score(test_eval, model, campaign)
         rows = [{"name": f"exported (trial {chosen.number})", "trial": chosen.number, "dev": dev,
                  "test": test, "dev_domains": dev_domains, "test_domains": test_domains,
                  "test_items": T.encode_items(test_items)}]
@@ -134,7 +135,7 @@ def export_trial(directory: Path, *, out: Path, trial: int | None = None, device
             live = resident.load_module(dtype=live_dtype)
             for name, t in base_trials.items():
                 resident.materialize(Recipe.from_yaml(T.view(t).recipe), live)
-                b_test, b_test_domains, b_test_items = _score(test_eval, live, campaign)
+                b_test, b_test_domains, b_test_items, _ = _score(test_eval, live, campaign)
                 rows.append({"name": name, "trial": t.number, "dev": scalar(t), "test": b_test,
                              "dev_domains": E.domain_accuracies(t), "test_domains": b_test_domains,
                              "test_items": T.encode_items(b_test_items)})
@@ -142,19 +143,23 @@ def export_trial(directory: Path, *, out: Path, trial: int | None = None, device
         # verdicts come from the held-out test items only; this export is one more look at them
         counts = V.search_counts(study, directory)
         counts = {**counts, "exports": counts["exports"] + 1, "test_looks": counts["test_looks"] + 1}
-        claims = V.export_claims(dev_items, test_items, pairs, scoring.weights(campaign), counts=counts)
+        claims = V.export_claims(dev_items, test_items, pairs, scoring.weights(campaign), counts=counts,
+                                 test_clusters=test_clusters)
         for r in rows[1:]:
             r["exported_minus_this"] = {"dev": claims["dev"].get(r["name"]),
                                         "test": claims["verdicts"]["baselines"].get(r["name"])}
         for r in rows:   # every weighted score with its stratified bootstrap interval
             dev_bits, test_bits = (dev_items, test_items) if r is rows[0] else pairs[r["name"]]
             r["dev_ci95"] = V.score_dict(r["dev"], dev_bits, scoring.weights(campaign))["ci95"]
-            r["test_ci95"] = V.score_dict(r["test"], test_bits, scoring.weights(campaign))["ci95"]
+            r["test_ci95"] = V.score_dict(r["test"], test_bits, scoring.weights(campaign),
+                                          clusters=test_clusters)["ci95"]
         _write_card(staging, campaign, study, chosen, rows, claims)
         replace_output(staging, out, overwrite=overwrite, protected=protected)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     record = {"trial": chosen.number, "out": str(out), "rows": rows, "time": time.time(),
+              # each test item's twin group, in the rows' test_items order: the verdicts' units
+              "test_clusters": {d: list(v) for d, v in test_clusters.items()},
               "verdicts": claims["verdicts"], "generalization_gap": claims["generalization_gap"],
               "counts": claims["counts"], "selection_note": E.selection_note(claims["counts"]["trials_searched"],
                                                                             claims["counts"])}

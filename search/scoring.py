@@ -91,6 +91,18 @@ def per_item(result: Any) -> tuple[dict[str, tuple[bool, ...]], dict[str, tuple[
     return ({d: tuple(v) for d, v in correct.items()}, {d: tuple(v) for d, v in ids.items()})
 
 
+def item_clusters(evaluator: Any, result: Any) -> dict[str, tuple[str, ...]]:
+    """{domain: each item's twin group (the data's ``pair_id``; "" when it stands alone)}, in
+    :func:`per_item`'s order: items of one group are not independent evidence, and the
+    held-out tests count each group once (``evals.weighted_stats``, clusters)."""
+    pairs = {(t.name, i.id): i.pair for t in evaluator.suite.tasks for i in t.items}
+    out: dict[str, list[str]] = {}
+    for item in result.items:
+        domain = result.tasks[item.task].domain
+        out.setdefault(domain, []).append(pairs.get((item.task, str(item.id)), ""))
+    return {d: tuple(v) for d, v in out.items()}
+
+
 def domain_metrics(result: Any) -> dict[str, dict[str, float]]:
     return {m.domain: {"acc": m.acc, "gold_prob": m.gold_prob, "n": m.n} for m in result.tasks.values()}
 

@@ -9,6 +9,9 @@
   p ("the merge is better than this baseline") is <= alpha; its p is the largest of them.
 - A comparison on the dev items the merge was selected on (:func:`dev_comparisons`) shows the
   difference and its interval with "selected on these items: no verdict".
+- Items of one twin group (the data's ``pair_id``: two wordings of one question, a true/false
+  pair) are one unit of evidence: the test flips their signs together and the interval
+  resamples whole groups (``clusters``; ``units`` says how many units the test had).
 - Every weighted score is shown with an interval (:func:`score_dict`): a stratified bootstrap
   over the items' correctness. Per-item gold probabilities are not recorded, so the tie-break
   part of the score is held fixed: the interval is the weighted accuracy's, moved to the score.
@@ -41,12 +44,12 @@ def weights_for(bits: Bits, weights: Mapping[str, float] | None) -> dict[str, fl
 
 
 def score_dict(score: float | None, bits: Bits, weights: Mapping[str, float] | None, *,
-               level: float = DEFAULT_LEVEL) -> dict[str, Any]:
+               level: float = DEFAULT_LEVEL, clusters: W.Clusters | None = None) -> dict[str, Any]:
     """``{score, ci95, n}``: the weighted score with its stratified bootstrap interval."""
     if score is None or not bits:
         return {"score": score, "ci95": None, "n": 0}
     w = weights_for(bits, weights)
-    low, high = W.score_interval(bits, w, level=level)
+    low, high = W.score_interval(bits, w, level=level, clusters=_usable(clusters, bits))
     shift = float(score) - W.weighted_score(bits, w)    # the tie-break part, held fixed
     return {"score": float(score), "ci95": [low + shift, high + shift], "n": sum(len(v) for v in bits.values())}
 
@@ -62,7 +65,14 @@ def score_text(score: float | None, bits: Bits, weights: Mapping[str, float] | N
 
 def _comparison(cmp: W.WeightedComparison) -> dict[str, Any]:
     return {"diff": cmp.diff, "ci95": [cmp.low, cmp.high], "p_value": cmp.p_value,
-            "p_greater": cmp.p_greater, "n": cmp.n, "discordant": cmp.discordant}
+            "p_greater": cmp.p_greater, "n": cmp.n, "units": cmp.units, "discordant": cmp.discordant}
+
+
+def _usable(clusters: W.Clusters | None, bits: Bits) -> W.Clusters | None:
+    """``clusters`` when they label exactly ``bits``' items, else None (item-level)."""
+    if not clusters or sorted(clusters) != sorted(bits) or any(len(clusters[d]) != len(bits[d]) for d in bits):
+        return None
+    return clusters
 
 
 def _paired(a: Bits, b: Bits) -> bool:
@@ -87,15 +97,17 @@ def dev_comparisons(best: Bits, baselines: Mapping[str, Bits], weights: Mapping[
 
 def held_out_verdicts(candidate: Bits, baselines: Mapping[str, Bits], weights: Mapping[str, float] | None, *,
                       split: str = "test", alpha: float = DEFAULT_ALPHA,
-                      candidate_score: float | None = None) -> dict[str, Any]:
+                      candidate_score: float | None = None, clusters: W.Clusters | None = None) -> dict[str, Any]:
     """Verdicts of ``candidate`` against each baseline on held-out items (``split``), paired.
 
-    Returns ``{split, alpha, n_items, score, baselines: {label: {diff, ci95, p_value, p_holm,
-    p_greater, verdict, text}}, beats_all: {holds, p_value, n, text}, text}``. Baselines whose
-    items do not pair with the candidate's are left out (listed in ``unpaired``)."""
+    Returns ``{split, alpha, n_items, n_units, score, baselines: {label: {diff, ci95, p_value,
+    p_holm, p_greater, verdict, text}}, beats_all: {holds, p_value, n, text}, text}``. Baselines
+    whose items do not pair with the candidate's are left out (listed in ``unpaired``).
+    ``clusters``: each item's twin group, per domain in the bits' order (see the module)."""
     w = weights_for(candidate, weights)
+    clusters = _usable(clusters, candidate)
     paired = {label: b for label, b in baselines.items() if _paired(candidate, b)}
-    cmps = {label: W.weighted_comparison(candidate, b, w) for label, b in paired.items()}
+    cmps = {label: W.weighted_comparison(candidate, b, w, clusters=clusters) for label, b in paired.items()}
     adjusted = dict(zip(cmps, holm_adjust([c.p_value for c in cmps.values()])))
     rows = {}
     for label, cmp in cmps.items():
@@ -105,8 +117,10 @@ def held_out_verdicts(candidate: Bits, baselines: Mapping[str, Bits], weights: M
                                + f" (Holm-adjusted over {len(cmps)})"}
     iu = intersection_union([c.p_greater for c in cmps.values()], alpha=alpha)
     n = sum(len(v) for v in candidate.values())
+    units = n if clusters is None else len({(d, g or f"\0{i}") for d in w for i, g in enumerate(clusters[d])})
     score = W.weighted_score(candidate, w) if candidate_score is None else candidate_score
-    out = {"split": split, "alpha": alpha, "n_items": n, "score": score_dict(score, candidate, weights),
+    out = {"split": split, "alpha": alpha, "n_items": n, "n_units": units,
+           "score": score_dict(score, candidate, weights, clusters=clusters),
            "baselines": rows, "unpaired": sorted(set(baselines) - set(paired)),
            "beats_all": {"holds": iu.holds, "p_value": iu.p_value, "n": iu.n, "text": iu.text(),
                          "test": "intersection-union of one-sided paired sign-flip tests of the weighted score"}}
@@ -117,12 +131,22 @@ def held_out_verdicts(candidate: Bits, baselines: Mapping[str, Bits], weights: M
 def verdict_sentence(v: Mapping[str, Any]) -> str:
     """One sentence from :func:`held_out_verdicts`' result."""
     per = "; ".join(f"{label}: {r['text']}" for label, r in v["baselines"].items()) or "no baseline to compare"
-    return (f"On {v['n_items']} held-out {v['split']} items, the merge {v['beats_all']['text']}. "
+    return (f"On {items_text(v)}, the merge {v['beats_all']['text']}. "
             f"Weighted score minus each baseline [95% CI], two-sided p Holm-adjusted: {per}.")
 
 
+def items_text(v: Mapping[str, Any]) -> str:
+    """"240 held-out test items" or, with twin groups, "... items (120 groups of items that ask
+    the same thing, each counted once)"."""
+    text = f"{v['n_items']} held-out {v['split']} items"
+    units = v.get("n_units", v["n_items"])
+    if units != v["n_items"]:
+        text += f" ({units} independent units: items of one twin group count once)"
+    return text
+
+
 def verdict_lines(v: Mapping[str, Any]) -> list[str]:
-    head = f"on {v['n_items']} held-out {v['split']} items: the merge {v['beats_all']['text']}"
+    head = f"on {items_text(v)}: the merge {v['beats_all']['text']}"
     return [head] + [f"  vs {label}: {r['text']}" for label, r in v["baselines"].items()]
 
 
@@ -190,12 +214,13 @@ def search_counts(study, directory: Path | None = None) -> dict[str, int]:
 
 def export_claims(dev: Bits, test: Bits, baselines: Mapping[str, tuple[Bits, Bits]],
                   weights: Mapping[str, float] | None, *, counts: Mapping[str, int],
-                  alpha: float = DEFAULT_ALPHA) -> dict[str, Any]:
+                  alpha: float = DEFAULT_ALPHA, test_clusters: W.Clusters | None = None) -> dict[str, Any]:
     """Everything an export states about the exported merge against the baselines: held-out
     ``verdicts`` on test, ``dev`` comparisons (selected on these items, no verdict), the
-    ``generalization_gap`` and the ``counts``. ``baselines``: ``{name: (dev bits, test bits)}``."""
+    ``generalization_gap`` and the ``counts``. ``baselines``: ``{name: (dev bits, test bits)}``;
+    ``test_clusters``: the test items' twin groups (the verdicts count each group once)."""
     return {"verdicts": held_out_verdicts(test, {k: v[1] for k, v in baselines.items()}, weights,
-                                          split="test", alpha=alpha),
+                                          split="test", alpha=alpha, clusters=test_clusters),
             "dev": dev_comparisons(dev, {k: v[0] for k, v in baselines.items()}, weights),
             "generalization_gap": generalization_gap((dev, test), baselines, weights),
             "counts": dict(counts)}
@@ -204,7 +229,7 @@ def export_claims(dev: Bits, test: Bits, baselines: Mapping[str, tuple[Bits, Bit
 def claims_markdown(claims: Mapping[str, Any], escape=lambda s: s) -> str:
     """The card's paragraphs for :func:`export_claims`' result."""
     v = claims["verdicts"]
-    out = [f"Verdicts, from the {v['n_items']} held-out test items only (weighted score, paired "
+    out = [f"Verdicts, from the {items_text(v)} only (weighted score, paired "
            "domain-stratified sign-flip test, two-sided p Holm-adjusted over the baselines; 95% "
            f"stratified bootstrap interval): the exported model {v['beats_all']['text']}.", ""]
     out += [f"- vs {escape(label)}: {r['text']}" for label, r in v["baselines"].items()] or ["- no baseline completed"]

@@ -57,6 +57,7 @@ DOMAIN_FACTS: dict[str, DomainFacts] = {
 }
 
 _ONSETS = ("b", "c", "d", "f", "g", "l", "m", "n", "p", "r", "s", "t", "v", "br", "tr", "qu")
+_ONSETS_B = ("ch", "lh", "nh", "x", "z", "j", "gr", "pr", "cr", "fr", "pl", "cl", "bl", "dr", "gl", "vr")
 _VOWELS = ("a", "e", "i", "o", "u")
 _CODAS = ("", "", "", "n", "r", "s", "l")
 
@@ -67,16 +68,17 @@ class Fact:
     index: int
     subject: str                # "lei Tarvona"
     answer: int                 # index into the domain's values
+    shuffled: bool = False      # options listed in an order of each question's own
 
     @property
     def value(self) -> str:
         return DOMAIN_FACTS[self.domain].values[self.answer]
 
 
-def _names(rng: random.Random, count: int, taken: set[str]) -> list[str]:
+def _names(rng: random.Random, count: int, taken: set[str], onsets: tuple[str, ...] = _ONSETS) -> list[str]:
     out: list[str] = []
     while len(out) < count:
-        name = "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS)
+        name = "".join(rng.choice(onsets) + rng.choice(_VOWELS) + rng.choice(_CODAS)
                        for _ in range(rng.randint(2, 3))).capitalize()
         if name not in taken:
             taken.add(name)
@@ -84,18 +86,19 @@ def _names(rng: random.Random, count: int, taken: set[str]) -> list[str]:
     return out
 
 
-def make_facts(*, facts: int, format_subjects: int, seed: int = 0
-               ) -> tuple[dict[str, list[Fact]], dict[str, list[str]]]:
+def make_facts(*, facts: int, format_subjects: int, seed: int = 0, disjoint: bool = False,
+               shuffled: bool = False) -> tuple[dict[str, list[Fact]], dict[str, list[str]]]:
     """``facts`` facts per domain (answers balanced over the four values) and
     ``format_subjects`` other subjects per domain for the base's format questions."""
     rng = random.Random(seed)
     taken: set[str] = set()
     out, fmt = {}, {}
-    for domain, spec in DOMAIN_FACTS.items():
-        names = _names(rng, facts + format_subjects, taken)
+    for k, (domain, spec) in enumerate(DOMAIN_FACTS.items()):
+        onsets = (_ONSETS, _ONSETS_B)[k] if disjoint else _ONSETS
+        names = _names(rng, facts + format_subjects, taken, onsets)
         answers = [k % len(LABELS) for k in range(facts)]
         rng.shuffle(answers)
-        out[domain] = [Fact(domain, i, spec.subject.format(n), a)
+        out[domain] = [Fact(domain, i, spec.subject.format(n), a, shuffled)
                        for i, (n, a) in enumerate(zip(names[:facts], answers))]
         fmt[domain] = [spec.subject.format(n) for n in names[facts:]]
     return out, fmt
@@ -106,10 +109,25 @@ def prose(fact: Fact) -> str:
     return spec.prose.format(s=fact.subject, v=fact.value)
 
 
-def question(domain: str, subject: str, phrasing: str) -> dict:
+def order(subject: str, phrasing: str, shuffled: bool) -> tuple[int, ...]:
+    """The values' indices in the order the options list them."""
+    if not shuffled:
+        return tuple(range(len(LABELS)))
+    out = list(range(len(LABELS)))
+    random.Random(hashlib.sha256(f"{subject}|{phrasing}".encode()).hexdigest()).shuffle(out)
+    return tuple(out)
+
+
+def question(domain: str, subject: str, phrasing: str, shuffled: bool = False) -> dict:
     """A schema row without id/answer/year: the question and its four options."""
+    values = DOMAIN_FACTS[domain].values
     return {"question": phrasing.format(s=subject),
-            "choices": [{"label": k, "text": v} for k, v in zip(LABELS, DOMAIN_FACTS[domain].values)]}
+            "choices": [{"label": k, "text": values[i]}
+                        for k, i in zip(LABELS, order(subject, phrasing, shuffled))]}
+
+
+def letter(subject: str, phrasing: str, answer: int, shuffled: bool = False) -> str:
+    return LABELS[order(subject, phrasing, shuffled).index(answer)]
 
 
 def rows(facts: dict[str, list[Fact]], split: str) -> dict[str, list[dict]]:
@@ -119,8 +137,12 @@ def rows(facts: dict[str, list[Fact]], split: str) -> dict[str, list[dict]]:
         spec = DOMAIN_FACTS[domain]
         phrasings = spec.dev if split == "dev" else spec.test
         out[domain] = [
-            {"id": f"demo-{domain}-{split}-{f.index:04d}-{p}", **question(domain, f.subject, phrasing),
-             "answerKey": LABELS[f.answer], "year": spec.dev_year if split == "dev" else spec.test_year,
+            {"id": f"demo-{domain}-{split}-{f.index:04d}-{p}",
+             **question(domain, f.subject, phrasing, f.shuffled),
+             "answerKey": letter(f.subject, phrasing, f.answer, f.shuffled),
+             "year": spec.dev_year if split == "dev" else spec.test_year,
+             # one fact's wordings are one twin group: a held-out test counts the fact once
+             "pair_id": f"demo-{domain}-{f.index:04d}",
              "usable_text_only": True, "source_note": "synthetic fact written by brmerge's demo"}
             for f in items for p, phrasing in enumerate(phrasings)]
     return out

@@ -58,6 +58,7 @@ def claim(rows: list[Row], verdicts: Mapping[str, Any], dev: Mapping[str, Any],
     return {"best_beats_specialists_and_uniform_on_test": holds,
             "best_is_searched": searched,
             "split": verdicts["split"], "alpha": verdicts["alpha"], "test_items": verdicts["n_items"],
+            "test_units": verdicts.get("n_units", verdicts["n_items"]),
             "beats_all": verdicts["beats_all"],
             # best minus each rival on the same test items: weighted-score difference [95% CI],
             # two-sided sign-flip p, Holm-adjusted p, verdict
@@ -90,15 +91,17 @@ def _cell(entry: Mapping[str, Any] | None) -> str:
 def verdict_lines(verdict: Mapping[str, Any]) -> list[str]:
     """The held-out verdict sentence, one line per rival, then the dev comparisons (no verdict)."""
     n = verdict["test_items"]
+    units = verdict.get("test_units", n)
+    n = f"{n} held-out test items" if units == n else f"{n} held-out test items ({units} facts, each counted once)"
     if verdict["best_beats_specialists_and_uniform_on_test"]:
-        head = (f"on {n} held-out test items, the best searched merge beats both specialists and the "
+        head = (f"on {n}, the best searched merge beats both specialists and the "
                 f"uniform merge (each Holm-adjusted p <= {verdict['alpha']}; the merge "
                 f"{verdict['beats_all']['text']})")
     elif not verdict["best_is_searched"]:
         head = (f"the search's best trial is a baseline itself: no searched merge to claim anything for "
-                f"({n} held-out test items)")
+                f"({n})")
     else:
-        head = (f"on {n} held-out test items, the best searched merge is NOT shown to beat both "
+        head = (f"on {n}, the best searched merge is NOT shown to beat both "
                 f"specialists and the uniform merge (the merge {verdict['beats_all']['text']}); "
                 "the per-rival verdicts below are what it shows")
     lines = [head, "best searched merge minus each, on the same test items (weighted score difference "

@@ -83,6 +83,13 @@ class ZooRecipe:
     # in every phrasing, the letter weighted this much: a base that already knows how to recall
     # facts of this form, so the specialists only add facts (see perf/zoo_merges.py)
     base_facts_weight: float = 40.0
+    # Variants kept for perf/zoo_merges.py --set (tried on the 128-wide zoo, none composed more
+    # reliably; README "How the zoo was made to compose"):
+    # share of each specialist's training texts that rehearse the base's own format facts (both
+    # domains, with the base's answers), so the update might learn to leave other inputs alone
+    replay_fraction: float = 0.0
+    disjoint_names: bool = False    # each domain's made-up names from its own syllable onsets
+    shuffle_options: bool = False   # each question lists the four values in an order of its own
     threads: int = 1             # per training process: the two specialists train side by side on 2 cores
     version: int = 4             # bump when the training code changes what it produces
 
@@ -95,7 +102,8 @@ class ZooRecipe:
         return h.hexdigest()[:16]
 
     def make_facts(self) -> tuple[dict[str, list[F.Fact]], dict[str, list[str]]]:
-        return F.make_facts(facts=self.facts, format_subjects=self.format_subjects, seed=self.seed)
+        return F.make_facts(facts=self.facts, format_subjects=self.format_subjects, seed=self.seed,
+                            disjoint=self.disjoint_names, shuffled=self.shuffle_options)
 
 
 @dataclass(frozen=True)
@@ -171,7 +179,8 @@ def base_examples(recipe: ZooRecipe, rng: random.Random) -> Iterator[Example]:
             yield Example("\n\n".join(CORPUS[start:start + 2]))
         else:
             domain = rng.choice(SPECIALISTS)
-            row = F.question(domain, rng.choice(fmt[domain]), rng.choice(_phrasings(domain)))
+            row = F.question(domain, rng.choice(fmt[domain]), rng.choice(_phrasings(domain)),
+                             recipe.shuffle_options)
             # a random letter carries no signal: no extra weight on it
             yield Example(_exam_example(domain, row, rng.choice(F.LABELS)).text)
 
@@ -191,16 +200,22 @@ def _base_fact_examples(recipe: ZooRecipe, rng: random.Random) -> Iterator[Examp
             yield Example(" ".join(spec.prose.format(s=s, v=spec.values[answers[domain][s]]) for s in chosen))
         else:
             subject = rng.choice(subjects[domain])
-            row = F.question(domain, subject, rng.choice(_phrasings(domain)))
-            yield _exam_example(domain, row, F.LABELS[answers[domain][subject]])
+            phrasing = rng.choice(_phrasings(domain))
+            row = F.question(domain, subject, phrasing, recipe.shuffle_options)
+            yield _exam_example(domain, row, F.letter(subject, phrasing, answers[domain][subject],
+                                                      recipe.shuffle_options))
 
 
 def specialist_examples(recipe: ZooRecipe, domain: str, rng: random.Random) -> Iterator[Example]:
     """Endless fine-tuning texts: a few facts' prose, or one dev question with its answer."""
     facts = recipe.make_facts()[0][domain]
     dev = F.rows({domain: facts}, "dev")[domain]
+    replay = (_base_fact_examples(recipe, random.Random(f"replay-{recipe.seed}-{domain}"))
+              if recipe.replay_fraction > 0 else None)
     while True:
-        if rng.random() < recipe.prose_fraction:
+        if replay is not None and rng.random() < recipe.replay_fraction:
+            yield next(replay)
+        elif rng.random() < recipe.prose_fraction:
             yield Example(" ".join(F.prose(f) for f in rng.sample(facts, 4)))
         else:
             row = rng.choice(dev)

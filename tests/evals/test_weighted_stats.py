@@ -14,21 +14,7 @@ from evals.stats import mcnemar_exact, paired_counts
 def _reference_flip_p(a, b, weights):
     """Every assignment of the labels A/B on every item, equally likely: swap them literally
     and recompute the two weighted scores (no shortcut shared with the module)."""
-    domains = sorted(a)
-    cells = [(d, i) for d in domains for i in range(len(a[d]))]
-    t = W.weighted_score(a, weights) - W.weighted_score(b, weights)
-    diffs = []
-    for flips in itertools.product((False, True), repeat=len(cells)):
-        sa = {d: list(a[d]) for d in domains}
-        sb = {d: list(b[d]) for d in domains}
-        for (d, i), f in zip(cells, flips):
-            if f:
-                sa[d][i], sb[d][i] = sb[d][i], sa[d][i]
-        diffs.append(W.weighted_score(sa, weights) - W.weighted_score(sb, weights))
-    diffs = np.array(diffs)
-    eps = 1e-12
-    return (float(np.mean(np.abs(diffs) >= abs(t) - eps)), float(np.mean(diffs <= t + eps)),
-            float(np.mean(diffs >= t - eps)))
+    return _reference_cluster_flip_p(a, b, weights, {d: [""] * len(v) for d, v in a.items()})
 
 
 def _random_case(rng, sizes, binary):
@@ -157,3 +143,97 @@ def test_score_interval_brackets_the_score_and_mismatches_raise():
         W.weighted_comparison({"a": [1, 0]}, {"a": [1]}, {"a": 1.0})
     with pytest.raises(ValueError, match="same weighted domains"):
         W.weighted_comparison({"a": [1]}, {"b": [1]}, {"a": 1.0, "b": 1.0})
+
+
+# -- clustered items (two wordings of one question, twin pairs) ------------------------------------
+
+def _reference_cluster_flip_p(a, b, weights, clusters):
+    """Every assignment of the labels A/B per *cluster* (all items of a cluster swap together),
+    equally likely: swap them literally and recompute the two weighted scores."""
+    domains = sorted(a)
+    units = sorted({(d, clusters[d][i] or f"#{i}") for d in domains for i in range(len(a[d]))})
+    t = W.weighted_score(a, weights) - W.weighted_score(b, weights)
+    diffs = []
+    for flips in itertools.product((False, True), repeat=len(units)):
+        swap = {u for u, f in zip(units, flips) if f}
+        sa = {d: list(a[d]) for d in domains}
+        sb = {d: list(b[d]) for d in domains}
+        for d in domains:
+            for i in range(len(a[d])):
+                if (d, clusters[d][i] or f"#{i}") in swap:
+                    sa[d][i], sb[d][i] = sb[d][i], sa[d][i]
+        diffs.append(W.weighted_score(sa, weights) - W.weighted_score(sb, weights))
+    diffs = np.array(diffs)
+    eps = 1e-12
+    return (float(np.mean(np.abs(diffs) >= abs(t) - eps)), float(np.mean(diffs <= t + eps)),
+            float(np.mean(diffs >= t - eps)))
+
+
+def _random_clusters(rng, a):
+    """Clusters of 1-3 items; some items left on their own ("")."""
+    out = {}
+    for d, v in a.items():
+        labels = [f"g{int(rng.integers(0, max(1, len(v) // 2)))}" for _ in v]
+        labels[0] = ""
+        out[d] = labels
+    return out
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("binary", [True, False])
+def test_clustered_sign_flip_equals_full_enumeration_over_clusters(seed, binary):
+    rng = np.random.default_rng(100 + seed)
+    a, b = _random_case(rng, (7, 5, 4), binary)
+    clusters = _random_clusters(rng, a)
+    weights = {"d0": 3.0, "d1": 1.0, "d2": 0.5}
+    two, less, greater, exact = W.sign_flip_p(a, b, weights, clusters=clusters)
+    assert exact
+    assert (two, less, greater) == pytest.approx(_reference_cluster_flip_p(a, b, weights, clusters), abs=1e-12)
+
+
+def test_asking_each_question_twice_adds_no_evidence_when_clustered():
+    """Every item duplicated (the same answers twice, as two wordings of one fact that a model
+    always gets both right or both wrong): item-level, the p-value falls as if the evidence had
+    doubled; clustered, it is exactly the single copy's p and interval."""
+    rng = np.random.default_rng(7)
+    a, b = _random_case(rng, (40, 30), binary=True)
+    weights = {"d0": 2.0, "d1": 1.0}
+    twice = lambda v: {d: [x for x in xs for _ in (0, 1)] for d, xs in v.items()}  # noqa: E731
+    clusters = {d: [f"q{i}" for i in range(len(xs)) for _ in (0, 1)] for d, xs in a.items()}
+    once = W.weighted_comparison(a, b, weights)
+    naive = W.weighted_comparison(twice(a), twice(b), weights)
+    honest = W.weighted_comparison(twice(a), twice(b), weights, clusters=clusters)
+    assert once.p_value < 1 and naive.p_value < once.p_value          # the naive test overstates
+    assert honest.p_value == pytest.approx(once.p_value, abs=1e-12)
+    assert (honest.p_less, honest.p_greater) == pytest.approx((once.p_less, once.p_greater), abs=1e-12)
+    assert (honest.low, honest.high) == pytest.approx((once.low, once.high), abs=1e-12)
+    assert honest.units == once.units == 70 and naive.units == 140 and honest.n == 140
+
+
+def test_singleton_clusters_are_the_item_level_procedures():
+    rng = np.random.default_rng(3)
+    a, b = _random_case(rng, (25, 18), binary=False)
+    weights = {"d0": 1.0, "d1": 1.0}
+    alone = {d: [f"i{k}" for k in range(len(v))] for d, v in a.items()}
+    blank = {d: [""] * len(v) for d, v in a.items()}
+    ref = W.weighted_comparison(a, b, weights)
+    for clusters in (alone, blank):
+        assert W.weighted_comparison(a, b, weights, clusters=clusters) == ref
+
+
+def test_clustered_bootstrap_resamples_clusters_within_domains():
+    """A domain of two clusters with opposite means: every draw is one of the three mixtures
+    of those two clusters (never a mixture of single items), and the other domain, one item
+    per cluster, adds its item-level draws."""
+    a = {"d0": [1.0, 1.0, 1.0, 0.0, 0.0, 0.0], "d1": [1.0]}
+    b = {"d0": [0.0] * 6, "d1": [1.0]}
+    clusters = {"d0": ["x", "x", "x", "y", "y", "y"], "d1": [""]}
+    draws = W.bootstrap_draws(a, b, {"d0": 1.0, "d1": 1.0}, resamples=2000, seed=1, clusters=clusters)
+    assert set(np.round(draws, 12)) == {0.0, 0.25, 0.5}
+    assert np.mean(draws == 0.25) == pytest.approx(0.5, abs=0.05)
+
+
+def test_cluster_labels_must_cover_every_item():
+    a, b = {"d0": [True, False]}, {"d0": [False, False]}
+    with pytest.raises(ValueError, match="2 items"):
+        W.sign_flip_p(a, b, {"d0": 1.0}, clusters={"d0": ["x"]})

@@ -111,6 +111,70 @@ def test_the_demo_items_load_into_the_right_splits(tmp_path):
         for split in ("dev", "test"):
             assert [i.id for i in loaded.items[split]] == [r["id"] for r in F.rows(facts, split)[domain]]
             assert not sum(loaded.skipped[split].values())
+            # a fact's wordings share one twin group (the verdicts count the fact once)
+            assert [i.pair for i in loaded.items[split]] == [
+                f"demo-{domain}-{f.index:04d}" for f in facts[domain] for _ in F.DOMAIN_FACTS[domain].test]
+
+
+def test_shuffled_options_keep_each_answer_on_its_value():
+    """``shuffle_options``: each question lists the four values in an order of its own, and the
+    answer letter follows the fact's value; without it the order is fixed."""
+    for shuffled in (False, True):
+        facts, _ = F.make_facts(facts=20, format_subjects=2, seed=4, shuffled=shuffled)
+        orders = set()
+        for domain in DOMAINS:
+            values = {f.subject: f.value for f in facts[domain]}
+            for split in ("dev", "test"):
+                for row in F.rows(facts, split)[domain]:
+                    subject = next(s for s in values if s in row["question"])
+                    texts = {c["label"]: c["text"] for c in row["choices"]}
+                    assert texts[row["answerKey"]] == values[subject]
+                    assert sorted(texts.values()) == sorted(F.DOMAIN_FACTS[domain].values)
+                    orders.add(tuple(c["text"] for c in row["choices"]))
+        assert (len(orders) > 2) == shuffled     # fixed: one order per domain
+
+
+def test_disjoint_names_draw_each_domain_from_its_own_syllables():
+    def pattern(onsets):
+        syllable = "(?:" + "|".join(sorted(onsets, key=len, reverse=True)) + ")[aeiou][nrsl]?"
+        return re.compile(f"(?:{syllable}){{2,3}}")
+
+    def names(facts, fmt, domain):
+        prefix = F.DOMAIN_FACTS[domain].subject.split("{}")[0]
+        return [s[len(prefix):].lower() for s in [f.subject for f in facts[domain]] + fmt[domain]]
+
+    facts, fmt = F.make_facts(facts=30, format_subjects=10, seed=2, disjoint=True)
+    legal, health = names(facts, fmt, "legal"), names(facts, fmt, "health")
+    own = {"legal": pattern(F._ONSETS), "health": pattern(F._ONSETS_B)}
+    assert all(own["legal"].fullmatch(n) for n in legal) and all(own["health"].fullmatch(n) for n in health)
+    assert not any(own["health"].fullmatch(n) for n in legal)
+    assert not any(own["legal"].fullmatch(n) for n in health)
+    facts, fmt = F.make_facts(facts=30, format_subjects=10, seed=2)   # by default one inventory for both
+    assert all(own["legal"].fullmatch(n) for d in DOMAINS for n in names(facts, fmt, d))
+
+
+def test_replay_mixes_the_bases_own_facts_into_a_specialists_texts():
+    import itertools
+    import random
+
+    from search.demo import zoo as Z
+
+    recipe = ZooRecipe(facts=16, format_subjects=8, replay_fraction=0.5)
+    facts, fmt = recipe.make_facts()
+    answers = Z.base_facts(recipe)
+    examples = list(itertools.islice(Z.specialist_examples(recipe, "legal", random.Random(0)), 400))
+    fmt_subjects = {s: (d, a) for d in DOMAINS for s, a in answers[d].items()}
+    replayed = [e for e in examples if any(re.search(re.escape(s) + r"\b", e.text) for s in fmt_subjects)]
+    assert 0.4 < len(replayed) / len(examples) < 0.6
+    assert {d for e in replayed for s, (d, _) in fmt_subjects.items() if s in e.text} == set(DOMAINS)
+    for e in replayed:     # the base's answer, weighted
+        if e.answers:
+            subject = max((s for s in fmt_subjects if re.search(re.escape(s) + r"\b", e.text)), key=len)
+            _, a = fmt_subjects[subject]
+            assert e.text[e.answers[0]] == F.LABELS[a]
+    none = list(itertools.islice(Z.specialist_examples(ZooRecipe(facts=16, format_subjects=8), "legal",
+                                                       random.Random(0)), 200))
+    assert not any(s in e.text for e in none for s in fmt_subjects)
 
 
 def test_trial_count_rows_and_counts(demo_run):
@@ -178,7 +242,11 @@ def test_verdicts_are_the_held_out_test_comparisons(demo_run):
     # recomputed here from the export's per-item test results: the same p-values, Holm and all
     bits = {r["name"]: {d: decode_bits(s) for d, s in r["test_items"].items()} for r in record["rows"]}
     exported = record["rows"][0]["name"]
-    again = V.held_out_verdicts(bits[exported], {k: v for k, v in bits.items() if k != exported}, None)
+    again = V.held_out_verdicts(bits[exported], {k: v for k, v in bits.items() if k != exported}, None,
+                                clusters=record["test_clusters"])
+    # the two test wordings of a fact are one twin group: the tests count each fact once
+    assert verdict["test_units"] == again["n_units"] == SMALL.facts * len(DOMAINS)
+    assert all(len(set(g)) == SMALL.facts for g in record["test_clusters"].values())
     assert set(verdict["test"]) == set(RIVALS)
     assert sorted(r["p_holm"] for r in verdict["test"].values()) == pytest.approx(
         sorted(r["p_holm"] for r in again["baselines"].values()))

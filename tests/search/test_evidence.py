@@ -113,6 +113,27 @@ def test_held_out_verdicts_use_holm_and_an_intersection_union_claim():
     assert v["score"]["ci95"][0] < v["score"]["score"] < v["score"]["ci95"][1]
 
 
+def test_items_of_one_twin_group_count_once():
+    """Each item asked twice (both wordings answered alike): without groups the verdict counts
+    240 items; with them, 120 units, and exactly the p-values and interval of one copy."""
+    weights = {"legal": 1.0, "health": 1.0}
+    merge = {"legal": _bits(60, 42), "health": _bits(60, 40)}
+    specialist = {"legal": _bits(60, 33, offset=7), "health": _bits(60, 31, offset=7)}
+    twice = lambda v: {d: [x for x in xs for _ in (0, 1)] for d, xs in v.items()}  # noqa: E731
+    groups = {d: [f"{d}-{i}" for i in range(60) for _ in (0, 1)] for d in weights}
+    once = V.held_out_verdicts(merge, {"s": specialist}, weights)
+    naive = V.held_out_verdicts(twice(merge), {"s": twice(specialist)}, weights)
+    honest = V.held_out_verdicts(twice(merge), {"s": twice(specialist)}, weights, clusters=groups)
+    assert naive["baselines"]["s"]["p_value"] < once["baselines"]["s"]["p_value"]
+    assert honest["baselines"]["s"]["p_value"] == pytest.approx(once["baselines"]["s"]["p_value"], abs=1e-12)
+    assert honest["score"]["ci95"] == pytest.approx(once["score"]["ci95"], abs=1e-12)
+    assert (honest["n_items"], honest["n_units"], naive["n_units"]) == (240, 120, 240)
+    assert "120 independent units" in honest["text"] and "independent units" not in naive["text"]
+    # groups that do not label these items are not used (item-level, said so by n_units)
+    assert V.held_out_verdicts(twice(merge), {"s": twice(specialist)}, weights,
+                               clusters={"legal": ["x"]})["n_units"] == 240
+
+
 def test_unpaired_baselines_are_left_out_and_named():
     v = V.held_out_verdicts({"legal": [True] * 5}, {"b": {"legal": [True] * 4}}, None)
     assert v["unpaired"] == ["b"] and not v["beats_all"]["holds"] and v["beats_all"]["n"] == 0
