@@ -235,7 +235,10 @@ def bootstrap_draws(a: Items, b: Items, weights: Mapping[str, float], *, resampl
     """``resamples`` draws of ``D`` with the items of each domain resampled with replacement
     (with ``clusters``: the clusters of each domain, each draw's mean over the items drawn)."""
     x, c, dom, _ = _design(a, b, weights)
-    groups = _groups(a, weights, clusters)
+    return _bootstrap(x, c, dom, _groups(a, weights, clusters), resamples=resamples, seed=seed)
+
+
+def _bootstrap(x, c, dom, groups: np.ndarray | None, *, resamples: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     out = np.zeros(resamples)
     for k in np.unique(dom):
@@ -252,6 +255,13 @@ def bootstrap_draws(a: Items, b: Items, weights: Mapping[str, float], *, resampl
     return out
 
 
+def units(values: Items, weights: Mapping[str, float], clusters: Clusters | None = None) -> int:
+    """The independent units a test of ``values``' items has: their clusters, or the items."""
+    groups = _groups(values, weights, clusters)
+    n = sum(len(values[d]) for d in values if weights.get(d, 0) > 0)
+    return n if groups is None else int(groups.max() + 1)
+
+
 def weighted_comparison(a: Items, b: Items, weights: Mapping[str, float], *, level: float = DEFAULT_LEVEL,
                         resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED,
                         clusters: Clusters | None = None) -> WeightedComparison:
@@ -264,7 +274,7 @@ def weighted_comparison(a: Items, b: Items, weights: Mapping[str, float], *, lev
     x, c, dom, binary = _design(a, b, weights)
     groups = _groups(a, weights, clusters)
     two, less, greater, exact = _sign_flip(x, c, dom, binary, resamples=resamples, seed=seed, groups=groups)
-    draws = bootstrap_draws(a, b, weights, resamples=resamples, seed=seed, clusters=clusters)
+    draws = _bootstrap(x, c, dom, groups, resamples=resamples, seed=seed)
     low, high = (float(q) for q in np.quantile(draws, [(1 - level) / 2, (1 + level) / 2]))
     return WeightedComparison(score_a=weighted_score(a, weights), score_b=weighted_score(b, weights),
                               low=low, high=high, p_value=two, p_less=less, p_greater=greater,

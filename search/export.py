@@ -61,12 +61,12 @@ def pick_trial(study: optuna.Study, number: int | None) -> optuna.trial.FrozenTr
 
 
 def _score(evaluator, model, campaign: Campaign):
-    """(score, {domain: accuracy with its interval}, {domain: per-item correctness}, {domain:
-    per-item twin group}) of ``model``."""
+    """(score, {domain: accuracy with its interval}, {domain: per-item correctness}, the
+    evaluator's result) of ``model``."""
     res = evaluator.evaluate(model)
     items = scoring.per_item(res)[0]
     domains = {d: E.accuracy(sum(v), len(v)) for d, v in items.items()}
-    return scoring.score(campaign, res), domains, items, scoring.item_clusters(evaluator, res)
+    return scoring.score(campaign, res), domains, items, res
 
 
 def export_trial(directory: Path, *, out: Path, trial: int | None = None, device: str = "auto",
@@ -123,7 +123,8 @@ def export_trial(directory: Path, *, out: Path, trial: int | None = None, device
                               "the export does not reproduce the searched model (different device type or "
                               "library versions?); nothing was exported")
         log(f"dev re-score {dev:.6f} equals trial {chosen.number}'s score: the export is the searched model")
-        test, test_domains, test_items, test_clusters = _score(test_eval, model, campaign)
+        test, test_domains, test_items, test_res = _score(test_eval, model, campaign)
+        test_clusters = scoring.item_clusters(test_eval, test_res)   # every model's test items, same order
         rows = [{"name": f"exported (trial {chosen.number})", "trial": chosen.number, "dev": dev,
                  "test": test, "dev_domains": dev_domains, "test_domains": test_domains,
                  "test_items": T.encode_items(test_items)}]

@@ -117,7 +117,7 @@ def held_out_verdicts(candidate: Bits, baselines: Mapping[str, Bits], weights: M
                                + f" (Holm-adjusted over {len(cmps)})"}
     iu = intersection_union([c.p_greater for c in cmps.values()], alpha=alpha)
     n = sum(len(v) for v in candidate.values())
-    units = n if clusters is None else len({(d, g or f"\0{i}") for d in w for i, g in enumerate(clusters[d])})
+    units = W.units(candidate, w, clusters)
     score = W.weighted_score(candidate, w) if candidate_score is None else candidate_score
     out = {"split": split, "alpha": alpha, "n_items": n, "n_units": units,
            "score": score_dict(score, candidate, weights, clusters=clusters),
@@ -136,8 +136,8 @@ def verdict_sentence(v: Mapping[str, Any]) -> str:
 
 
 def items_text(v: Mapping[str, Any]) -> str:
-    """"240 held-out test items" or, with twin groups, "... items (120 groups of items that ask
-    the same thing, each counted once)"."""
+    """"240 held-out test items" or, with twin groups, "240 held-out test items (120 independent
+    units: items of one twin group count once)"."""
     text = f"{v['n_items']} held-out {v['split']} items"
     units = v.get("n_units", v["n_items"])
     if units != v["n_items"]:

@@ -8,8 +8,10 @@ domain has ``facts`` made-up subjects (a law, a syndrome) with one value each ou
   facts in the ``TEST`` phrasings, whose words differ from every dev phrasing. A specialist is
   fine-tuned on its domain's prose and answered dev questions; test measures whether what it
   learned carries over to questions it never saw, worded differently.
-- The four options of a domain are always listed in the same order, so a fact's answer
-  letter is the same in every phrasing: what must carry over is "this subject -> this answer".
+- The four options of a domain are listed in the same order (unless ``shuffled``, a variant
+  kept for ``perf/zoo_merges.py``), so a fact's answer letter is the same in every phrasing:
+  what must carry over is "this subject -> this answer". A fact's questions share one
+  ``pair_id``: the held-out tests count the fact once, not once per wording.
 - **Format subjects** (disjoint from the facts) give the base model questions in every
   phrasing with random answer letters: it learns the format, never an answer.
 
@@ -93,8 +95,8 @@ def make_facts(*, facts: int, format_subjects: int, seed: int = 0, disjoint: boo
     rng = random.Random(seed)
     taken: set[str] = set()
     out, fmt = {}, {}
-    for k, (domain, spec) in enumerate(DOMAIN_FACTS.items()):
-        onsets = (_ONSETS, _ONSETS_B)[k] if disjoint else _ONSETS
+    for position, (domain, spec) in enumerate(DOMAIN_FACTS.items()):
+        onsets = (_ONSETS, _ONSETS_B)[position] if disjoint else _ONSETS
         names = _names(rng, facts + format_subjects, taken, onsets)
         answers = [k % len(LABELS) for k in range(facts)]
         rng.shuffle(answers)
