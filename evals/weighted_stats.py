@@ -106,6 +106,12 @@ def _design(a: Items, b: Items, weights: Mapping[str, float]) -> tuple[np.ndarra
 Clusters = Mapping[str, Sequence[str]]
 
 
+def labels_every_item(clusters: Clusters | None, values: Items) -> bool:
+    """Do ``clusters`` give exactly one label to each of ``values``' items, domain by domain?"""
+    return bool(clusters) and sorted(clusters) == sorted(values) and all(
+        len(clusters[d]) == len(values[d]) for d in values)
+
+
 def _groups(a: Items, weights: Mapping[str, float], clusters: Clusters | None) -> np.ndarray | None:
     """A group index per item, in ``_design``'s order (domains sorted, items in order), or None
     when every item is its own group (no clusters given, or none with two items)."""
@@ -119,7 +125,11 @@ def _groups(a: Items, weights: Mapping[str, float], clusters: Clusters | None) -
             raise ValueError(f"domain {d!r}: {len(given)} cluster labels for {len(a[d])} items; give one label "
                              "per item, in the items' order (\"\" for an item on its own)")
         labels += [(k, str(g)) if g else (k, f"\0item{i}") for i, g in enumerate(given)]
-    _, g = np.unique(np.array([f"{k}\x1f{lab}" for k, lab in labels]), return_inverse=True)
+    _, first, g = np.unique(np.array([f"{k}\x1f{lab}" for k, lab in labels]), return_index=True,
+                            return_inverse=True)
+    rank = np.empty(first.size, dtype=np.int64)
+    rank[np.argsort(first)] = np.arange(first.size)   # groups numbered in order of first appearance,
+    g = rank[g.ravel()]                               # so that groups of one item draw as the items do
     return None if np.bincount(g).max() <= 1 else g
 
 
@@ -316,9 +326,12 @@ def score_interval(values: Items, weights: Mapping[str, float], *, level: float 
 
 
 def paired_bootstrap(models: Mapping[str, Items], weights: Mapping[str, float], *,
-                     resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED) -> dict[str, np.ndarray]:
+                     resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED,
+                     clusters: Clusters | None = None) -> dict[str, np.ndarray]:
     """Bootstrap draws of each model's weighted score with the *same* within-domain resample of
-    the items for every model (they stay paired), ``{model: [resamples]}``."""
+    the items for every model (they stay paired), ``{model: [resamples]}``. ``clusters``: a label
+    per item (see the module): whole clusters are resampled, each draw's score the mean over the
+    items drawn; without them (or with clusters of one item) exactly the item-level draws."""
     names = list(models)
     if not names:
         return {}
@@ -327,12 +340,25 @@ def paired_bootstrap(models: Mapping[str, Items], weights: Mapping[str, float], 
         mine = sorted(d for d in models[name] if weights.get(d, 0) > 0)
         if mine != domains or any(len(models[name][d]) != len(models[names[0]][d]) for d in domains):
             raise ValueError(f"paired bootstrap: model {name!r} was scored on other items than {names[0]!r}")
+    groups = _groups(models[names[0]], weights, clusters)
     total = sum(float(weights[d]) for d in domains)
     rng = np.random.default_rng(seed)
     out = {name: np.zeros(resamples) for name in names}
+    start = 0
     for d in domains:
         n = len(models[names[0]][d])
-        idx = rng.integers(0, n, size=(resamples, n))
-        for name in names:
-            out[name] += float(weights[d]) / total * np.asarray(models[name][d], dtype=float)[idx].mean(axis=1)
+        share = float(weights[d]) / total
+        if groups is None:
+            idx = rng.integers(0, n, size=(resamples, n))
+            for name in names:
+                out[name] += share * np.asarray(models[name][d], dtype=float)[idx].mean(axis=1)
+        else:
+            _, gd = np.unique(groups[start:start + n], return_inverse=True)
+            sizes = np.bincount(gd).astype(float)
+            idx = rng.integers(0, sizes.size, size=(resamples, sizes.size))
+            drawn = sizes[idx].sum(axis=1)
+            for name in names:
+                sums = np.bincount(gd, weights=np.asarray(models[name][d], dtype=float), minlength=sizes.size)
+                out[name] += share * sums[idx].sum(axis=1) / drawn
+        start += n
     return out

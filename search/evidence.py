@@ -97,17 +97,32 @@ def campaign_weights(study) -> dict[str, float] | None:
     return study_weights(study)
 
 
-def trial_score(t: T.FrozenTrial, weights: Mapping[str, float] | None) -> dict[str, Any]:
-    """``{score, ci95, n}``: the trial's weighted score with its stratified bootstrap interval."""
+Groups = Mapping[str, Mapping[str, Sequence[str]]]   # the study's twin groups by stage (T.item_groups)
+
+
+def groups_for(groups: Groups | None, bits: Mapping[str, Sequence[bool]]) -> Mapping[str, Sequence[str]] | None:
+    """The stage's twin groups that label exactly ``bits``' items (the final stage's, else stage
+    1's, for a pruned trial), None when none do: every item then counts on its own."""
+    from evals.weighted_stats import labels_every_item
+
+    return next((g for g in ((groups or {}).get(s) for s in ("final", "stage1")) if labels_every_item(g, bits)), None)
+
+
+def trial_score(t: T.FrozenTrial, weights: Mapping[str, float] | None, groups: Groups | None = None
+                ) -> dict[str, Any]:
+    """``{score, ci95, n}``: the trial's weighted score with its stratified bootstrap interval
+    (``groups``: the study's twin groups, ``T.item_groups``; each group resampled whole)."""
     from search.verdicts import score_dict
 
-    return score_dict(T.scalar(t), T.item_bits(t), weights)
+    bits = T.item_bits(t)
+    return score_dict(T.scalar(t), bits, weights, clusters=groups_for(groups, bits))
 
 
-def trial_score_text(t: T.FrozenTrial, weights: Mapping[str, float] | None) -> str:
+def trial_score_text(t: T.FrozenTrial, weights: Mapping[str, float] | None, groups: Groups | None = None) -> str:
     from search.verdicts import score_text
 
-    return score_text(T.scalar(t), T.item_bits(t), weights)
+    bits = T.item_bits(t)
+    return score_text(T.scalar(t), bits, weights, clusters=groups_for(groups, bits))
 
 
 def dev_vs_baselines(study, best: T.FrozenTrial) -> dict[str, dict[str, Any] | None]:
@@ -117,7 +132,8 @@ def dev_vs_baselines(study, best: T.FrozenTrial) -> dict[str, dict[str, Any] | N
 
     others = {T.baseline_label(name): T.item_bits(t) for name, t in T.baselines(study).items()
               if t.number != best.number}
-    return dev_comparisons(T.item_bits(best), others, campaign_weights(study))
+    bits = T.item_bits(best)
+    return dev_comparisons(bits, others, campaign_weights(study), clusters=groups_for(T.item_groups(study), bits))
 
 
 def latest_held_out(directory) -> dict[str, Any] | None:

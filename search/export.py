@@ -116,7 +116,7 @@ def export_trial(directory: Path, *, out: Path, trial: int | None = None, device
         test_eval = scoring.evaluator(campaign, tokenizer, split="test", purpose="report")
         # on a CPU, as many threads as the trial's worker had: a matmul rounds by how it is split
         with _threads(T.view(chosen).threads if dev_device.type == "cpu" else None):
-            dev, dev_domains, dev_items, _ = _score(dev_eval, model, campaign)
+            dev, dev_domains, dev_items, dev_res = _score(dev_eval, model, campaign)
         expected = scalar(chosen)
         if dev != expected:
             raise ExportError(f"re-scoring the exported model on dev gave {dev!r}, the trial scored {expected!r}: "
@@ -124,7 +124,9 @@ def export_trial(directory: Path, *, out: Path, trial: int | None = None, device
                               "library versions?); nothing was exported")
         log(f"dev re-score {dev:.6f} equals trial {chosen.number}'s score: the export is the searched model")
         test, test_domains, test_items, test_res = _score(test_eval, model, campaign)
-        test_clusters = scoring.item_clusters(test_eval, test_res)   # every model's test items, same order
+        # each item's twin group, per split: every model's items come in the same order
+        dev_clusters = scoring.item_clusters(dev_eval, dev_res)
+        test_clusters = scoring.item_clusters(test_eval, test_res)
         rows = [{"name": f"exported (trial {chosen.number})", "trial": chosen.number, "dev": dev,
                  "test": test, "dev_domains": dev_domains, "test_domains": test_domains,
                  "test_items": T.encode_items(test_items)}]
@@ -145,13 +147,13 @@ def export_trial(directory: Path, *, out: Path, trial: int | None = None, device
         counts = V.search_counts(study, directory)
         counts = {**counts, "exports": counts["exports"] + 1, "test_looks": counts["test_looks"] + 1}
         claims = V.export_claims(dev_items, test_items, pairs, scoring.weights(campaign), counts=counts,
-                                 test_clusters=test_clusters)
+                                 test_clusters=test_clusters, dev_clusters=dev_clusters)
         for r in rows[1:]:
             r["exported_minus_this"] = {"dev": claims["dev"].get(r["name"]),
                                         "test": claims["verdicts"]["baselines"].get(r["name"])}
         for r in rows:   # every weighted score with its stratified bootstrap interval
             dev_bits, test_bits = (dev_items, test_items) if r is rows[0] else pairs[r["name"]]
-            r["dev_ci95"] = V.score_dict(r["dev"], dev_bits, scoring.weights(campaign))["ci95"]
+            r["dev_ci95"] = V.score_dict(r["dev"], dev_bits, scoring.weights(campaign), clusters=dev_clusters)["ci95"]
             r["test_ci95"] = V.score_dict(r["test"], test_bits, scoring.weights(campaign),
                                           clusters=test_clusters)["ci95"]
         _write_card(staging, campaign, study, chosen, rows, claims)
@@ -159,8 +161,10 @@ def export_trial(directory: Path, *, out: Path, trial: int | None = None, device
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     record = {"trial": chosen.number, "out": str(out), "rows": rows, "time": time.time(),
-              # each test item's twin group, in the rows' test_items order: the verdicts' units
+              # each item's twin group, in the order of the rows' test items and of the trials'
+              # dev items: the units of the verdicts, the dev comparisons and the gap
               "test_clusters": {d: list(v) for d, v in test_clusters.items()},
+              "dev_clusters": {d: list(v) for d, v in dev_clusters.items()},
               "verdicts": claims["verdicts"], "generalization_gap": claims["generalization_gap"],
               "counts": claims["counts"], "selection_note": E.selection_note(claims["counts"]["trials_searched"],
                                                                             claims["counts"])}

@@ -105,11 +105,11 @@ def history_figure(study: optuna.Study) -> Figure:
     pruned = [(n, v) for n, v in pruned if v is not None]
     if pruned:
         ax.scatter(*zip(*pruned), marker="x", s=24, color="0.55", zorder=3, label="pruned (stage-1 score)")
-    weights = E.campaign_weights(study)
+    weights, groups = E.campaign_weights(study), T.item_groups(study)
     for b in completed_baselines(study):
         score = scalar(b.trial)
         ax.axhline(score, color=b.colour, ls="--", lw=1.3,
-                   label=f"baseline: {b.title} ({E.trial_score_text(b.trial, weights)})")
+                   label=f"baseline: {b.title} ({E.trial_score_text(b.trial, weights, groups)})")
         ax.scatter([b.trial.number], [score], marker="D", s=30, color=b.colour, zorder=4)
     failed = [t.number for t in T.counted(trials, TrialState.FAIL)]
     if failed:

@@ -11,7 +11,8 @@ there only when all hold:
    stratified paired sign-flip test of the **weighted** score (``evals.weighted_stats``: the
    quantity the search maximizes, domain weights included) at level ``alpha`` (default 0.05).
    Only correctness counts: per-item gold probabilities are not recorded, so the tie-break
-   part of the score is left out of the test.
+   part of the score is left out of the test. Items of one twin group (the data's ``pair_id``,
+   as the worker reports it) flip together: a fact asked twice is one unit of evidence.
 
 **The incumbent is chosen on items outside stage 1.** The best trial by its full score was
 selected partly *on* the stage-1 items (they are a subset of the full set), so its stage-1
@@ -55,11 +56,12 @@ class PruneDecision:
     n: int | None = None             # stage-1 items compared
     discordant: int | None = None    # of which the two scored differently
     audited: bool = False            # would be pruned, but scored in full for the audit
+    units: int | None = None         # independent units the test flipped (twin groups count once)
 
     def to_attr(self) -> dict[str, object]:
         return {"prune": self.prune, "reason": self.reason, "threshold": self.threshold,
                 "p_value": self.p_value, "incumbent": self.incumbent, "n": self.n,
-                "discordant": self.discordant, "audited": self.audited}
+                "discordant": self.discordant, "audited": self.audited, "units": self.units}
 
     def audit(self) -> "PruneDecision":
         """Not pruned after all: scored in full for the pruning audit (``prune`` False, ``audited`` True)."""
@@ -81,12 +83,13 @@ def _by_domain(x: Mapping[str, Sequence[bool]] | Sequence[bool]) -> dict[str, li
 def decide(score: float, correct: Mapping[str, Sequence[bool]] | Sequence[bool], *, earlier: Sequence[float],
            incumbent_correct: Mapping[str, Sequence[bool]] | Sequence[bool] | None, incumbent: int | None = None,
            alpha: float = DEFAULT_ALPHA, weights: Mapping[str, float] | None = None,
-           baseline: bool = False) -> PruneDecision:
+           baseline: bool = False, clusters: Mapping[str, Sequence[str]] | None = None) -> PruneDecision:
     """Prune a candidate with stage-1 ``score`` and per-item ``correct`` ({domain: items}, or
     one flat list)? ``earlier``: the stage-1 scores recorded before this candidate's;
     ``incumbent_correct``: the incumbent's stage-1 correctness, same layout and item order (None:
-    no incumbent); ``weights``: the campaign's domain weights (None: equal)."""
-    from evals.weighted_stats import sign_flip_p
+    no incumbent); ``weights``: the campaign's domain weights (None: equal); ``clusters``: each
+    item's twin group, same layout (ignored unless it labels every item)."""
+    from evals.weighted_stats import labels_every_item, sign_flip_p, units
 
     if baseline:
         return PruneDecision(False, "baselines are never pruned")
@@ -106,14 +109,19 @@ def decide(score: float, correct: Mapping[str, Sequence[bool]] | Sequence[bool],
         return PruneDecision(False, "bottom quarter, but no stage-1 domain has a weight", threshold)
     n = sum(len(mine[d]) for d in mine if w[d] > 0)
     discordant = sum(a != b for d in mine if w[d] > 0 for a, b in zip(mine[d], theirs[d]))
-    _, p_less, _, _ = sign_flip_p(mine, theirs, w)    # H1: the candidate's weighted score is lower
+    clusters = clusters if labels_every_item(clusters, mine) else None
+    # H1: the candidate's weighted score is lower
+    _, p_less, _, _ = sign_flip_p(mine, theirs, w, clusters=clusters)
     p = float(p_less)
+    k = units(mine, w, clusters)
+    grouped = f", {k} independent units" if k != n else ""
     if p <= alpha:
         return PruneDecision(True, f"bottom quarter and worse than trial {incumbent} on the weighted score "
-                                   f"({discordant} of {n} items differ, p = {p:.3g} <= {alpha})",
-                             threshold, p, incumbent, n, discordant)
+                                   f"({discordant} of {n} items differ{grouped}, p = {p:.3g} <= {alpha})",
+                             threshold, p, incumbent, n, discordant, units=k)
     return PruneDecision(False, f"bottom quarter, but not significantly worse than trial {incumbent} "
-                                f"(p = {p:.3g} > {alpha})", threshold, p, incumbent, n, discordant)
+                                f"(p = {p:.3g} > {alpha}{grouped})", threshold, p, incumbent, n, discordant,
+                         units=k)
 
 
 def audit_draw(trial_number: int, share: float, *, seed: int = 0) -> bool:

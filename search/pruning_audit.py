@@ -7,8 +7,11 @@
   disagreement rate the campaign's decisions observed (share of stage-1 items on which the
   candidate and the incumbent differed). Computed exactly for the one-sided exact McNemar
   test on pooled items, which is what the weighted sign-flip test is with equal domain weights;
-  it ignores the bottom-quarter condition, so it is an upper bound of the real chance. Below
-  50% stage 1 mostly lets worse candidates through (it costs compute, not correctness).
+  it ignores the bottom-quarter condition, so it is an upper bound of the real chance. Where
+  items come in twin groups (a fact asked twice), the test counts each group once, and the
+  power is computed on the groups as if each were one item (exact when twins are answered
+  alike). Below 50% stage 1 mostly lets worse candidates through (it costs compute, not
+  correctness).
 - **audit**: a seeded share of would-be prunes was scored in full (``eval.prune_audit``). A
   *false prune* is an audited candidate whose weighted accuracy on the final-stage items that
   stage 1 does not score is at least its incumbent's. The test keeps P(prune | not worse) <= alpha;
@@ -75,8 +78,9 @@ def summary(study, *, effect: float = DEFAULT_EFFECT) -> dict[str, Any] | None:
     pruned = [t for t in trials if t.state == T.TrialState.PRUNED]
     tested = [d for d in decisions.values() if d.get("n") and d.get("discordant") is not None]
     n_items = max((int(d["n"]) for d in tested), default=0)
+    n_units = max((int(d.get("units") or d["n"]) for d in tested), default=0)   # twin groups count once
     rate = sum(int(d["discordant"]) for d in tested) / sum(int(d["n"]) for d in tested) if tested else None
-    power = stage1_power(n_items, rate, effect=effect, alpha=alpha) if rate is not None else None
+    power = stage1_power(n_units, rate, effect=effect, alpha=alpha) if rate is not None else None
     by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
     mask, weights = pruning.outside_stage1(study), pruning.study_weights(study)
     audited, false = 0, 0
@@ -93,11 +97,17 @@ def summary(study, *, effect: float = DEFAULT_EFFECT) -> dict[str, Any] | None:
         audited += 1
         false += mine >= theirs
     return {"stage1_decisions": len(trials), "pruned": len(pruned), "share_pruned": len(pruned) / len(trials),
-            "stage1_items": n_items, "disagreement_rate": rate, "power": power, "power_effect": effect,
+            "stage1_items": n_items, "stage1_units": n_units, "disagreement_rate": rate,
+            "power": power, "power_effect": effect,
             "power_warning": power is not None and power < POWER_WARNING, "alpha": alpha,
             "audit_share": share, "audited": audited, "false_prunes": false,
             "false_prune_rate": false / audited if audited else None,
             "audit_on": "items outside stage 1" if mask else "all final-stage items (stage 1 scores them all)"}
+
+
+def _items(s: dict[str, Any]) -> str:
+    units = s.get("stage1_units", s["stage1_items"])
+    return f"{s['stage1_items']} items" + (f", {units} independent units" if units != s["stage1_items"] else "")
 
 
 def lines(s: dict[str, Any] | None) -> list[str]:
@@ -110,7 +120,7 @@ def lines(s: dict[str, Any] | None) -> list[str]:
         out.append("power of stage 1: unknown (no decision compared a candidate with an incumbent yet)")
     else:
         out.append(f"power of stage 1: {s['power']:.2f} to stop a candidate {s['power_effect']:.2f} worse "
-                   f"({s['stage1_items']} items, observed disagreement rate {s['disagreement_rate']:.2f}, "
+                   f"({_items(s)}, observed disagreement rate {s['disagreement_rate']:.2f}, "
                    f"alpha {s['alpha']})")
         if s["power_warning"]:
             out.append(f"WARNING: stage 1 has under {POWER_WARNING:.0%} power: most worse candidates are scored "

@@ -76,7 +76,7 @@ def trial_table(study: optuna.Study, campaign: Campaign, *, top: int) -> str:
     multi = is_multi_objective(study)
     front = {t.number for t in study.best_trials} if multi else set()
     head = ["trial", "kind", "score [95% CI]", *[f"{d} acc [95% CI]" for d in domains]]
-    weights = E.campaign_weights(study)
+    weights, groups = E.campaign_weights(study), T.item_groups(study)
     head += ["Pareto"] if multi else []
     head += ["eval s", "worker", "note"]
     out = ["<table>", "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"]
@@ -84,7 +84,7 @@ def trial_table(study: optuna.Study, campaign: Campaign, *, top: int) -> str:
         v = T.view(t)
         accs = E.domain_accuracies(t)
         kind = f"baseline {v.baseline}" if v.baseline is not None else "search"
-        cells = [_td(f"#{t.number}"), _td(kind), _td(E.trial_score_text(t, weights), num=True)]
+        cells = [_td(f"#{t.number}"), _td(kind), _td(E.trial_score_text(t, weights, groups), num=True)]
         cells += [_td(E.accuracy_text(accs[d]["correct"], accs[d]["n"]) if d in accs else "-", num=True)
                   for d in domains]
         cells += [_td("yes" if t.number in front else "")] if multi else []
@@ -170,7 +170,8 @@ def campaign_facts(study: optuna.Study, campaign: Campaign) -> list[tuple[str, s
     best = best_trials(study, 1)
     bases = baselines(study)
     if best:
-        line = f"#{best[0].number}, score {E.trial_score_text(best[0], E.campaign_weights(study))}"
+        score = E.trial_score_text(best[0], E.campaign_weights(study), T.item_groups(study))
+        line = f"#{best[0].number}, score {score}"
         if bases:
             name, t = max(bases.items(), key=lambda kv: scalar(kv[1]))
             line += (f" (dev margin {scalar(best[0]) - scalar(t):+.4f} over the best baseline, {name}: "

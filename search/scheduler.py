@@ -220,7 +220,7 @@ class Scheduler:
         elif not r.finite(multi_objective=self.multi):
             self._fail(job, f"non-finite score {r.values(multi_objective=self.multi)}", None)
         elif not r.final:
-            self.item_lists.check("stage1", r.item_ids)
+            self.item_lists.check("stage1", r.item_ids, r.item_groups)
             decision = self.prune_decision(r, job.trial)
             if not decision.prune:  # the worker goes on at once; stage 1 is recorded meanwhile
                 job.stage = 2
@@ -273,7 +273,8 @@ class Scheduler:
         number, _, bits = self.incumbent or (None, None, None)
         decision = pruning.decide(float(r.score), dict(r.items), earlier=self.stage1_scores,
                                   incumbent_correct=bits, incumbent=number, alpha=self.alpha,
-                                  weights=self.weights, baseline=bool(T.baseline_name(trial)))
+                                  weights=self.weights, baseline=bool(T.baseline_name(trial)),
+                                  clusters=dict(r.item_groups) or None)
         if decision.prune and pruning.audit_draw(trial.number, self.prune_audit, seed=self.audit_seed):
             return decision.audit()
         return decision
@@ -286,7 +287,7 @@ class Scheduler:
 
     def _complete(self, job: Job, r: T.StageResult) -> None:
         trial = job.trial
-        self.item_lists.check("final", r.item_ids)
+        self.item_lists.check("final", r.item_ids, r.item_groups)
         self._attrs(job, r)
         T.record_final(trial, score=r.score, items=r.items)
         values = r.values(multi_objective=self.multi)

@@ -16,7 +16,9 @@ class StageResult:
     """One evaluation stage of one trial, as a worker reports it (never an exception).
 
     ``items`` maps a domain to the correctness of each scored item, in the order of the
-    stage's item list (``item_ids``), so that two trials can be compared item by item.
+    stage's item list (``item_ids``), so that two trials can be compared item by item;
+    ``item_groups``, in the same order, each item's twin group (the data's ``pair_id``, "" for
+    an item on its own), so that a test counts each group once.
     """
 
     worker: int
@@ -27,6 +29,7 @@ class StageResult:
     domains: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
     items: Mapping[str, tuple[bool, ...]] = field(default_factory=dict)
     item_ids: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    item_groups: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     materialize_seconds: float = 0.0
     eval_seconds: float = 0.0
     threads: int | None = None      # torch's CPU threads in the worker (the export's proof uses as many)

@@ -23,8 +23,8 @@ def domain_row(t: optuna.trial.FrozenTrial, domains: list[str]) -> list[str]:
     return [E.accuracy_text(accs[d]["correct"], accs[d]["n"]) if d in accs else "-" for d in domains]
 
 
-def _row(t: optuna.trial.FrozenTrial, domains: list[str], weights) -> str:
-    return (f"{trial_label(t)[:27]:<28}{E.trial_score_text(t, weights):>26}  "
+def _row(t: optuna.trial.FrozenTrial, domains: list[str], weights, groups) -> str:
+    return (f"{trial_label(t)[:27]:<28}{E.trial_score_text(t, weights, groups):>26}  "
             + "".join(f"{v:>21}" for v in domain_row(t, domains)))
 
 
@@ -45,14 +45,14 @@ def summary_lines(study: optuna.Study, *, k: int = 5, directory: Path | None = N
     if rate is not None:
         lines.append(f"throughput: {rate.per_hour:.0f} trials/hour; mean trial {rate.mean_trial_s:.1f} s, "
                      f"mean evaluation {rate.mean_eval_s:.1f} s")
-    weights = E.campaign_weights(study)
+    weights, groups = E.campaign_weights(study), T.item_groups(study)
     lines.append(f"{'trial':<28}{'score [95% CI]':>26}  " + "".join(f"{d + ' acc [95% CI]':>21}" for d in domains))
     for t in baselines(study).values():
-        lines.append(_row(t, domains, weights))
+        lines.append(_row(t, domains, weights, groups))
     lines.append("best:")
     best = best_trials(study, k)
     for t in best:
-        lines.append(_row(t, domains, weights))
+        lines.append(_row(t, domains, weights, groups))
     if best:
         lines.append(f"best {trial_label(best[0])} minus each baseline on the dev items it was selected on "
                      "(weighted score difference [95% CI], paired sign-flip p):")
@@ -72,7 +72,7 @@ def summary_lines(study: optuna.Study, *, k: int = 5, directory: Path | None = N
 
 def status_dict(study: optuna.Study, directory: Path | None = None) -> dict[str, Any]:
     best = best_trials(study, 1)
-    weights = E.campaign_weights(study)
+    weights, groups = E.campaign_weights(study), T.item_groups(study)
     counts = V.search_counts(study, directory)
     out: dict[str, Any] = {
         "finished": len(T.finished_trials(study)),
@@ -80,8 +80,8 @@ def status_dict(study: optuna.Study, directory: Path | None = None) -> dict[str,
         "selection_note": E.selection_note(counts["trials_searched"], counts),
         "best_trial": best[0].number if best else None,
         "best_score": scalar(best[0]) if best else None,
-        "best_score_ci95": E.trial_score(best[0], weights)["ci95"] if best else None,
-        "baseline_scores": {n: E.trial_score(t, weights) for n, t in baselines(study).items()},
+        "best_score_ci95": E.trial_score(best[0], weights, groups)["ci95"] if best else None,
+        "baseline_scores": {n: E.trial_score(t, weights, groups) for n, t in baselines(study).items()},
         "pruning": pruning_audit.summary(study),
         "held_out": E.latest_held_out(directory),
         "best_domains": E.domain_accuracies(best[0]) if best else None,

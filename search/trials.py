@@ -55,6 +55,7 @@ S_CAMPAIGN = "campaign"           # the campaign as given, storage credentials m
 S_NUM_LAYERS = "num_layers"
 S_OBJECTIVES = "objective_names"
 S_ITEM_LISTS = "item_lists"       # {"stage1"|"final": {domain: [item ids]}}, stored once per study
+S_ITEM_GROUPS = "item_groups"     # {"stage1"|"final": {domain: [twin group]}}, same order; only if any
 S_SOURCES = "sources"             # [{ref, path, adapter, files: {name: sha256}}] (search.model_identity)
 S_CACHE_FROM = "cache_from_trial" # the genome cache reuses scores of trials numbered from here on
 
@@ -170,7 +171,10 @@ class ItemLists:
         self.study = study
         self._lists: dict[str, dict[str, list[str]]] | None = None
 
-    def check(self, stage: str, item_ids: Mapping[str, Sequence[str]]) -> None:
+    def check(self, stage: str, item_ids: Mapping[str, Sequence[str]],
+              groups: Mapping[str, Sequence[str]] | None = None) -> None:
+        """The stage's items are those stored (the first result's are stored, with their twin
+        ``groups`` when any item has one: ``S_ITEM_GROUPS``, read by :func:`item_groups`)."""
         from search.errors import SchedulerError
 
         self.stored()
@@ -178,6 +182,9 @@ class ItemLists:
         if stage not in self._lists:
             self._lists[stage] = now
             self.study.set_user_attr(S_ITEM_LISTS, dict(self._lists))
+            if groups and any(any(g) for g in groups.values()):
+                known = item_groups(self.study)
+                self.study.set_user_attr(S_ITEM_GROUPS, {**known, stage: {d: list(g) for d, g in groups.items()}})
         elif self._lists[stage] != now:
             raise SchedulerError(f"the {stage} items scored now differ from those this study began with "
                                  "(data directory, suite or limit changed): resume with the same data, "
@@ -188,6 +195,12 @@ class ItemLists:
         if self._lists is None:
             self._lists = item_lists(self.study)
         return self._lists
+
+
+def item_groups(study: optuna.Study) -> dict[str, dict[str, list[str]]]:
+    """Each stage's twin groups, ``{"stage1"|"final": {domain: [group]}}`` in the items' order
+    ("" for an item on its own); empty when no item has a group (or a study from before)."""
+    return dict(study.user_attrs.get(S_ITEM_GROUPS) or {})
 
 
 def item_lists(study: optuna.Study) -> dict[str, dict[str, list[str]]]:

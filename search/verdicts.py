@@ -54,8 +54,9 @@ def score_dict(score: float | None, bits: Bits, weights: Mapping[str, float] | N
     return {"score": float(score), "ci95": [low + shift, high + shift], "n": sum(len(v) for v in bits.values())}
 
 
-def score_text(score: float | None, bits: Bits, weights: Mapping[str, float] | None) -> str:
-    d = score_dict(score, bits, weights)
+def score_text(score: float | None, bits: Bits, weights: Mapping[str, float] | None, *,
+               clusters: W.Clusters | None = None) -> str:
+    d = score_dict(score, bits, weights, clusters=clusters)
     if d["score"] is None:
         return "-"
     if d["ci95"] is None:
@@ -70,25 +71,25 @@ def _comparison(cmp: W.WeightedComparison) -> dict[str, Any]:
 
 def _usable(clusters: W.Clusters | None, bits: Bits) -> W.Clusters | None:
     """``clusters`` when they label exactly ``bits``' items, else None (item-level)."""
-    if not clusters or sorted(clusters) != sorted(bits) or any(len(clusters[d]) != len(bits[d]) for d in bits):
-        return None
-    return clusters
+    return clusters if W.labels_every_item(clusters, bits) else None
 
 
 def _paired(a: Bits, b: Bits) -> bool:
     return bool(a) and bool(b) and sorted(a) == sorted(b) and all(len(a[d]) == len(b[d]) for d in a)
 
 
-def dev_comparisons(best: Bits, baselines: Mapping[str, Bits], weights: Mapping[str, float] | None
-                    ) -> dict[str, dict[str, Any] | None]:
+def dev_comparisons(best: Bits, baselines: Mapping[str, Bits], weights: Mapping[str, float] | None, *,
+                    clusters: W.Clusters | None = None) -> dict[str, dict[str, Any] | None]:
     """The selected trial minus each baseline on the dev items it was selected on: numbers and
-    ``"...: selected on these items: no verdict"``; None where the items do not pair."""
+    ``"...: selected on these items: no verdict"``; None where the items do not pair.
+    ``clusters``: the dev items' twin groups (see the module)."""
     out: dict[str, dict[str, Any] | None] = {}
+    clusters = _usable(clusters, best)
     for label, b in baselines.items():
         if not _paired(best, b):
             out[label] = None
             continue
-        cmp = W.weighted_comparison(best, b, weights_for(best, weights))
+        cmp = W.weighted_comparison(best, b, weights_for(best, weights), clusters=clusters)
         out[label] = {**_comparison(cmp), "verdict": None,
                       "text": f"{W.format_weighted(cmp, verdict_text=False, ascii=True)}: selected on these items, "
                               "no verdict"}
@@ -152,20 +153,22 @@ def verdict_lines(v: Mapping[str, Any]) -> list[str]:
 
 def generalization_gap(candidate: tuple[Bits, Bits], baselines: Mapping[str, tuple[Bits, Bits]],
                        weights: Mapping[str, float] | None, *, level: float = DEFAULT_LEVEL,
-                       resamples: int = W.DEFAULT_RESAMPLES, seed: int = W.DEFAULT_SEED) -> dict[str, Any] | None:
+                       resamples: int = W.DEFAULT_RESAMPLES, seed: int = W.DEFAULT_SEED,
+                       clusters: tuple[W.Clusters | None, W.Clusters | None] = (None, None)
+                       ) -> dict[str, Any] | None:
     """(test - dev) weighted accuracy of the candidate minus the baselines' mean (test - dev), with
-    a percentile interval: dev items and test items resampled within domain, the same draw for
-    every model. ``candidate`` and each baseline: ``(dev bits, test bits)``. None without a
-    pairable baseline."""
+    a percentile interval: dev items and test items resampled within domain (whole twin groups
+    where ``clusters``, ``(dev, test)``, gives them), the same draw for every model. ``candidate``
+    and each baseline: ``(dev bits, test bits)``. None without a pairable baseline."""
     dev_c, test_c = candidate
     usable = {k: v for k, v in baselines.items() if _paired(dev_c, v[0]) and _paired(test_c, v[1])}
     if not usable or not dev_c or not test_c:
         return None
     w_dev, w_test = weights_for(dev_c, weights), weights_for(test_c, weights)
     dev = W.paired_bootstrap({"_c": dev_c, **{k: v[0] for k, v in usable.items()}}, w_dev,
-                             resamples=resamples, seed=seed)
+                             resamples=resamples, seed=seed, clusters=_usable(clusters[0], dev_c))
     test = W.paired_bootstrap({"_c": test_c, **{k: v[1] for k, v in usable.items()}}, w_test,
-                              resamples=resamples, seed=seed + 1)
+                              resamples=resamples, seed=seed + 1, clusters=_usable(clusters[1], test_c))
 
     def gap(dev_of, test_of):
         return test_of("_c") - dev_of("_c") - np.mean([test_of(k) - dev_of(k) for k in usable], axis=0)
@@ -214,15 +217,18 @@ def search_counts(study, directory: Path | None = None) -> dict[str, int]:
 
 def export_claims(dev: Bits, test: Bits, baselines: Mapping[str, tuple[Bits, Bits]],
                   weights: Mapping[str, float] | None, *, counts: Mapping[str, int],
-                  alpha: float = DEFAULT_ALPHA, test_clusters: W.Clusters | None = None) -> dict[str, Any]:
+                  alpha: float = DEFAULT_ALPHA, test_clusters: W.Clusters | None = None,
+                  dev_clusters: W.Clusters | None = None) -> dict[str, Any]:
     """Everything an export states about the exported merge against the baselines: held-out
     ``verdicts`` on test, ``dev`` comparisons (selected on these items, no verdict), the
     ``generalization_gap`` and the ``counts``. ``baselines``: ``{name: (dev bits, test bits)}``;
-    ``test_clusters``: the test items' twin groups (the verdicts count each group once)."""
+    ``test_clusters``, ``dev_clusters``: each split's twin groups (every interval and test counts
+    each group once)."""
     return {"verdicts": held_out_verdicts(test, {k: v[1] for k, v in baselines.items()}, weights,
                                           split="test", alpha=alpha, clusters=test_clusters),
-            "dev": dev_comparisons(dev, {k: v[0] for k, v in baselines.items()}, weights),
-            "generalization_gap": generalization_gap((dev, test), baselines, weights),
+            "dev": dev_comparisons(dev, {k: v[0] for k, v in baselines.items()}, weights, clusters=dev_clusters),
+            "generalization_gap": generalization_gap((dev, test), baselines, weights,
+                                                     clusters=(dev_clusters, test_clusters)),
             "counts": dict(counts)}
 
 

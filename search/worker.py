@@ -138,10 +138,13 @@ class TrialWorker:
                 self._cache_sized = True
                 self.resident.size_magnitude_cache()
             items, ids = scoring.per_item(result)
+            groups = scoring.item_clusters(self.stage1 if stage == 1 and self.stage1 is not None
+                                           and not self.split_stages else self.full, result)
             return StageResult(worker=self.worker_id, stage=stage, final=final,
                                score=scoring.score(self.campaign, result),
                                objectives=scoring.objectives(self.campaign, result),
                                domains=scoring.domain_metrics(result), items=items, item_ids=ids,
+                               item_groups=groups,
                                materialize_seconds=materialize, eval_seconds=time.perf_counter() - t1,
                                threads=torch.get_num_threads() if self.device == "cpu" else None,
                                dtype=str(self.dtype).removeprefix("torch."))

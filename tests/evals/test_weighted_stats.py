@@ -233,6 +233,25 @@ def test_clustered_bootstrap_resamples_clusters_within_domains():
     assert np.mean(draws == 0.25) == pytest.approx(0.5, abs=0.05)
 
 
+def test_paired_bootstrap_resamples_whole_clusters_for_every_model():
+    """Every item duplicated into a twin group: the clustered paired draws are the single
+    copy's item-level draws (same seed), for every model; blank labels are the item level."""
+    rng = np.random.default_rng(11)
+    a, b = _random_case(rng, (30, 20), binary=True)
+    weights = {"d0": 2.0, "d1": 1.0}
+    twice = lambda v: {d: [x for x in xs for _ in (0, 1)] for d, xs in v.items()}  # noqa: E731
+    clusters = {d: [f"q{i}" for i in range(len(xs)) for _ in (0, 1)] for d, xs in a.items()}
+    once = W.paired_bootstrap({"a": a, "b": b}, weights, resamples=500, seed=4)
+    honest = W.paired_bootstrap({"a": twice(a), "b": twice(b)}, weights, resamples=500, seed=4, clusters=clusters)
+    naive = W.paired_bootstrap({"a": twice(a), "b": twice(b)}, weights, resamples=500, seed=4)
+    for name in ("a", "b"):
+        assert honest[name] == pytest.approx(once[name], abs=1e-12)
+    assert np.std(naive["a"]) < 0.8 * np.std(once["a"])            # the naive draws are too narrow
+    blank = {d: [""] * len(v) for d, v in a.items()}
+    assert all(np.array_equal(W.paired_bootstrap({"a": a, "b": b}, weights, resamples=500, seed=4,
+                                                 clusters=blank)[k], once[k]) for k in once)
+
+
 def test_cluster_labels_must_cover_every_item():
     a, b = {"d0": [True, False]}, {"d0": [False, False]}
     with pytest.raises(ValueError, match="2 items"):

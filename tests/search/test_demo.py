@@ -247,6 +247,9 @@ def test_verdicts_are_the_held_out_test_comparisons(demo_run):
     # the two test wordings of a fact are one twin group: the tests count each fact once
     assert verdict["test_units"] == again["n_units"] == SMALL.facts * len(DOMAINS)
     assert all(len(set(g)) == SMALL.facts for g in record["test_clusters"].values())
+    # the dev items too (two dev wordings a fact): the dev comparisons and the gap count facts
+    assert all(len(set(g)) == SMALL.facts and len(g) == 2 * SMALL.facts for g in record["dev_clusters"].values())
+    assert all(d is None or d["units"] == SMALL.facts * len(DOMAINS) for d in verdict["dev_selected_on"].values())
     assert set(verdict["test"]) == set(RIVALS)
     assert sorted(r["p_holm"] for r in verdict["test"].values()) == pytest.approx(
         sorted(r["p_holm"] for r in again["baselines"].values()))

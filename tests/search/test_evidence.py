@@ -74,6 +74,29 @@ def test_status_lines_show_intervals_p_values_and_the_selection_note(study):
     assert "optimistic" in text and "0 looks at the test split" in text
 
 
+def test_status_counts_each_twin_group_once(study):
+    """The same trials with every item asked twice (answered alike) and the study's twin groups
+    stored: status's dev comparison and score intervals are those of one copy."""
+    twice = optuna.create_study(direction="maximize", study_name="ev2")
+    twice.set_user_attr(T.S_CAMPAIGN, {"objectives": {"legal": 1.0}, "budget": {"trials": 3}})
+    for t in study.get_trials():
+        bits = [b for b in T.item_bits(t)["legal"] for _ in (0, 1)]
+        extra = {T.A_BASELINE: "uniform"} if T.baseline_name(t) else {}
+        _trial(twice, t.params["x"], bits, **extra)
+    naive = status_dict(twice)
+    T.ItemLists(twice).check("final", {"legal": [f"q{i}" for i in range(36)]},
+                             {"legal": [f"f{i // 2}" for i in range(36)]})
+    once, honest = status_dict(study), status_dict(twice)
+    for key in ("p_value", "ci95", "diff"):
+        assert honest["best_vs_baselines"]["uniform"][key] == pytest.approx(once["best_vs_baselines"]["uniform"][key])
+    assert honest["best_vs_baselines"]["uniform"]["units"] == 18 and naive["best_vs_baselines"]["uniform"]["units"] == 36
+    assert naive["best_vs_baselines"]["uniform"]["p_value"] < once["best_vs_baselines"]["uniform"]["p_value"]
+    assert honest["best_score_ci95"] == pytest.approx(once["best_score_ci95"])
+    assert honest["baseline_scores"]["uniform"]["ci95"] == pytest.approx(once["baseline_scores"]["uniform"]["ci95"])
+    lo, hi = once["best_score_ci95"]
+    assert f"{once['best_score']:.4f} [{lo:.3f}, {hi:.3f}]" in "\n".join(summary_lines(twice))
+
+
 def test_comparisons_need_the_same_items():
     assert E.compare({"legal": [True, False]}, {"legal": [True]}) is None
     assert E.compare({}, {"legal": [True]}) is None
@@ -149,6 +172,27 @@ def test_generalization_gap_against_the_baselines_mean_gap():
     assert g["excess_gap"] == pytest.approx(-0.30)
     assert g["ci95"][0] < -0.30 < g["ci95"][1] < 0
     assert V.generalization_gap(merge, {}, None) is None
+
+
+def test_dev_comparisons_and_the_gap_count_each_twin_group_once():
+    """Every dev and test item asked twice (answered alike): with the twin groups, the dev
+    comparison and the gap's interval are the single copy's; without them they are narrower."""
+    twice = lambda v: {d: [x for x in xs for _ in (0, 1)] for d, xs in v.items()}  # noqa: E731
+    groups = {"legal": [f"f{i}" for i in range(50) for _ in (0, 1)]}
+    merge = ({"legal": _bits(50, 45)}, {"legal": _bits(50, 30)})
+    base = ({"legal": _bits(50, 30, offset=3)}, {"legal": _bits(50, 29, offset=3)})
+    dup = lambda pair: (twice(pair[0]), twice(pair[1]))  # noqa: E731
+    once = V.dev_comparisons(merge[0], {"b": base[0]}, None)["b"]
+    honest = V.dev_comparisons(twice(merge[0]), {"b": twice(base[0])}, None, clusters=groups)["b"]
+    naive = V.dev_comparisons(twice(merge[0]), {"b": twice(base[0])}, None)["b"]
+    assert honest["p_value"] == pytest.approx(once["p_value"], abs=1e-12) and naive["p_value"] < once["p_value"]
+    assert honest["ci95"] == pytest.approx(once["ci95"], abs=1e-12)
+    g_once = V.generalization_gap(merge, {"b": base}, None)
+    g_honest = V.generalization_gap(dup(merge), {"b": dup(base)}, None, clusters=(groups, groups))
+    g_naive = V.generalization_gap(dup(merge), {"b": dup(base)}, None)
+    assert g_honest["excess_gap"] == pytest.approx(g_once["excess_gap"])
+    assert g_honest["ci95"] == pytest.approx(g_once["ci95"], abs=1e-12)
+    assert g_naive["ci95"][1] - g_naive["ci95"][0] < 0.85 * (g_once["ci95"][1] - g_once["ci95"][0])
 
 
 def test_counts_read_the_exports(study, tmp_path):

@@ -74,6 +74,27 @@ def test_a_candidate_0_15_worse_with_pooled_ties_is_pruned():
     assert d.prune and d.p_value <= 0.05
 
 
+def test_a_fact_asked_twice_counts_once():
+    """Each stage-1 item asked in two wordings that every model answers alike: 4 facts against
+    the candidate are p = 1/16 (kept), not the 1/256 that counting 8 items would give (pruned)."""
+    inc, cand = [True] * 10, [False] * 4 + [True] * 6
+    twice = lambda v: [x for x in v for _ in (0, 1)]  # noqa: E731
+    groups = {pruning.FLAT: [f"f{i}" for i in range(10) for _ in (0, 1)]}
+    once = pruning.decide(0.5, cand, earlier=EARLIER, incumbent_correct=inc, incumbent=1)
+    naive = pruning.decide(0.5, twice(cand), earlier=EARLIER, incumbent_correct=twice(inc), incumbent=1)
+    honest = pruning.decide(0.5, twice(cand), earlier=EARLIER, incumbent_correct=twice(inc), incumbent=1,
+                            clusters=groups)
+    assert not once.prune and once.p_value == pytest.approx(1 / 16) and once.units == 10
+    assert naive.prune and naive.p_value == pytest.approx(1 / 256)
+    assert not honest.prune and honest.p_value == pytest.approx(1 / 16)
+    assert (honest.n, honest.discordant, honest.units) == (20, 8, 10) and "10 independent units" in honest.reason
+    assert honest.to_attr()["units"] == 10
+    # labels that do not cover the items are not used: the item-level test
+    short = pruning.decide(0.5, twice(cand), earlier=EARLIER, incumbent_correct=twice(inc), incumbent=1,
+                           clusters={pruning.FLAT: ["f0"]})
+    assert short.p_value == naive.p_value and short.units == 20
+
+
 def test_baselines_are_never_pruned():
     d = pruning.decide(0.0, [False] * 30, earlier=EARLIER, incumbent_correct=[True] * 30, incumbent=1,
                        baseline=True)

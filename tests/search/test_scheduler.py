@@ -4,6 +4,7 @@ running model-free fake workers): no Ray, no models, milliseconds each."""
 from __future__ import annotations
 
 import collections
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -429,6 +430,42 @@ def test_the_pruning_audit_scores_would_be_prunes_in_full_and_reports_them():
     assert s["false_prunes"] == 0 and s["false_prune_rate"] == 0.0
     text = "\n".join(pruning_audit.lines(s))
     assert f"pruning audit: {len(audited)} would-be prunes scored in full" in text and "power of stage 1" in text
+
+
+def test_twin_groups_the_worker_reports_are_counted_once_by_pruning_and_its_power():
+    """Stage 1 asks 12 facts twice (24 items, answered alike): each decision counts 12 units,
+    every prune is significant on one copy of the facts, and the power is quoted on 12 units."""
+    from evals.stats import mcnemar_exact
+    from search import pruning_audit
+
+    def outcome(job):
+        n = 24 if job.stage == 2 else 12
+        x = float(job.trial.params["x"])
+        facts = [i < round(x * n) for i in range(n)]
+        items = [b for b in facts for _ in (0, 1)]
+        r = result(job, score=sum(facts) / n, final=job.stage == 2, items=items)
+        groups = {"legal": tuple(f"f{i}" for i in range(n) for _ in (0, 1))}
+        return dataclasses.replace(r, item_groups=groups)
+
+    sched, _, study = scheduler(outcome, budget=40, workers=2, prune_audit=0.0)
+    sched.prefill()
+    sched.run()
+    decisions = [t.user_attrs[T.A_PRUNE] for t in study.get_trials() if T.A_PRUNE in t.user_attrs]
+    tested = [d for d in decisions if d.get("n")]
+    assert tested and all((d["n"], d["units"]) == (24, 12) for d in tested)
+    pruned = [t for t in study.get_trials() if t.state.name == "PRUNED"]
+    assert pruned
+    trials = study.get_trials()
+    for t in pruned:
+        mine = T.item_bits(t, stage1=True)["legal"][::2]
+        theirs = T.item_bits(trials[t.user_attrs[T.A_PRUNE]["incumbent"]], stage1=True)["legal"][::2]
+        wins = sum(a and not b for a, b in zip(mine, theirs))
+        losses = sum(b and not a for a, b in zip(mine, theirs))
+        assert mcnemar_exact(wins, losses, "less") <= 0.05
+    s = pruning_audit.summary(study)
+    assert (s["stage1_items"], s["stage1_units"]) == (24, 12)
+    assert s["power"] == pytest.approx(pruning_audit.stage1_power(12, s["disagreement_rate"]))
+    assert "24 items, 12 independent units" in "\n".join(pruning_audit.lines(s))
 
 
 def test_a_baseline_is_never_pruned_by_the_scheduler():

@@ -67,6 +67,11 @@ def test_study_facts_are_recorded_and_read_back():
     lists = T.ItemLists(study)
     lists.check("stage1", {"legal": ["a", "b"]})
     assert T.item_lists(study) == {"stage1": {"legal": ["a", "b"]}}
+    assert T.item_groups(study) == {}                 # no twin groups given: none stored
+    lists.check("final", {"legal": ["a", "b", "c"]}, {"legal": ("f1", "f1", "")})
+    assert T.item_groups(study) == {"final": {"legal": ["f1", "f1", ""]}}
+    lists.check("final", {"legal": ["a", "b", "c"]}, {"legal": ("x", "y", "z")})   # stored once
+    assert T.item_groups(study) == {"final": {"legal": ["f1", "f1", ""]}}
     with pytest.raises(SchedulerError, match="differ"):
         T.ItemLists(study).check("stage1", {"legal": ["b", "a"]})
 

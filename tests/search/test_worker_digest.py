@@ -21,7 +21,8 @@ def worker(monkeypatch):
         return SimpleNamespace(text=text, digest=lambda: calls.__setitem__("hash", calls["hash"] + 1) or text)
 
     monkeypatch.setattr(Recipe, "from_yaml", classmethod(parse))
-    for name, value in {"per_item": ({}, {}), "score": 0.5, "objectives": (0.5,), "domain_metrics": {}}.items():
+    for name, value in {"per_item": ({}, {}), "item_clusters": {}, "score": 0.5, "objectives": (0.5,),
+                        "domain_metrics": {}}.items():
         monkeypatch.setattr(scoring, name, lambda *a, _v=value, **k: _v)
     w = TrialWorker.__new__(TrialWorker)   # no models: only run()'s bookkeeping is under test
     w.campaign, w.worker_id, w.device, w._loaded_digest = None, 0, "cuda", None

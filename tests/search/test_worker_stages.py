@@ -59,6 +59,9 @@ def test_stage_2_scores_the_rest_and_equals_a_single_stage_score(staged, tiny_zo
     whole = worker.full.evaluate(worker.model)                    # the single-stage score
     assert two.score == scoring.score(campaign, whole)            # exact, not approximately
     assert (two.items, two.item_ids) == scoring.per_item(whole)
+    # each item's twin group travels with it, in the same order (the sample suite has none)
+    assert two.item_groups == scoring.item_clusters(worker.full, whole)
+    assert {d: len(v) for d, v in one.item_groups.items()} == {d: len(v) for d, v in one.item_ids.items()}
     assert two.domains == scoring.domain_metrics(whole)
     assert two.dtype == "float32"                                 # CPU: auto is float32
 
