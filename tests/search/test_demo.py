@@ -177,6 +177,13 @@ def test_replay_mixes_the_bases_own_facts_into_a_specialists_texts():
     assert not any(s in e.text for e in none for s in fmt_subjects)
 
 
+def test_health_lr_ratio_scales_only_the_health_specialists_learning_rate():
+    recipe = ZooRecipe(specialist_lr=5e-4, health_lr_ratio=0.4)
+    assert (recipe.specialist_lr_of("legal"), recipe.specialist_lr_of("health")) == pytest.approx((5e-4, 2e-4))
+    assert ZooRecipe().specialist_lr_of("health") == ZooRecipe().specialist_lr
+    assert ZooRecipe(health_lr_ratio=0.4).digest() != ZooRecipe().digest()
+
+
 def test_trial_count_rows_and_counts(demo_run):
     directory, summary = demo_run
     study = load_study(directory)
