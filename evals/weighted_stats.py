@@ -258,11 +258,20 @@ def _bootstrap(x, c, dom, groups: np.ndarray | None, *, resamples: int, seed: in
             idx = rng.integers(0, xd.size, size=(resamples, xd.size))
             out += wd * xd[idx].mean(axis=1)
             continue
-        _, gd = np.unique(groups[dom == k], return_inverse=True)
-        sums, sizes = np.bincount(gd, weights=xd), np.bincount(gd).astype(float)
-        idx = rng.integers(0, sums.size, size=(resamples, sums.size))
-        out += wd * sums[idx].sum(axis=1) / sizes[idx].sum(axis=1)
+        gd, idx, drawn = _cluster_draw(groups[dom == k], rng, resamples)
+        out += wd * np.bincount(gd, weights=xd)[idx].sum(axis=1) / drawn
     return out
+
+
+def _cluster_draw(labels: np.ndarray, rng: np.random.Generator, resamples: int
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One domain's clusters resampled with replacement: (each item's cluster, the clusters
+    drawn in each resample, the items they hold); a draw's score is the drawn clusters' summed
+    values over the items drawn (the ratio estimator)."""
+    _, gd = np.unique(labels, return_inverse=True)
+    sizes = np.bincount(gd).astype(float)
+    idx = rng.integers(0, sizes.size, size=(resamples, sizes.size))
+    return gd, idx, sizes[idx].sum(axis=1)
 
 
 def units(values: Items, weights: Mapping[str, float], clusters: Clusters | None = None) -> int:
@@ -353,12 +362,9 @@ def paired_bootstrap(models: Mapping[str, Items], weights: Mapping[str, float], 
             for name in names:
                 out[name] += share * np.asarray(models[name][d], dtype=float)[idx].mean(axis=1)
         else:
-            _, gd = np.unique(groups[start:start + n], return_inverse=True)
-            sizes = np.bincount(gd).astype(float)
-            idx = rng.integers(0, sizes.size, size=(resamples, sizes.size))
-            drawn = sizes[idx].sum(axis=1)
+            gd, idx, drawn = _cluster_draw(groups[start:start + n], rng, resamples)
             for name in names:
-                sums = np.bincount(gd, weights=np.asarray(models[name][d], dtype=float), minlength=sizes.size)
+                sums = np.bincount(gd, weights=np.asarray(models[name][d], dtype=float))
                 out[name] += share * sums[idx].sum(axis=1) / drawn
         start += n
     return out

@@ -7,6 +7,7 @@ holds only because both run exactly this code.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from search.campaign import Campaign
@@ -95,7 +96,17 @@ def item_clusters(evaluator: Any, result: Any) -> dict[str, tuple[str, ...]]:
     """{domain: each item's twin group (the data's ``pair_id``; "" when it stands alone)}, in
     :func:`per_item`'s order: items of one group are not independent evidence, and the
     held-out tests count each group once (``evals.weighted_stats``, clusters)."""
-    pairs = {(t.name, i.id): i.pair for t in evaluator.suite.tasks for i in t.items}
+    return groups_of(pair_lookup(evaluator), result)
+
+
+def pair_lookup(*evaluators: Any) -> dict[tuple[str, str], str]:
+    """{(task, item id): twin group} of every item the evaluators' suites hold (built once by a
+    worker, which then reads each result's groups with :func:`groups_of`)."""
+    return {(t.name, i.id): i.pair for ev in evaluators for t in ev.suite.tasks for i in t.items}
+
+
+def groups_of(pairs: Mapping[tuple[str, str], str], result: Any) -> dict[str, tuple[str, ...]]:
+    """:func:`item_clusters` of ``result`` from a :func:`pair_lookup`."""
     out: dict[str, list[str]] = {}
     for item in result.items:
         domain = result.tasks[item.task].domain

@@ -77,6 +77,7 @@ class TrialWorker:
         self.tokenizer = AutoTokenizer.from_pretrained(tok_dir)
         self.full, self.stage1 = scoring.stage_evaluators(campaign, self.tokenizer)
         self.split_stages = self.stage1 is not None and scoring.stage1_in_full(self.full, self.stage1)
+        self.pairs = scoring.pair_lookup(*(ev for ev in (self.full, self.stage1) if ev is not None))
         self._stage1_scores: OrderedDict[str, dict[int, tuple[int, float]]] = OrderedDict()
         self._cache_sized = False
         self.load_seconds = time.perf_counter() - start
@@ -138,13 +139,11 @@ class TrialWorker:
                 self._cache_sized = True
                 self.resident.size_magnitude_cache()
             items, ids = scoring.per_item(result)
-            groups = scoring.item_clusters(self.stage1 if stage == 1 and self.stage1 is not None
-                                           and not self.split_stages else self.full, result)
             return StageResult(worker=self.worker_id, stage=stage, final=final,
                                score=scoring.score(self.campaign, result),
                                objectives=scoring.objectives(self.campaign, result),
                                domains=scoring.domain_metrics(result), items=items, item_ids=ids,
-                               item_groups=groups,
+                               item_groups=scoring.groups_of(self.pairs, result),
                                materialize_seconds=materialize, eval_seconds=time.perf_counter() - t1,
                                threads=torch.get_num_threads() if self.device == "cpu" else None,
                                dtype=str(self.dtype).removeprefix("torch."))

@@ -21,12 +21,13 @@ def worker(monkeypatch):
         return SimpleNamespace(text=text, digest=lambda: calls.__setitem__("hash", calls["hash"] + 1) or text)
 
     monkeypatch.setattr(Recipe, "from_yaml", classmethod(parse))
-    for name, value in {"per_item": ({}, {}), "item_clusters": {}, "score": 0.5, "objectives": (0.5,),
+    for name, value in {"per_item": ({}, {}), "groups_of": {}, "score": 0.5, "objectives": (0.5,),
                         "domain_metrics": {}}.items():
         monkeypatch.setattr(scoring, name, lambda *a, _v=value, **k: _v)
     w = TrialWorker.__new__(TrialWorker)   # no models: only run()'s bookkeeping is under test
     w.campaign, w.worker_id, w.device, w._loaded_digest = None, 0, "cuda", None
     w.split_stages, w._cache_sized, w.dtype = False, True, torch.float32   # no staged scores, cache sized
+    w.pairs = {}
     w.model = torch.nn.Linear(1, 1)   # a stand-in module: what run() reads off a model, it finds
     w.resident = SimpleNamespace(materialize=lambda recipe, model: calls["materialize"].append(recipe.text) or 0)
     w.stage1 = w.full = SimpleNamespace(evaluate=lambda model: None)
