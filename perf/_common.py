@@ -99,3 +99,24 @@ def warm_page_cache(folder: Path) -> None:
 
 def bin_dir() -> Path:
     return Path(sys.executable).parent
+
+
+def environment() -> dict[str, str]:
+    """What a measured figure depends on besides the code: the CPU and the numeric libraries'
+    versions (a demo zoo trained elsewhere can differ in its last bits, and so every score)."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    out = {"cpu": cpu, "python": platform.python_version()}
+    for name in ("torch", "transformers", "tokenizers", "optuna", "numpy"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "-"
+    return out

@@ -47,6 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import dataclasses
 
+    from perf._common import environment
     from perf.zoo_merges import override
     from search.demo.zoo import ZooRecipe
 
@@ -76,10 +77,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     wall = time.perf_counter() - start
     load = os.getloadavg()
     held = sum(r["holds"] for r in results)
+    env = environment()
     print(f"the claim held in {held} of {len(results)} seeds; wall time {wall:.0f} s for {len(results)} demos "
           f"on {os.cpu_count()} CPUs, load average at the end {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    print("environment: " + ", ".join(f"{k} {v}" for k, v in env.items()))
     if args.json is not None:
-        args.json.write_text(json.dumps({"results": results, "wall_seconds": wall, "load_average": load}, indent=1))
+        args.json.write_text(json.dumps({"results": results, "wall_seconds": wall, "load_average": load,
+                                         "environment": env}, indent=1))
     return 0
 
 

@@ -21,6 +21,7 @@ marked as the optimistic, selected-on number it is.
     python perf/search_quality.py                                   # 4 samplers x 20 seeds x 60
     python perf/search_quality.py --trials 12 --seeds 2 --samplers cmaes,random   # a quick look
     python perf/search_quality.py --json out.json --cache scores.json
+    python perf/search_quality.py --set base_threads=1   # another demo zoo recipe (ZooRecipe fields)
     # the default split over two cores, then one table (about 26 minutes on 2 cores):
     python perf/search_quality.py --samplers cmaes,random --json a.json &
     python perf/search_quality.py --samplers tpe,gp --json b.json; wait
@@ -81,7 +82,8 @@ class Objective:
     """The demo campaign's trial, in process: materialize in place, evaluate, weighted score;
     ``test`` scores a recipe on the held-out items (for the chosen merges only)."""
 
-    def __init__(self, *, threads: int, cache: dict[str, float | None], workdir: Path):
+    def __init__(self, *, threads: int, cache: dict[str, float | None], workdir: Path,
+                 zoo_set: Sequence[str] = ()):
         import torch
 
         torch.set_num_threads(threads)
@@ -95,7 +97,9 @@ class Objective:
         from search.demo.run import DOMAINS, NUM_FEWSHOT, campaign_dict
         from search.demo.zoo import ZooRecipe, ensure_zoo
 
-        recipe = ZooRecipe()
+        from perf.zoo_merges import override
+
+        recipe = override(ZooRecipe(), zoo_set)
         zoo = ensure_zoo(recipe, progress=False, log=lambda m: None)
         data_dir = F.write_data_dir(recipe.make_facts()[0], workdir / "data")
         self.campaign = parse_campaign(campaign_dict(zoo, trials=max(CHECKPOINTS), seed=0, data_dir=data_dir),
@@ -344,6 +348,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, default=None,
                         help="JSON file of scores by recipe digest, read first and written at the end")
     parser.add_argument("--json", type=Path, default=None, help="also write the runs and summary here")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="override a field of the demo's ZooRecipe (repeatable), as perf/zoo_merges.py")
     parser.add_argument("--summary-from", type=Path, nargs="+", default=None, metavar="JSON",
                         help="print the table of earlier runs' --json files again, running nothing; "
                              "several files (say, samplers split over two processes) are one table")
@@ -370,7 +376,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import tempfile
 
     workdir = Path(tempfile.mkdtemp(prefix="brmerge-search-quality-"))
-    objective = Objective(threads=args.threads, cache=cache, workdir=workdir)
+    objective = Objective(threads=args.threads, cache=cache, workdir=workdir, zoo_set=args.set)
     setup = time.perf_counter() - start
     runs: list[Run] = []
     for name in names:

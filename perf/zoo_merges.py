@@ -57,6 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     from evals.harness import Evaluator
+    from perf._common import environment
     from search.demo import facts as F
     from search.demo.zoo import SPECIALISTS, ZooRecipe, ensure_zoo
 
@@ -105,6 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for a, c in GRID:
         print(row(f"base + {a} legal + {c} health", dict(zip(SPECIALISTS, (a, c)))))
     print(f"\nwall time {time.perf_counter() - start:.0f} s, load average {os.getloadavg()[0]:.2f}")
+    print("environment: " + ", ".join(f"{k} {v}" for k, v in environment().items()))
     return 0
 
 

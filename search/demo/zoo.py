@@ -94,6 +94,10 @@ class ZooRecipe:
     disjoint_names: bool = False    # each domain's made-up names from its own syllable onsets
     shuffle_options: bool = False   # each question lists the four values in an order of its own
     threads: int = 1             # per training process: the two specialists train side by side on 2 cores
+    # the base trains alone, before them, on this many threads (the second core was idle at 1).
+    # 1 and 2 gave bit-identical zoos where measured (README), but float sums split across
+    # threads need not on every CPU, so it is part of the recipe (and of the cache's digest)
+    base_threads: int = 2
     version: int = 4             # bump when the training code changes what it produces
 
     def digest(self) -> str:
@@ -334,17 +338,33 @@ def build_zoo(recipe: ZooRecipe, folder: Path, *, progress: bool = True,
     With ``parallel`` (the default when there are at least two CPUs) the specialists train at
     the same time in two processes of ``recipe.threads`` threads each; every specialist starts
     from the saved base with its own seeds, so the weights are the same bit for bit either way
-    (``tests/search/test_demo.py``)."""
+    (``tests/search/test_demo.py``). The children re-import the calling script, so a script
+    that builds a zoo must do it under ``if __name__ == "__main__":`` (a child stops at once
+    with that fix otherwise)."""
     import torch
 
     if parallel is None:
         parallel = (os.cpu_count() or 1) >= 2 * recipe.threads
+    if parallel and _importing_main():
+        raise RuntimeError(GUARD_HINT)   # before minutes of training that could not finish anyway
     threads = torch.get_num_threads()
     torch.set_num_threads(recipe.threads)
     try:
         return _build(recipe, folder, progress=progress, log=log, parallel=parallel)
     finally:
         torch.set_num_threads(threads)
+
+
+GUARD_HINT = ("a script that trains a zoo must do so under `if __name__ == \"__main__\":`: the specialists "
+              "train in child processes, which re-import the script (or pass parallel=False)")
+
+
+def _importing_main() -> bool:
+    """True in a spawned child while it re-imports the parent's script: a zoo trained at import
+    time there would start children of its own, which multiprocessing refuses."""
+    import multiprocessing
+
+    return bool(getattr(multiprocessing.current_process(), "_inheriting", False))
 
 
 def _build(recipe: ZooRecipe, folder: Path, *, progress: bool, log: Callable[[str], None],
@@ -358,11 +378,14 @@ def _build(recipe: ZooRecipe, folder: Path, *, progress: bool, log: Callable[[st
     tokenizer = make_tokenizer(folder / "tokenizer", vocab_size=recipe.vocab_size,
                                corpus=tokenizer_corpus(recipe))
     base = LlamaForCausalLM(_config(recipe, tokenizer))
-    losses = {"base": _train_with_bar(
-        base, tokenizer, base_examples(recipe, random.Random(recipe.seed)), steps=recipe.base_steps,
-        lr=recipe.base_lr, batch=recipe.base_batch, answer_weight=recipe.base_facts_weight or 1.0,
-        context=recipe.context,
-        desc="zoo: base model", progress=progress)}
+    torch.set_num_threads(recipe.base_threads)
+    try:
+        losses = {"base": _train_with_bar(
+            base, tokenizer, base_examples(recipe, random.Random(recipe.seed)), steps=recipe.base_steps,
+            lr=recipe.base_lr, batch=recipe.base_batch, answer_weight=recipe.base_facts_weight or 1.0,
+            context=recipe.context, desc="zoo: base model", progress=progress)}
+    finally:
+        torch.set_num_threads(recipe.threads)
     _save(base, tokenizer, folder / MODEL_NAMES["base"])
     del base
     if parallel:
@@ -445,8 +468,10 @@ def _specialists_in_parallel(recipe: ZooRecipe, folder: Path, *, progress: bool)
                     kind, value = conn.recv()
                 except EOFError:         # closed without a result: the process died
                     children[domain].join()
-                    raise RuntimeError(f"the {domain} specialist's training process died "
-                                       f"(exit code {children[domain].exitcode})") from None
+                    code = children[domain].exitcode or 0
+                    how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+                    raise RuntimeError(f"the {domain} specialist's training process {how} before it "
+                                       "reported; its own error, if any, is printed above") from None
                 if kind == "step":
                     steps[domain] = value
                     bar.update(sum(steps.values()) - bar.n)

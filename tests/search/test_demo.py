@@ -335,3 +335,55 @@ def test_a_failing_specialist_process_is_one_error_naming_it(tmp_path):
     recipe = ZooRecipe(facts=8, format_subjects=4, base_steps=2, specialist_steps=2, specialist_lr=float("nan"))
     with pytest.raises(RuntimeError, match="specialist"):
         build_zoo(recipe, tmp_path, progress=False, log=lambda m: None, parallel=True)
+
+
+def test_a_script_training_a_zoo_without_a_main_guard_fails_fast_with_the_fix(tmp_path):
+    """The specialists train in spawned children, which re-import the calling script: a script
+    that trains a zoo at import time must stop in the child at once, before training a base of
+    its own, with the fix in the message, and leave no zoo (complete-looking or staged)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r})\n"
+        "from search.demo.zoo import ZooRecipe, ensure_zoo\n"
+        "print('script body ran', file=sys.stderr, flush=True)\n"
+        "recipe = ZooRecipe(hidden=16, layers=1, heads=2, intermediate=32, vocab_size=300,\n"
+        "                   facts=4, format_subjects=4, base_steps=2, specialist_steps=2)\n"
+        f"ensure_zoo(recipe, cache_dir={str(tmp_path / 'cache')!r}, progress=False)\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                          env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+    assert done.returncode != 0
+    assert done.stderr.count("script body ran") == 3           # the script, then each child re-importing it
+    child_errors = [line for line in done.stderr.splitlines() if line.startswith("RuntimeError: a script")]
+    assert len(child_errors) == 2 and 'if __name__ == "__main__":' in child_errors[0]
+    assert "specialist's training process exited with code 1 before it reported" in done.stderr
+    # the parent saved its base (transformers' "Writing model shards" bar); the children saved nothing
+    assert done.stderr.count("Writing model shards: 100%") == 1
+    assert not list((tmp_path / "cache" / "zoo").iterdir())    # no zoo, no staging folder
+
+
+def test_the_base_trains_on_base_threads_and_the_specialists_on_threads(tmp_path, monkeypatch):
+    """The base trains alone, on ``base_threads``; each specialist on ``threads``; the caller's
+    thread count is back afterwards."""
+    import torch
+
+    from search.demo import zoo as Z
+
+    seen: list[tuple[float, int]] = []
+    real = Z.train
+
+    def spy(model, tokenizer, examples, **kwargs):
+        seen.append((kwargs.get("lr"), torch.get_num_threads()))
+        return real(model, tokenizer, examples, **kwargs)
+
+    monkeypatch.setattr(Z, "train", spy)
+    before = torch.get_num_threads()
+    recipe = ZooRecipe(facts=8, format_subjects=4, base_steps=2, specialist_steps=2, base_lr=1e-3,
+                       specialist_lr=5e-4, base_threads=2, threads=1)
+    Z.build_zoo(recipe, tmp_path, progress=False, log=lambda m: None, parallel=False)
+    assert seen == [(1e-3, 2), (5e-4, 1), (5e-4, 1)]
+    assert torch.get_num_threads() == before
+    assert ZooRecipe(base_threads=1).digest() != ZooRecipe().digest()
