@@ -25,7 +25,7 @@ TrialState = optuna.trial.TrialState
 
 from search import evidence as E
 from search import pruning_audit
-from search.verdicts import search_counts
+from search.verdicts import INTERVAL_NOTE, search_counts
 from search import trials as T
 from search.errors import SearchError
 from search.campaign import Campaign
@@ -122,6 +122,7 @@ def held_out_section(directory: Path) -> Section:
     body = "<ul>" + "".join(f"<li>{html.escape(line.strip())}</li>" for line in verdict_lines(held_out)) + "</ul>"
     return Section(title, html_body=body,
                    note="weighted score, paired domain-stratified sign-flip test; per-baseline p Holm-adjusted; "
+                        f"{INTERVAL_NOTE}; "
                         "\"beats all\" is an intersection-union test (each one-sided p <= alpha)")
 
 

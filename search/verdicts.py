@@ -4,7 +4,9 @@
   test split at export (:func:`held_out_verdicts`). Each baseline gets the paired, domain-
   stratified sign-flip test of the weighted score (``evals.weighted_stats``), two-sided, with
   **Holm's** adjustment over the baselines of that split; the adjusted p is shown and decides
-  the word, which also needs the bootstrap interval on the same side of 0.
+  the word, which also needs the bootstrap interval on the same side of 0. The interval is
+  the comparison's own 95%, not adjusted for the other baselines (``INTERVAL_NOTE``): with
+  several baselines it can clear 0 while the adjusted p, and so the verdict, does not.
 - "**Beats all baselines**" is an intersection-union claim: it holds when *every* one-sided
   p ("the merge is better than this baseline") is <= alpha; its p is the largest of them.
 - A comparison on the dev items the merge was selected on (:func:`dev_comparisons`) shows the
@@ -34,6 +36,10 @@ from evals.stats import DEFAULT_ALPHA, DEFAULT_LEVEL, holm_adjust, intersection_
 from search.errors import SearchError
 
 Bits = Mapping[str, Sequence[bool]]
+# where a held-out interval and its verdict can differ: said wherever both are shown
+INTERVAL_NOTE = ("each interval is that comparison's own 95%, not adjusted for the others: a verdict also "
+                 "needs the Holm-adjusted p <= alpha, so an interval clear of 0 can still read "
+                 "\"not distinguishable\"")
 
 
 def weights_for(bits: Bits, weights: Mapping[str, float] | None) -> dict[str, float]:
@@ -133,7 +139,7 @@ def verdict_sentence(v: Mapping[str, Any]) -> str:
     """One sentence from :func:`held_out_verdicts`' result."""
     per = "; ".join(f"{label}: {r['text']}" for label, r in v["baselines"].items()) or "no baseline to compare"
     return (f"On {items_text(v)}, the merge {v['beats_all']['text']}. "
-            f"Weighted score minus each baseline [95% CI], two-sided p Holm-adjusted: {per}.")
+            f"Weighted score minus each baseline [95% CI], two-sided p Holm-adjusted ({INTERVAL_NOTE}): {per}.")
 
 
 def items_text(v: Mapping[str, Any]) -> str:
@@ -237,7 +243,7 @@ def claims_markdown(claims: Mapping[str, Any], escape=lambda s: s) -> str:
     v = claims["verdicts"]
     out = [f"Verdicts, from the {items_text(v)} only (weighted score, paired "
            "domain-stratified sign-flip test, two-sided p Holm-adjusted over the baselines; 95% "
-           f"stratified bootstrap interval): the exported model {v['beats_all']['text']}.", ""]
+           f"stratified bootstrap interval; {INTERVAL_NOTE}): the exported model {v['beats_all']['text']}.", ""]
     out += [f"- vs {escape(label)}: {r['text']}" for label, r in v["baselines"].items()] or ["- no baseline completed"]
     out += ["", "On the dev items the trial was selected on (weighted score difference [95% CI], p; "
                 "selected on these items, no verdict):", ""]

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from search.demo.zoo import SPECIALISTS
+from search.verdicts import INTERVAL_NOTE
 
 # The demo scores the domains it has a specialist for (the zoo's fine-tunes, in its order);
 # each is a ``benchmarks_ptbr.sources`` domain, checked by the tests.
@@ -105,7 +106,7 @@ def verdict_lines(verdict: Mapping[str, Any]) -> list[str]:
                 f"specialists and the uniform merge (the merge {verdict['beats_all']['text']}); "
                 "the per-rival verdicts below are what it shows")
     lines = [head, "best searched merge minus each, on the same test items (weighted score difference "
-                   "[95% CI], sign-flip p, Holm-adjusted over the three):"]
+                   f"[95% CI], sign-flip p, Holm-adjusted over the three; {INTERVAL_NOTE}):"]
     for name, d in verdict["test"].items():
         lines.append(f"  {name}: {d['text'] if d else 'no paired test items'}")
     lines.append("on the dev items it was selected on (no verdict: these items chose it):")

@@ -203,3 +203,30 @@ def test_counts_read_the_exports(study, tmp_path):
     c = V.search_counts(study, tmp_path)
     assert c == {"trials_searched": 3, "distinct_candidates": 3, "exports": 2, "test_looks": 2}
     assert "2 exports, 2 looks at the test split" in E.selection_note(3, c)
+
+
+def test_an_interval_clear_of_zero_with_a_holm_p_above_alpha_is_no_verdict_and_says_why():
+    """The interval beside a held-out verdict is that comparison's own 95%; Holm adjusts the p
+    over the baselines. Here the merge is ahead of one baseline with p 0.039 and an interval
+    clear of 0: "better" alone, but against three such baselines the adjusted p is 0.116, so no
+    verdict, and every place that shows both says where they can differ."""
+    weights = {"legal": 1.0}
+    merge = {"legal": _bits(100, 58)}
+    rival = {"legal": _bits(100, 50, offset=10)}
+    alone = V.held_out_verdicts(merge, {"a": rival}, weights)["baselines"]["a"]
+    assert alone["p_value"] < 0.05 and alone["ci95"][0] > 0 and alone["verdict"] == "better"
+    v = V.held_out_verdicts(merge, {"a": rival, "b": rival, "c": rival}, weights)
+    row = v["baselines"]["a"]
+    assert row["ci95"] == alone["ci95"] and row["ci95"][0] > 0
+    assert row["p_holm"] == pytest.approx(3 * alone["p_value"]) and row["p_holm"] > 0.05
+    assert row["verdict"] == "not distinguishable at this size"
+    assert V.INTERVAL_NOTE in v["text"]
+    claims = {"verdicts": v, "dev": {}, "counts": {"trials_searched": 1, "distinct_candidates": 1,
+                                                   "exports": 1, "test_looks": 1}}
+    assert V.INTERVAL_NOTE in V.claims_markdown(claims)
+    from search.demo.table import verdict_lines
+
+    demo = {"best_beats_specialists_and_uniform_on_test": False, "best_is_searched": True,
+            "test_items": 100, "test_units": 100, "beats_all": v["beats_all"],
+            "test": {"a": row}, "dev_selected_on": {}}
+    assert any(V.INTERVAL_NOTE in line for line in verdict_lines(demo))
