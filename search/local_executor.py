@@ -8,7 +8,10 @@ scoring), which release the GIL, so threads run side by side; the resident model
 once per worker as with Ray, with no pickling of results between processes and nothing to
 clean up after a crash of the driver (the workers die with it). What threads cannot give is
 isolation: a worker that segfaults or is killed takes the campaign with it (use ``ray`` for
-that), and a running stage cannot be cancelled, only abandoned (see ``close``).
+that), and a running stage cannot be cancelled, only abandoned (see ``close``). An abandoned
+stage still ends before the process does (``_finish_abandoned``, at exit): a thread stopped
+inside a torch kernel by the interpreter's shutdown aborts the whole process ("terminate
+called without an active exception", exit 134) instead of exiting with its code.
 
 Failures are reported as Ray's executor reports them: an exception escaping a worker's
 ``run`` (``TrialWorker.run`` itself never raises; an escape is a crash) ends that worker's
@@ -20,7 +23,10 @@ next ``next_event``.
 
 from __future__ import annotations
 
+import atexit
+import os
 import queue
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -48,6 +54,33 @@ def local_plan(campaign: Campaign, *, n_workers: int | None = None) -> tuple[int
     if use_gpu:   # worker i on the GPU its share starts on (0.5 per worker: two per GPU)
         return count, [min(int(i * gpw), gpus - 1) for i in range(count)], None
     return count, [None] * count, max(1, cpu_cores() // count)
+
+
+_ABANDONED: set[threading.Thread] = set()   # threads close() left in a running stage
+_ABANDONED_LOCK = threading.Lock()
+
+
+def _finish_abandoned() -> None:
+    """At exit: wait for the stages ``close`` abandoned to end, so that no worker thread is
+    inside a torch kernel when the interpreter shuts down (which aborts the process). A second
+    Ctrl-C while waiting exits at once, with 130 and without that shutdown."""
+    with _ABANDONED_LOCK:
+        alive = [t for t in _ABANDONED if t.is_alive()]
+    if not alive:
+        return
+    print(f"brmerge: {len(alive)} stopped worker(s) finishing a running stage before exit (a stage cannot "
+          "be cancelled; what it returns is dropped); Ctrl-C again to exit now", file=sys.stderr, flush=True)
+    try:
+        for thread in alive:
+            while thread.is_alive():
+                thread.join(0.2)
+    except KeyboardInterrupt:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
+
+
+atexit.register(_finish_abandoned)
 
 
 class _Slot:
@@ -139,15 +172,23 @@ class LocalExecutor:
         """Stop every worker: an idle one ends now; a busy one ends when its current stage
         returns (a thread cannot be cancelled), and its result is dropped. Waits for the idle
         ones only, so that a stop is not held up by a long evaluation; the threads are daemons,
-        so a busy one never keeps the process alive."""
+        so a busy one does not hold up the stop: it is waited for only when the process exits
+        (``_finish_abandoned``)."""
         self._closed.set()
         with self._lock:
             slots = list(self._slots)
         for slot in slots:
             slot.inbox.put(None)
         for slot in slots:
-            if slot.thread is not None and not slot.busy and slot.thread is not threading.current_thread():
-                slot.thread.join(timeout=5.0)
+            thread = slot.thread
+            if thread is None or thread is threading.current_thread():
+                continue
+            if not slot.busy:
+                thread.join(timeout=5.0)
+            if thread.is_alive():   # in a stage, or still loading its models
+                with _ABANDONED_LOCK:
+                    _ABANDONED.difference_update([t for t in _ABANDONED if not t.is_alive()])
+                    _ABANDONED.add(thread)
 
     # -- a worker's thread --------------------------------------------------------------------
     def _serve(self, index: int, slot: _Slot) -> None:

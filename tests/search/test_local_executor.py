@@ -121,6 +121,67 @@ def test_close_ends_idle_workers_now_and_drops_a_busy_ones_result():
     assert not busy.is_alive() and ex.next_event(0.2) is None   # its result was dropped
 
 
+# A process that stops while its worker is inside torch kernels for ``sys.argv[1]`` seconds, then
+# exits with 130 as `brmerge search` does after a Ctrl-C.
+ABANDON = """
+import sys, threading, time
+from types import SimpleNamespace
+import torch
+from search.local_executor import LocalExecutor
+from search.protocol import Job
+inside = threading.Event()
+
+class Spinning:
+    def __init__(self, campaign, worker_id, threads=None):
+        pass
+
+    def run(self, recipe_yaml, *, stage):
+        a, end = torch.randn(256, 256), time.monotonic() + float(sys.argv[1])
+        inside.set()
+        while time.monotonic() < end:
+            a = (a @ a).tanh()
+        print("stage ended", flush=True)
+
+ex = LocalExecutor(SimpleNamespace(workers=1, gpus_per_worker=0), n_workers=1, worker_factory=Spinning)
+ex.wait_ready()
+ex.submit(Job(trial=SimpleNamespace(number=0), digest="d", recipe_yaml="r\\n", worker=0))
+inside.wait(10)
+ex.close()
+print("closed", flush=True)
+sys.exit(130)
+"""
+
+
+def _abandon(seconds: float) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", ABANDON, str(seconds)], cwd=REPO, env=_env(), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def test_a_stage_abandoned_by_close_ends_before_the_process_exits_with_its_code():
+    """A thread stopped inside a torch kernel by the interpreter's shutdown aborts the process
+    ("terminate called without an active exception", exit 134: seen when a local campaign was
+    stopped mid-stage). The abandoned stage is waited for at exit, so the exit code is the
+    program's own."""
+    proc = _abandon(1.5)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "terminate called" not in err
+    assert out.splitlines() == ["closed", "stage ended"]        # close() did not wait; the exit did
+    assert "1 stopped worker(s) finishing a running stage before exit" in err
+
+
+def test_a_second_ctrl_c_while_an_abandoned_stage_runs_exits_at_once_with_130():
+    proc = _abandon(120)
+    for line in proc.stderr:   # the exit's wait has begun
+        if "finishing a running stage" in line:
+            break
+    started = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and time.monotonic() - started < 10
+    assert "stage ended" not in out and "terminate called" not in err
+
+
 def test_a_keyboard_interrupt_in_a_worker_is_raised_in_the_scheduler_thread():
     def factory(c, i, threads=None):
         worker = Scripted(c, i)
