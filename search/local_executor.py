@@ -68,9 +68,9 @@ def _finish_abandoned() -> None:
         alive = [t for t in _ABANDONED if t.is_alive()]
     if not alive:
         return
-    print(f"brmerge: {len(alive)} stopped worker(s) finishing a running stage before exit (a stage cannot "
-          "be cancelled; what it returns is dropped); Ctrl-C again to exit now", file=sys.stderr, flush=True)
     try:
+        print(f"brmerge: {len(alive)} stopped worker(s) finishing a running stage before exit (a stage cannot "
+              "be cancelled; what it returns is dropped); Ctrl-C again to exit now", file=sys.stderr, flush=True)
         for thread in alive:
             while thread.is_alive():
                 thread.join(0.2)

@@ -122,9 +122,11 @@ def test_close_ends_idle_workers_now_and_drops_a_busy_ones_result():
 
 
 # A process that stops while its worker is inside torch kernels for ``sys.argv[1]`` seconds, then
-# exits with 130 as `brmerge search` does after a Ctrl-C.
+# exits with 130 as `brmerge search` does after a Ctrl-C. Ctrl-C raises KeyboardInterrupt as in a
+# terminal even when the tests run in the background (where a shell starts them ignoring SIGINT).
 ABANDON = """
-import sys, threading, time
+import signal, sys, threading, time
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from types import SimpleNamespace
 import torch
 from search.local_executor import LocalExecutor
@@ -172,12 +174,17 @@ def test_a_stage_abandoned_by_close_ends_before_the_process_exits_with_its_code(
 
 def test_a_second_ctrl_c_while_an_abandoned_stage_runs_exits_at_once_with_130():
     proc = _abandon(120)
-    for line in proc.stderr:   # the exit's wait has begun
-        if "finishing a running stage" in line:
-            break
-    started = time.monotonic()
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
+    try:
+        for line in proc.stderr:   # the exit's wait has begun
+            if "finishing a running stage" in line:
+                break
+        started = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
     assert proc.returncode == 130 and time.monotonic() - started < 10
     assert "stage ended" not in out and "terminate called" not in err
 
